@@ -1,0 +1,156 @@
+"""
+Masked diffusion: the forward (masking) process, the likelihood-bound loss, and the reverse-process
+sampler with low-confidence remasking.
+
+Where this sits in the flow:  image -> ViT -> projector -> token sequence -> [masked diffusion].
+
+Forward process (LLaDA GUIDELINES, REFERENCE 4). For each sequence draw t ~ U(0, 1), set
+    p_mask = (1 - eps) t + eps,   eps = 1e-3,
+and replace every maskable token (label != -100: the answer; never the prompt or the image) by
+[MASK] independently with probability p_mask:   x_t^i = [MASK] w.p. p_mask, else x_0^i.
+
+Loss: cross-entropy on the masked tokens weighted by 1/p_mask, an upper bound on -log p(x_0):
+    pretraining:  L = 1/(B L)  sum_b sum_{i masked} CE(f(x_t)_i, x_0^i) / p_mask_b
+    SFT / LLaDA-V: L = 1/B  sum_b  1/|A_b|  sum_{i masked} CE(f(x_t)_i, x_0^i) / p_mask_b
+where |A_b| is sample b's number of maskable (answer) positions, EOS padding included.
+
+Reverse process (the official generate.py, REFERENCE 5.1). Start from the prompt followed by
+gen_length [MASK]s, split the canvas into blocks of block_length, give each block
+steps / n_blocks steps, and at every step:
+    x0_hat  = argmax(logits + Gumbel noise at temperature T)            (float64 noise)
+    conf_i  = softmax(logits)_i[x0_hat_i]   ('low_confidence')  or U(0,1) ('random')
+    conf_i  = -inf  where i is not masked or lies after the current block
+    reveal the k_s most confident positions, k_s from the even schedule  k = m // s (+1 for the
+    first m % s steps), m = masks in the block at its start, s = steps per block.
+Revealed tokens are never masked again. Unsupervised classifier-free guidance (cfg_scale w > 0):
+    logits = u + (w + 1)(c - u),   c = f(x),  u = f(x with every prompt position -> [MASK]).
+"""
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward process and loss
+
+def forward_process(x0, labels, mask_id: int, eps: float = EPS, generator=None):
+    """Mask the maskable part of x0 (B, L). labels (B, L) is -100 where a position must stay clean.
+    Returns xt (B, L), masked (B, L) bool, p_mask (B,)."""
+    B, L = x0.shape
+    t = torch.rand(B, device=x0.device, generator=generator)
+    p_mask = (1 - eps) * t + eps                                                            # (B,)
+    masked = (torch.rand(B, L, device=x0.device, generator=generator) < p_mask[:, None]) & (labels != -100)
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    return xt, masked, p_mask
+
+
+def diffusion_loss(logits_masked, labels, masked, p_mask, mode: str = "sft"):
+    """The likelihood-bound loss.
+    logits_masked (N, V): logits at the N masked positions (row-major order of `masked`);
+    labels (B, L): the clean tokens (-100 where not maskable); masked (B, L) bool; p_mask (B,)."""
+    B, L = labels.shape
+    ce = F.cross_entropy(logits_masked.float(), labels[masked], reduction="none")  # (N,)
+    w = p_mask[:, None].expand(B, L)[masked]                                       # p_mask of each row
+    if mode == "pretrain":
+        return (ce / w).sum() / (B * L)
+    if mode == "sft":
+        n_answer = (labels != -100).sum(1).clamp(min=1)                              # (B,)
+        per_token = ce / w / n_answer[:, None].expand(B, L)[masked]
+        return per_token.sum() / B
+    raise ValueError(f"unknown loss mode {mode!r}; use 'sft' or 'pretrain'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler
+
+def add_gumbel_noise(logits, temperature: float):
+    """argmax(exp(l) / (-log U)^T) = argmax(l / T + Gumbel): a sample from softmax(l / T). In float64,
+    because low-precision Gumbel-max hurts generation (arXiv:2409.02908). At T = 0 the same tensor
+    object comes back (the official code relies on this aliasing, see confidence_eos_eot_inf)."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand_like(logits, dtype=torch.float64)
+    return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+def get_num_transfer_tokens(block_mask_index, steps: int):
+    """block_mask_index (B, block_length) bool -> (B, steps) tokens to reveal per step: the m masks are
+    spread evenly, base = m // steps, and the first m % steps steps reveal one more."""
+    m = block_mask_index.sum(dim=1, keepdim=True)  # (B, 1)
+    base, rem = m // steps, m % steps
+    num = base.expand(-1, steps).clone()
+    num += (torch.arange(steps, device=m.device)[None, :] < rem).long()
+    return num
+
+
+@torch.no_grad()
+def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
+             temperature=0.0, cfg_scale=0.0, remasking="low_confidence", mask_id=126336,
+             logits_eos_inf=False, confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
+             callback=None, **model_kwargs):
+    """The official LLaDA sampler (generate.py), with its argument names and defaults.
+
+    model: called as model(x, attention_mask=..., **model_kwargs) -> logits (B, L, V); for LLaDA-V pass
+        image_features=... (see model.LLaDAV.forward), computed once outside the loop.
+    prompt: (B, P) token ids (IMAGE_TOKEN_INDEX placeholders allowed), left-padded when B > 1;
+    attention_mask: (B, P) or None.  eos_id / eot_id: the ids the two *_inf flags refer to.
+    callback(x, step, block): called after each step with the canvas (B, P + gen_length).
+    Returns x (B, P + gen_length): the prompt followed by the generated tokens."""
+    if gen_length % block_length:
+        raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block_length}; "
+                         f"pick a block_length that divides it")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps={steps} is not divisible by the {num_blocks} blocks "
+                         f"(gen_length / block_length); use a multiple of {num_blocks}")
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"remasking={remasking!r}: use 'low_confidence' or 'random'")
+    steps_per_block = steps // num_blocks
+    B, P = prompt.shape
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :P] = prompt
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype,
+                                                               device=prompt.device)], dim=1)
+    prompt_index = x != mask_id  # (B, P + G): the prompt (image included); used by CFG
+
+    for nb in range(num_blocks):
+        start, end = P + nb * block_length, P + (nb + 1) * block_length
+        num_transfer_tokens = get_num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
+        for i in range(steps_per_block):
+            mask_index = x == mask_id
+            if cfg_scale > 0:
+                un_x = x.clone()
+                un_x[prompt_index] = mask_id  # the unconditional branch sees no prompt and no image
+                am = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+                logits = model(torch.cat([x, un_x]), attention_mask=am, **model_kwargs)
+                cond, uncond = logits.chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            else:
+                logits = model(x, attention_mask=attention_mask, **model_kwargs)  # (B, L, V)
+            if logits_eos_inf:
+                logits[:, :, eos_id] = -torch.inf
+            logits_with_noise = add_gumbel_noise(logits, temperature)
+            x0 = torch.argmax(logits_with_noise, dim=-1)  # (B, L)
+            if confidence_eos_eot_inf:
+                # Official quirk, kept: the chained assignment hits EOS in the noised logits and EoT in the
+                # clean ones, *after* the argmax. At T = 0 both are one tensor, so both get confidence 0.
+                logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
+            if remasking == "low_confidence":
+                p = F.softmax(logits, dim=-1)
+                x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)  # (B, L) confidence of the choice
+            else:
+                x0_p = torch.rand(x0.shape, device=x0.device)
+            x0_p[:, end:] = -torch.inf  # never reveal past the current block (semi-autoregressive)
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, torch.full_like(x0_p, -torch.inf))
+            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+            for j in range(B):
+                _, select = torch.topk(confidence[j], k=int(num_transfer_tokens[j, i]))
+                transfer_index[j, select] = True
+            x[transfer_index] = x0[transfer_index]
+            if callback is not None:
+                callback(x, nb * steps_per_block + i, nb)
+    return x

@@ -1,0 +1,150 @@
+"""
+Ask a trained LLaDA-V about an image: the reverse diffusion process end to end.
+
+    image -> preprocess -> ViT -> projector -> visual tokens  (encoded once)
+    prompt = chat template with the visual tokens spliced in at <image>
+    answer = generate(): start from gen_length [MASK]s and, step by step, reveal the tokens the model
+             is most confident about (diffusion.py), then cut at the first <|eot_id|> / EOS.
+
+Usage:
+    python sample.py                                   # out/ckpt.pt, a fresh synthetic image
+    python sample.py --image=cat.png --question="What color is the circle?"
+    python sample.py --show-steps                      # print the canvas after every step
+This file also holds `answer()` and `evaluate()` (held-out accuracy per question kind), which
+train.py uses for its reports.
+"""
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from data import DEMO_OFFSET, KINDS, answer_text, default_system, draw, get_tokenizer, make_sample, prompt_batch, score
+from diffusion import generate
+from model import load_checkpoint
+from vision import load_image, preprocess
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, nothing elsewhere (CPU bf16 is slower than fp32 for these sizes)."""
+    dev = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast(dev, enabled=False)
+
+
+@torch.no_grad()
+def answer(model, tok, images, questions, gen_length=16, steps=16, block_length=16, temperature=0.0,
+           cfg_scale=0.0, remasking="low_confidence", callback=None, return_canvas=False):
+    """Answer a batch of (image, question) pairs. Returns the answer strings (and the raw canvases)."""
+    device = next(model.parameters()).device
+    size = model.cfg.vision.image_size
+    pixels = torch.stack([preprocess(im, size) for im in images]).to(device)
+    with autocast(device):
+        feats = model.encode_images(pixels)                       # (B, N, d): once, not per step
+    ids, attn = prompt_batch(tok, questions, feats.shape[1], default_system(model.cfg.tokenizer))
+    P = ids.shape[1]
+    if P + gen_length > model.cfg.lm.max_seq_len:
+        raise ValueError(f"prompt ({P} tokens) + gen_length ({gen_length}) exceeds the model's context "
+                         f"max_seq_len={model.cfg.lm.max_seq_len}; shorten the question or lower --gen_length")
+    with autocast(device):
+        out = generate(model, ids.to(device), attn.to(device), steps=steps, gen_length=gen_length,
+                       block_length=block_length, temperature=temperature, cfg_scale=cfg_scale,
+                       remasking=remasking, mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.eot_id,
+                       callback=callback, image_features=feats)
+    texts = [answer_text(tok, row[P:]) for row in out.tolist()]
+    return (texts, out[:, P:]) if return_canvas else texts
+
+
+def evaluate(model, tok, samples, batch_size=100, blank=False, **gen):
+    """Exact-match accuracy per question kind on `samples` (image, question, answer, kind); for
+    'describe' also the per-object accuracy. blank=True replaces every image by an empty canvas."""
+    was_training = model.training
+    model.eval()
+    size = samples[0][0].size[0]
+    hits, n, obj_hit, obj_n = defaultdict(int), defaultdict(int), 0, 0
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        imgs = [draw([], size, blank=True) if blank else s[0] for s in chunk]
+        preds = answer(model, tok, imgs, [s[1] for s in chunk], **gen)
+        for (_, _, truth, kind), pred in zip(chunk, preds):
+            exact, oh, on = score(kind, pred, truth)
+            hits[kind] += exact
+            n[kind] += 1
+            obj_hit, obj_n = obj_hit + oh, obj_n + on
+    model.train(was_training)
+    res = {k: hits[k] / n[k] for k in KINDS if n[k]}
+    res["all"] = sum(hits.values()) / max(1, sum(n.values()))
+    res["describe_objects"] = obj_hit / max(1, obj_n)
+    res["n"] = sum(n.values())
+    return res
+
+
+def format_eval(res) -> str:
+    kinds = " ".join(f"{k} {100 * res[k]:.1f}%" for k in KINDS if k in res)
+    return (f"exact match {100 * res['all']:.1f}% over {res['n']} questions | {kinds} | "
+            f"describe per-object {100 * res['describe_objects']:.1f}%")
+
+
+def main(argv):
+    args = {"checkpoint": "out/ckpt.pt", "image": None, "question": None, "seed": 0, "device": "auto",
+            "gen_length": None, "steps": None, "block_length": None, "temperature": 0.0, "cfg_scale": 0.0,
+            "remasking": "low_confidence", "show_steps": False}
+    for a in argv:
+        if a in ("-h", "--help"):
+            print(__doc__ + "\noptions (--key=value): " + ", ".join(f"--{k.replace('_', '-')}" for k in args))
+            return
+        key, _, val = a.lstrip("-").partition("=")
+        key = key.replace("-", "_")
+        if not a.startswith("--") or key not in args:
+            sys.exit(f"unknown argument {a!r}; options are " + ", ".join(f"--{k}" for k in args))
+        args[key] = True if (key == "show_steps" and val == "") else val
+    device = torch.device(args["device"] if args["device"] != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, ckpt = load_checkpoint(args["checkpoint"], device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(str(e))
+    model.eval()
+    tok = get_tokenizer(model.cfg.tokenizer)
+    tc = ckpt.get("train_config", {})
+    G = int(args["gen_length"] or tc.get("gen_length", 16))
+    gen = dict(gen_length=G, steps=int(args["steps"] or tc.get("sample_steps", G)),
+               block_length=int(args["block_length"] or tc.get("block_length", G)),
+               temperature=float(args["temperature"]), cfg_scale=float(args["cfg_scale"]),
+               remasking=args["remasking"])
+    truth = None
+    if args["image"]:
+        try:
+            img = load_image(args["image"])
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(str(e))
+        question = args["question"] or "Describe the image."
+    else:
+        seed = int(args["seed"])
+        img, q, truth, kind = make_sample(DEMO_OFFSET + seed, model.cfg.vision.image_size)
+        question = args["question"] or q
+        if args["question"]:
+            truth = None
+        print(f"(synthetic image, seed {seed}; save it with --image to reuse one of your own)")
+    torch.manual_seed(int(args["seed"]))
+
+    callback = None
+    if args["show_steps"]:
+        def callback(x, step, block):
+            canvas = x[0, -G:].tolist()
+            shown = " ".join("_" if t == tok.mask_id else repr(tok.decode([t]))[1:-1] or "''" for t in canvas)
+            print(f"step {step + 1:3d} (block {block}): {shown}")
+    t0 = time.time()
+    try:
+        (text,) = answer(model, tok, [img], [question], callback=callback, **gen)
+    except ValueError as e:
+        sys.exit(str(e))
+    dt = time.time() - t0
+    print(f"question: {question}")
+    if truth is not None:
+        print(f"truth:    {truth}")
+    print(f"answer:   {text}")
+    print(f"({gen['steps']} steps, gen_length {G}, block_length {gen['block_length']}, {dt:.2f}s)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

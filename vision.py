@@ -1,0 +1,164 @@
+"""
+The vision encoder: a SigLIP(2)-style Vision Transformer, written from scratch.
+
+Where this sits in the flow:  [image -> ViT] -> projector -> token sequence -> masked diffusion.
+
+Preprocessing (LLaDA-V's hard-coded SigLipImageProcessor, REFERENCE 2.2):
+    RGB -> bicubic resize to S x S (no aspect kept, no crop) -> x / 255 -> (x - 0.5) / 0.5  in [-1, 1]
+
+Encoder, for an image of S x S pixels cut into N = (S / p)^2 patches of p x p:
+    h_0      = Conv2d_{kernel p, stride p}(image) + E_pos                       (B, N, D), no CLS token
+    a_l      = h_{l-1} + Attn(LN1(h_{l-1}))                                     pre-LayerNorm, eps 1e-6
+    h_l      = a_l     + fc2(gelu_tanh(fc1(LN2(a_l))))
+    Attn(x)  = out( softmax(q k^T / sqrt(d_head)) v ),  q, k, v = Linear(x)     (all with bias, no mask)
+    features = h_{L-1}                                                         (B, N, D)
+
+LLaDA-V deletes the last of the L encoder layers and feeds the projector the output of the layer
+before it, *without* the post-LayerNorm and without the attention-pooling head. So a tower with
+`n_layers = 27` (the SigLIP2 so400m checkpoint) runs 26 layers here; `post_layernorm` is kept only
+so that checkpoints keep their official layout, and it is frozen because nothing reads it.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 384   # S
+    patch_size: int = 14    # p -> floor(384/14)^2 = 27^2 = 729 patches ("valid" conv drops the last 6 px)
+    d_model: int = 1152     # D
+    n_layers: int = 27      # layers in the checkpoint; LLaDA-V runs n_layers - 1 of them
+    n_heads: int = 16       # head_dim 72
+    mlp_hidden: int = 4304
+    ln_eps: float = 1e-6
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x):  # (B, N, D)
+        B, N, D = x.shape
+        # (B, N, D) -> (B, H, N, D/H)
+        q, k, v = (p(x).view(B, N, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.mlp_hidden)
+        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.d_model)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # SigLIP's gelu_pytorch_tanh
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.self_attn = Attention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTower(nn.Module):
+    """pixels (B, 3, S, S) in [-1, 1] -> features (B, N, D): the penultimate layer, pre post-LN."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        if cfg.d_model % cfg.n_heads:
+            raise ValueError(f"vision d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}")
+        if cfg.n_layers < 2:
+            raise ValueError("the vision tower needs n_layers >= 2: LLaDA-V drops the last layer")
+        self.cfg = cfg
+        # "valid" convolution with bias: one D-vector per p x p patch
+        self.patch_embedding = nn.Conv2d(3, cfg.d_model, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.n_patches, cfg.d_model)  # learned, one per patch
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers - 1))  # last one deleted
+        self.post_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.post_layernorm.requires_grad_(False)  # unused by LLaDA-V (see docstring)
+
+    def forward(self, pixels):  # (B, 3, S, S)
+        if pixels.shape[-2:] != (self.cfg.image_size,) * 2:
+            raise ValueError(f"expected {self.cfg.image_size}x{self.cfg.image_size} images, got "
+                             f"{tuple(pixels.shape[-2:])}; run them through vision.preprocess first")
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, D, S/p, S/p)
+        x = x.flatten(2).transpose(1, 2) + self.position_embedding.weight      # (B, N, D), row-major
+        for layer in self.layers:
+            x = layer(x)
+        return x  # (B, N, D)
+
+    def init_weights(self):
+        """From-scratch init (only for toy training; real runs load SigLIP2): normal(0, 1/sqrt(fan_in))."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                fan_in = m.weight[0].numel()
+                nn.init.normal_(m.weight, std=1 / math.sqrt(fan_in))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+# Image modes pillow can hand us, and how each becomes 8-bit RGB.
+_16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_RGB_CONVERTIBLE = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1", "La", "RGBa"}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any common pillow image to 8-bit RGB, as the official processor does with
+    `img.convert("RGB")` (alpha is dropped, not composited). pillow's own conversion of 16-bit images
+    clips every value above 255 to white, so those are rescaled here (x / 257 maps 0..65535 to 0..255)."""
+    if img.mode in _16BIT_MODES:
+        a = torch.from_numpy(np.asarray(img, dtype=np.float64))
+        top = 65535.0 if img.mode != "I" or a.max() > 255 else 255.0
+        a = (a.clamp(0, top) * (255.0 / top)).round().to(torch.uint8).numpy()
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if img.mode not in _RGB_CONVERTIBLE:
+        raise ValueError(f"image mode {img.mode!r} is not supported; save the image as 8-bit RGB "
+                         f"(e.g. PIL: img.convert('RGB').save('x.png')) and try again")
+    return img.convert("RGB")
+
+
+def load_image(path) -> Image.Image:
+    """Open an image file as RGB with one-line errors for the usual mistakes."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist; check the path") from None
+    except Exception as e:
+        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e}); pass a PNG or JPEG file") from None
+    return to_rgb(img)
+
+
+def preprocess(img: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> (3, size, size) float tensor in [-1, 1] (SigLipImageProcessor)."""
+    img = to_rgb(img).resize((size, size), Image.BICUBIC)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    x = x.permute(2, 0, 1).float() / 255.0  # rescale by 1/255, HWC -> CHW
+    return (x - 0.5) / 0.5                  # normalise with mean 0.5, std 0.5

@@ -36,6 +36,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
+import regex
 import tiktoken
 import torch
 from PIL import Image, ImageDraw
@@ -99,7 +100,11 @@ class Tokenizer:
 def train_bpe(texts, max_merges=10_000):
     """Learn byte-level BPE ranks from `texts`: {bytes: rank}. Merges until every pre-token is one token
     (or max_merges); ties between equally frequent pairs go to the smaller byte string (deterministic)."""
-    words = Counter(m for t in texts for m in re.findall(_regex_for_python(), t))
+    # Pre-tokenize exactly as tiktoken will (same regex; special-token strings are cut out first, since
+    # tiktoken never runs BPE over them). `regex` supports \p{L} and possessive quantifiers like
+    # tiktoken's engine; it is installed with tiktoken.
+    specials = "|".join(map(re.escape, SPECIAL_TOKENS))
+    words = Counter(m for t in texts for piece in re.split(specials, t) for m in regex.findall(PAT_STR, piece))
     splits = {w: [bytes([b]) for b in w.encode("utf-8")] for w in words}
     ranks = {bytes([i]): i for i in range(256)}
     for _ in range(max_merges):
@@ -123,12 +128,6 @@ def train_bpe(texts, max_merges=10_000):
                     i += 1
             splits[w] = out
     return ranks
-
-
-def _regex_for_python():
-    # Python's `re` lacks \p{L}/\p{N} and possessive quantifiers; for the toy corpus (ASCII) this
-    # equivalent pattern gives the same pre-tokens as PAT_STR.
-    return r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\w]?[^\W\d_]+|\d| ?[^\s\w]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 
 @lru_cache(maxsize=None)

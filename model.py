@@ -227,6 +227,9 @@ class LLaDAV(nn.Module):
         is_img = ids == IMAGE_TOKEN_INDEX
         x = self.llm.embed_tokens(ids.masked_fill(is_img, 0))  # (B, L, d)
         n_slots = int(is_img.sum())
+        if image_features is not None and image_features.shape[-1] != x.shape[-1]:
+            raise ValueError(f"image features have width {image_features.shape[-1]} but the language model's is "
+                             f"{x.shape[-1]}; pass projected features (model.encode_images), not raw ViT outputs")
         n_feats = 0 if image_features is None else image_features.numel() // image_features.shape[-1]
         if n_slots != n_feats:
             raise ValueError(f"the token sequence has {n_slots} image placeholders but {n_feats} visual tokens "
@@ -255,11 +258,16 @@ def save_checkpoint(path, state: dict):
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX and Windows
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException:
+        if os.path.exists(tmp):  # do not leave a partial (possibly huge) file behind
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path, device="cpu"):

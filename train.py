@@ -41,7 +41,9 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 32         # sequences per step
     max_steps: int = 2000
-    lr: float = 3e-3             # peak learning rate; lower it (e.g. 1e-4) for big models
+    lr: float = 3e-3             # peak learning rate of the language model; lower it (e.g. 1e-4) for big models
+    vision_lr_scale: float = 1.0     # vision tower lr = lr * this (LLaDA-V: 2e-6 / 1e-5 = 0.2; 0 freezes it)
+    projector_lr_scale: float = 1.0  # projector lr = lr * this
     min_lr: float = 1e-4         # cosine decays to this
     warmup_steps: int = 100
     weight_decay: float = 0.0    # LLaDA-V uses 0
@@ -128,10 +130,17 @@ def train(tc: TrainConfig, mc, quiet=False):
     model = LLaDAV(mc)
     model.init_weights()
     model.to(device)
-    # decay only matrices (LLaDA-V uses weight_decay 0, so this matters only when asked for)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # One parameter group per component, each with its own lr multiplier (LLaDA-V trains the vision
+    # tower at a fifth of the LLM's lr); decay only matrices (LLaDA-V uses weight_decay 0 anyway).
+    groups = []
+    for part, scale in ((model.llm, 1.0), (model.vision, tc.vision_lr_scale), (model.projector, tc.projector_lr_scale)):
+        params = [p for p in part.parameters() if p.requires_grad]
+        if scale == 0:
+            for p in params:
+                p.requires_grad_(False)  # a zero lr freezes the component
+            continue
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8,
                             fused=device.type == "cuda")
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
@@ -165,7 +174,7 @@ def train(tc: TrainConfig, mc, quiet=False):
     while step < tc.max_steps:
         lr = lr_at(step, tc)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         # The batch and the masks depend only on (seed, step): a resumed run sees exactly the same data.
         ids, labels, attn, pixels = data.train_batch(step, tc.batch_size, lambda im: preprocess(im, mc.vision.image_size))
         ids, labels, attn, pixels = ids.to(device), labels.to(device), attn.to(device), pixels.to(device)

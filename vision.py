@@ -117,8 +117,8 @@ class VisionTower(nn.Module):
                 fan_in = m.weight[0].numel()
                 nn.init.normal_(m.weight, std=1 / math.sqrt(fan_in))
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.Embedding):  # position embedding, SigLIP's 1/sqrt(D)
+                nn.init.normal_(m.weight, std=1 / math.sqrt(self.cfg.d_model))
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -126,7 +126,7 @@ class VisionTower(nn.Module):
 
 # Image modes pillow can hand us, and how each becomes 8-bit RGB.
 _16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-_RGB_CONVERTIBLE = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1", "La", "RGBa"}
+_RGB_CONVERTIBLE = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1", "RGBa"}
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -138,6 +138,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode != "I" or a.max() > 255 else 255.0
         a = (a.clamp(0, top) * (255.0 / top)).round().to(torch.uint8).numpy()
         return Image.fromarray(a, mode="L").convert("RGB")
+    if img.mode == "La":  # premultiplied alpha: pillow converts it to RGB only via LA
+        img = img.convert("LA")
     if img.mode not in _RGB_CONVERTIBLE:
         raise ValueError(f"image mode {img.mode!r} is not supported; save the image as 8-bit RGB "
                          f"(e.g. PIL: img.convert('RGB').save('x.png')) and try again")

@@ -1,0 +1,351 @@
+"""Tests for diffusion.py: the forward masking process, the likelihood-bound loss, Gumbel-max sampling, the
+transfer schedule and the official generate.py sampler (REFERENCE 4, 5.1). Tiny models, CPU only."""
+import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import math
+
+import pytest
+import torch
+
+# Tiny tensors: one thread is fastest, and a second thread that busy-waits for a core already taken (e.g. by a
+# training run) made these files 20x slower on a 2-core machine.
+torch.set_num_threads(1)
+
+from data import IMAGE_TOKEN_INDEX
+from diffusion import add_gumbel_noise, diffusion_loss, forward_process, generate, get_num_transfer_tokens
+from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
+from vision import VisionConfig
+
+V, MASK, EOS, EOT, PAD = 64, 63, 62, 61, 62  # pad with EOS, as LLaDA does
+GEN = dict(mask_id=MASK, eos_id=EOS, eot_id=EOT)
+
+
+def tiny_cfg():
+    return LLaDAVConfig(lm=LLaDAConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64, max_seq_len=128),
+                        vision=VisionConfig(image_size=16, patch_size=8, d_model=32, n_layers=2, n_heads=4,
+                                            mlp_hidden=64), tokenizer="toy")
+
+
+def tiny_lm(seed=0):
+    """A random LLaDA wrapped to the sampler's model(x, attention_mask=...) interface."""
+    torch.manual_seed(seed)
+    llm = LLaDA(tiny_cfg().lm)
+    llm.init_weights()
+    llm.eval()
+    return lambda x, attention_mask=None: llm(llm.embed_tokens(x), attention_mask)
+
+
+def prompt(n=5, seed=0, B=1):
+    return torch.randint(0, 60, (B, n), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, p, **kw):
+    """generate() and the canvas after every step (cloned: the sampler updates x in place)."""
+    snaps = []
+    out = generate(model, p, callback=lambda x, step, block: snaps.append((x.clone(), step, block)), **GEN, **kw)
+    return out, snaps
+
+
+def fixed_logits_model(rows):
+    """A fake model whose logits at canvas position j (counted from the end) are rows[j]; a fresh tensor
+    every call (the sampler edits logits in place)."""
+    rows = torch.tensor(rows, dtype=torch.float32)  # (G, V)
+
+    def f(x, attention_mask=None):
+        out = torch.zeros(x.shape[0], x.shape[1], rows.shape[1])
+        out[:, -rows.shape[0]:] = rows
+        return out
+    return f
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward process
+
+def test_forward_process_rate_and_invariants():
+    """Empirical mask rate per row matches p_mask; -100 positions never masked; xt = x0 off the mask,
+    mask_id on it; p_mask = (1 - eps) t + eps with t the generator's first draw; seeded => deterministic."""
+    B, L = 8, 5000
+    x0 = torch.randint(0, 60, (B, L), generator=torch.Generator().manual_seed(0))
+    labels = x0.clone()
+    labels[:, :1000] = -100  # the "prompt": 4000 maskable positions per row
+    xt, masked, p_mask = forward_process(x0, labels, MASK, generator=torch.Generator().manual_seed(1))
+    t = torch.rand(B, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(p_mask, (1 - 1e-3) * t + 1e-3)
+    assert not masked[:, :1000].any()
+    rate = masked[:, 1000:].float().mean(1)
+    assert (rate - p_mask).abs().max() < 0.03
+    assert torch.equal(xt[masked], torch.full_like(xt[masked], MASK))
+    assert torch.equal(xt[~masked], x0[~masked])
+    xt2, masked2, p2 = forward_process(x0, labels, MASK, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(xt, xt2) and torch.equal(masked, masked2) and torch.equal(p_mask, p2)
+
+
+def test_forward_process_p_mask_range():
+    """p_mask lies in [1e-3, 1] and covers the range (t ~ U(0, 1))."""
+    x0 = torch.zeros(20000, 1, dtype=torch.long)
+    _, _, p = forward_process(x0, x0, MASK, generator=torch.Generator().manual_seed(2))
+    assert p.min() >= 1e-3 and p.max() <= 1
+    assert p.min() < 0.01 and p.max() > 0.99
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+def test_diffusion_loss_matches_hand_computation():
+    """sft: mean_b sum_masked CE/p_mask / #(labels != -100)_b; pretrain: sum CE/p_mask / (B L)."""
+    labels = torch.tensor([[-100, 1, 2], [3, 0, 1]])
+    masked = torch.tensor([[False, True, True], [True, False, True]])
+    p_mask = torch.tensor([0.5, 0.25])
+    logits = [[2.0, 0.0, -1.0, 0.5], [0.1, 0.2, 0.3, 0.4], [1.0, 1.0, 3.0, -2.0], [-1.0, 0.0, 1.0, 2.0]]
+    targets = [1, 2, 3, 1]  # labels[masked] in row-major order
+    ce = [math.log(sum(math.exp(v) for v in row)) - row[y] for row, y in zip(logits, targets)]
+    sft = ((ce[0] + ce[1]) / 0.5 / 2 + (ce[2] + ce[3]) / 0.25 / 3) / 2
+    pre = (ce[0] / 0.5 + ce[1] / 0.5 + ce[2] / 0.25 + ce[3] / 0.25) / 6
+    lt = torch.tensor(logits)
+    assert math.isclose(diffusion_loss(lt, labels, masked, p_mask, "sft").item(), sft, rel_tol=1e-5)
+    assert math.isclose(diffusion_loss(lt, labels, masked, p_mask, "pretrain").item(), pre, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="sft.*pretrain"):
+        diffusion_loss(lt, labels, masked, p_mask, "mean")
+
+
+def test_diffusion_loss_bf16_logits_computed_in_fp32():
+    """bf16 logits are scored in fp32 (logits.float()), so the loss equals the fp32 loss of the same values."""
+    labels = torch.tensor([[1, 2, 3]])
+    masked = torch.tensor([[True, True, True]])
+    lt = torch.randn(3, 8, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    a = diffusion_loss(lt, labels, masked, torch.tensor([0.7]))
+    b = diffusion_loss(lt.float(), labels, masked, torch.tensor([0.7]))
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler pieces
+
+def test_add_gumbel_noise():
+    """T = 0 returns the same tensor object; T > 0 is float64 and argmax samples softmax(logits / T)."""
+    logits = torch.log(torch.tensor([0.2, 0.3, 0.5])).expand(20000, 3).contiguous()
+    assert add_gumbel_noise(logits, 0.0) is logits
+    torch.manual_seed(0)
+    for T, probs in [(1.0, [0.2, 0.3, 0.5]), (0.5, [0.04 / 0.38, 0.09 / 0.38, 0.25 / 0.38])]:
+        noisy = add_gumbel_noise(logits, T)
+        assert noisy.dtype == torch.float64
+        freq = torch.bincount(noisy.argmax(-1), minlength=3).double() / 20000
+        assert (freq - torch.tensor(probs, dtype=torch.float64)).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("m,steps", [(0, 4), (3, 8), (8, 8), (10, 4), (13, 5), (128, 128), (127, 32)])
+def test_get_num_transfer_tokens_official_formula(m, steps):
+    """k_s = m // steps, +1 for the first m % steps steps; each row sums to its number of masks."""
+    mask = torch.zeros(2, max(m, 1) + 3, dtype=torch.bool)
+    mask[0, :m] = True
+    mask[1, : m // 2] = True
+    num = get_num_transfer_tokens(mask, steps)
+    assert num.shape == (2, steps)
+    for row, mm in zip(num.tolist(), [m, m // 2]):
+        assert row == [mm // steps + (s < mm % steps) for s in range(steps)]
+        assert sum(row) == mm
+
+
+# ----------------------------------------------------------------------------------------------
+# generate(): structure of the reverse process
+
+def test_generate_keeps_prompt_and_fills_canvas():
+    """The output starts with the prompt and has no mask_id left in the canvas."""
+    p = prompt()
+    out = generate(tiny_lm(), p, steps=8, gen_length=8, block_length=8, **GEN)
+    assert out.shape == (1, 13)
+    assert torch.equal(out[:, :5], p)
+    assert not (out == MASK).any()
+
+
+def test_generate_reveals_on_schedule_and_never_remasks():
+    """Per step exactly get_num_transfer_tokens' count is revealed; a revealed token never changes; blocks
+    fill left to right (nothing past the current block is revealed, each block is full at its end)."""
+    p = prompt()
+    P, G, BL, steps = 5, 12, 4, 9  # 3 blocks of 4 tokens, 3 steps each -> [2, 1, 1] per block
+    out, snaps = run(tiny_lm(), p, steps=steps, gen_length=G, block_length=BL)
+    assert [(s, b) for _, s, b in snaps] == [(i, i // 3) for i in range(steps)]
+    schedule = get_num_transfer_tokens(torch.ones(1, BL, dtype=torch.bool), steps // 3)[0].tolist()
+    assert schedule == [2, 1, 1]
+    prev = torch.cat([p, torch.full((1, G), MASK)], 1)
+    for x, step, block in snaps:
+        newly = (prev == MASK) & (x != MASK)
+        assert int(newly.sum()) == schedule[step % 3]
+        assert torch.equal(x[prev != MASK], prev[prev != MASK])  # never re-masked or changed
+        start, end = P + block * BL, P + (block + 1) * BL
+        assert newly[:, :start].sum() == 0 and newly[:, end:].sum() == 0
+        assert (x[:, end:] == MASK).all()  # later blocks untouched
+        if step % 3 == 2:
+            assert not (x[:, :end] == MASK).any()  # block complete at its last step
+        prev = x
+    assert torch.equal(prev, out)
+
+
+def test_generate_low_confidence_reveals_most_confident_first():
+    """With low_confidence remasking the single token revealed per step is the most probable remaining one."""
+    conf = [3.0, 1.0, 5.0, 2.0]  # logit of the winning token at each of 4 canvas positions
+    rows = [[c if v == 10 + j else 0.0 for v in range(V)] for j, c in enumerate(conf)]
+    out, snaps = run(fixed_logits_model(rows), prompt(3), steps=4, gen_length=4, block_length=4)
+    order = [int((s[0, 3:] != MASK).nonzero()[-1]) if i == 0 else
+             int(((s[0, 3:] != MASK) & (snaps[i - 1][0][0, 3:] == MASK)).nonzero()[0]) for i, (s, _, _) in enumerate(snaps)]
+    assert order == [2, 0, 3, 1]
+    assert out[0, 3:].tolist() == [10, 11, 12, 13]
+
+
+def test_generate_temperature_zero_is_deterministic():
+    """T = 0 gives identical outputs on two calls; T = 1 with different seeds gives different ones."""
+    m, p = tiny_lm(), prompt()
+    kw = dict(steps=8, gen_length=8, block_length=4, **GEN)
+    torch.manual_seed(0)
+    a = generate(m, p, **kw)
+    torch.manual_seed(1)
+    b = generate(m, p, **kw)
+    assert torch.equal(a, b)
+    outs = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        outs.add(tuple(generate(m, p, temperature=1.0, **kw)[0].tolist()))
+    assert len(outs) > 1
+
+
+def test_generate_remasking_random_fills_everything():
+    """remasking='random' still fills every canvas position; an unknown strategy raises ValueError."""
+    torch.manual_seed(0)
+    out = generate(tiny_lm(), prompt(), steps=4, gen_length=8, block_length=4, remasking="random", **GEN)
+    assert not (out == MASK).any()
+    with pytest.raises(ValueError, match="low_confidence"):
+        generate(tiny_lm(), prompt(), steps=4, gen_length=8, block_length=4, remasking="topk", **GEN)
+
+
+def test_generate_rejects_bad_block_and_step_counts():
+    """gen_length % block_length and steps % n_blocks must be 0; the errors say what to change."""
+    with pytest.raises(ValueError, match="block_length that divides"):
+        generate(tiny_lm(), prompt(), steps=4, gen_length=10, block_length=4, **GEN)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        generate(tiny_lm(), prompt(), steps=4, gen_length=12, block_length=4, **GEN)
+
+
+# ----------------------------------------------------------------------------------------------
+# generate(): classifier-free guidance and the EOS flags
+
+def test_generate_cfg_zero_is_plain_and_cfg_batch_is_doubled():
+    """cfg_scale=0 is a plain call; cfg_scale>0 calls the model once per step on [x; x with prompt -> mask_id]
+    (attention mask doubled too) and changes the answer for some seed."""
+    m, p = tiny_lm(), prompt(B=2)
+    am = torch.ones(2, 5, dtype=torch.long)
+    calls = []
+
+    def spy(x, attention_mask=None):
+        calls.append((x.clone(), attention_mask))
+        return m(x, attention_mask)
+
+    kw = dict(steps=4, gen_length=4, block_length=4, **GEN)
+    assert torch.equal(generate(m, p, **kw), generate(m, p, cfg_scale=0.0, **kw))
+    guided = generate(spy, p, attention_mask=am, cfg_scale=1.5, **kw)
+    assert not (guided == MASK).any() and len(calls) == 4
+    for x, a in calls:
+        assert x.shape == (4, 9) and a.shape == (4, 9)
+        cond, uncond = x[:2], x[2:]
+        assert (uncond[:, :5] == MASK).all()
+        assert torch.equal(uncond[:, 5:], cond[:, 5:])
+        assert torch.equal(cond[:, :5], p)
+    assert any(not torch.equal(generate(tiny_lm(s), prompt(seed=s), **kw),
+                               generate(tiny_lm(s), prompt(seed=s), cfg_scale=2.0, **kw)) for s in range(5))
+
+
+def test_generate_cfg_formula():
+    """logits = u + (w + 1)(c - u): a token the prompt favours only mildly wins under guidance."""
+    def model(x, attention_mask=None):
+        out = torch.zeros(x.shape[0], x.shape[1], V)
+        out[..., 1] = 1.0
+        has_prompt = (x[:, :3] != MASK).all(1)                  # (B,) conditional rows
+        out[..., 2] = torch.where(has_prompt, 0.9, 0.0)[:, None]
+        return out
+    kw = dict(steps=2, gen_length=2, block_length=2, **GEN)
+    assert (generate(model, prompt(3), **kw)[0, 3:] == 1).all()                 # c alone: 1.0 > 0.9
+    assert (generate(model, prompt(3), cfg_scale=1.0, **kw)[0, 3:] == 2).all()  # 2 * 0.9 > 1.0
+    assert (generate(model, prompt(3), cfg_scale=0.05, **kw)[0, 3:] == 1).all()  # 1.05 * 0.9 < 1.0
+
+
+def test_generate_logits_eos_inf_never_emits_eos():
+    """logits_eos_inf=True: even a model that always prefers EOS never produces it."""
+    rows = [[5.0 if v == EOS else (1.0 if v == 7 else 0.0) for v in range(V)]] * 6
+    m = fixed_logits_model(rows)
+    kw = dict(steps=6, gen_length=6, block_length=6, **GEN)
+    assert (generate(m, prompt(), **kw)[0, 5:] == EOS).all()
+    out = generate(m, prompt(), logits_eos_inf=True, **kw)
+    assert not (out[0, 5:] == EOS).any() and (out[0, 5:] == 7).all()
+
+
+def _reveal_order(snaps, P):
+    order, prev = [], None
+    for x, _, _ in snaps:
+        filled = x[0, P:] != MASK
+        new = filled if prev is None else filled & ~prev
+        order += new.nonzero()[:, 0].tolist()
+        prev = filled
+    return order
+
+
+def test_generate_confidence_eos_eot_inf():
+    """confidence_eos_eot_inf: at T = 0 EOS and EoT get confidence 0, so those positions are revealed LAST
+    (still with EOS/EoT). At T > 0 (official quirk) only EoT's confidence is zeroed."""
+    def row(top, c):
+        return [c if v == top else 0.0 for v in range(V)]
+    # positions 0, 1 are confidently EOS / EoT; positions 2, 3 are mildly token 5 / 6
+    rows = [row(EOS, 20.0), row(EOT, 19.0), row(5, 3.0), row(6, 2.0)]
+    m = fixed_logits_model(rows)
+    kw = dict(steps=4, gen_length=4, block_length=4)
+    out, snaps = run(m, prompt(3), **kw)
+    assert _reveal_order(snaps, 3) == [0, 1, 2, 3]
+    out, snaps = run(m, prompt(3), confidence_eos_eot_inf=True, **kw)
+    order = _reveal_order(snaps, 3)
+    assert order[:2] == [2, 3] and sorted(order[2:]) == [0, 1]  # both confidence 0: tie, any order
+    assert out[0, 3:].tolist() == [EOS, EOT, 5, 6]
+    torch.manual_seed(0)
+    out, snaps = run(m, prompt(3), confidence_eos_eot_inf=True, temperature=0.05, **kw)
+    assert out[0, 3:].tolist() == [EOS, EOT, 5, 6]  # gaps >= 2 at T = 0.05: the samples are certain
+    assert _reveal_order(snaps, 3) == [0, 2, 3, 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# generate(): padding and images
+
+def test_generate_batched_left_padding_matches_single():
+    """A left-padded batch (with attention_mask) at T = 0 yields the same answers as one prompt at a time."""
+    m = tiny_lm(1)
+    prompts = [prompt(3, seed=1)[0], prompt(7, seed=2)[0], prompt(5, seed=3)[0]]
+    P = max(len(q) for q in prompts)
+    batch = torch.stack([torch.cat([torch.full((P - len(q),), PAD), q]) for q in prompts])
+    am = torch.stack([torch.cat([torch.zeros(P - len(q)), torch.ones(len(q))]) for q in prompts]).long()
+    kw = dict(steps=8, gen_length=8, block_length=4, **GEN)
+    out = generate(m, batch, attention_mask=am, **kw)
+    for q, o in zip(prompts, out):
+        single = generate(m, q[None], **kw)
+        assert torch.equal(o[P:], single[0, len(q):])
+    # sanity: without the attention mask the padding does change some answer
+    assert not torch.equal(generate(m, batch, **kw), out)
+
+
+def test_generate_with_image_features():
+    """An image-conditioned prompt (IMAGE_TOKEN_INDEX placeholders + image_features) generates a full answer,
+    keeps its placeholders, and the image changes the logits and, for some seed, the answer."""
+    torch.manual_seed(0)
+    m = LLaDAV(tiny_cfg())
+    m.init_weights()
+    m.eval()
+    n = m.cfg.vision.n_patches
+    p = torch.tensor([[1, 2] + [IMAGE_TOKEN_INDEX] * n + [3, 4]])
+    kw = dict(steps=6, gen_length=6, block_length=6, **GEN)
+    answers = []
+    with torch.no_grad():
+        for seed in range(6):
+            px = torch.rand(2, 1, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+            f1, f2 = m.encode_images(px[0]), m.encode_images(px[1])
+            out = generate(m, p, image_features=f1, **kw)
+            assert torch.equal(out[:, :p.shape[1]], p) and not (out == MASK).any()
+            x = torch.cat([p, torch.full((1, 6), MASK)], 1)
+            assert (m(x, image_features=f1) - m(x, image_features=f2))[:, -6:].abs().max() > 1e-3
+            answers.append(torch.equal(out, generate(m, p, image_features=f2, **kw)))
+        assert not all(answers)
+        # CFG with an image: the unconditional half has no placeholders, so it runs without the image
+        assert not (generate(m, p, image_features=f1, cfg_scale=1.0, **kw) == MASK).any()

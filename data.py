@@ -25,7 +25,7 @@ This file builds the token sequence and the answer mask that the diffusion loss 
    included: the model learns to fill unused canvas with EOS, as LLaDA does).
 
 4. Synthetic visual questions: pillow draws 1-4 objects (3 shapes x 6 colours, random positions and
-   sizes) on a small canvas. Five question kinds: colour of a named shape, shape of a named colour,
+   sizes: each centred in a random cell of a 4 x 4 board) on a small canvas. Five question kinds: colour of a named shape, shape of a named colour,
    count, spatial relation between two objects, and "describe the image" (objects left to right).
    Sample i of a split is drawn from its own seeded RNG, so the stream is endless, indexable (exact
    resume) and the held-out split is fixed.
@@ -211,35 +211,43 @@ NUMBERS = ["zero", "one", "two", "three", "four"]
 KINDS = ["color", "shape", "count", "relation", "describe"]
 
 
+BACKGROUND = (128, 128, 128)
+GRID = 4  # the canvas is a GRID x GRID board of cells; each object sits inside one cell
+
+
 @dataclass
 class Obj:
     color: str
     shape: str
-    x: int  # centre, pixels
+    col: int  # cell, 0..GRID-1 left to right
+    row: int  # cell, 0..GRID-1 top to bottom
+    x: int    # centre, pixels
     y: int
-    r: int  # half size, pixels
+    r: int    # half size, pixels
 
 
 def _scene(rng: random.Random, size: int) -> list[Obj]:
-    """1-4 objects with distinct (colour, shape), no overlaps, x-centres at least size/8 apart (so
-    'left to right' is always well defined)."""
-    while True:
-        n = rng.randint(1, 4)
-        kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
-        objs = []
-        for c, s in kinds:
-            for _ in range(50):
-                r = rng.randint(size // 9, size // 6)
-                x, y = rng.randint(r + 1, size - r - 2), rng.randint(r + 1, size - r - 2)
-                if all(max(abs(x - o.x), abs(y - o.y)) > r + o.r + 1 and abs(x - o.x) >= size // 8 for o in objs):
-                    objs.append(Obj(c, s, x, y, r))
-                    break
-        if len(objs) == n:
-            return sorted(objs, key=lambda o: o.x)
+    """1-4 objects with distinct (colour, shape), each centred in its own random cell of a GRID x GRID
+    board, with a random size (50-90% of the cell). Keeping every object inside one cell is what lets
+    the toy ViT (one patch per cell) learn in minutes on a CPU; the listing order is column by column,
+    top to bottom within a column ("left to right")."""
+    cell = size // GRID
+    n = rng.randint(1, 4)
+    kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
+    objs = []
+    for (c, s), k in zip(kinds, rng.sample(range(GRID * GRID), n)):
+        col, row = k % GRID, k // GRID
+        r = rng.randint(max(2, cell // 4), max(2, (cell * 9) // 20))
+        x, y = col * cell + cell // 2, row * cell + cell // 2
+        objs.append(Obj(c, s, col, row, x, y, r))
+    return sorted(objs, key=lambda o: (o.col, o.row))
 
 
 def draw(objs: list[Obj], size: int, blank: bool = False) -> Image.Image:
-    img = Image.new("RGB", (size, size), (245, 245, 245))
+    # Mid-grey background: it normalises to ~0 (vision.preprocess), so a blank patch carries almost no
+    # signal and the visual tokens differ mostly where objects are (a white one drowns them in a
+    # large constant shared by every token, which slows learning a lot).
+    img = Image.new("RGB", (size, size), BACKGROUND)
     if blank:
         return img
     d = ImageDraw.Draw(img)
@@ -272,13 +280,9 @@ def _question(rng: random.Random, objs: list[Obj], kind: str):
     if kind == "count":
         return "How many objects are there?", NUMBERS[len(objs)]
     if kind == "relation":
-        pairs = []
-        for a in objs:
-            for b in objs:
-                dx, dy = a.x - b.x, a.y - b.y
-                if a is not b and abs(abs(dx) - abs(dy)) >= 4:  # one axis clearly dominates
-                    rel = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
-                    pairs.append((a, b, rel))
+        # only pairs in the same row or column, so that the answer is unambiguous in pixels too
+        pairs = [(a, b, ("left" if a.col < b.col else "right") if a.row == b.row else ("above" if a.row < b.row else "below"))
+                 for a in objs for b in objs if a is not b and (a.row == b.row or a.col == b.col)]
         if not pairs:
             return None
         a, b, rel = rng.choice(pairs)

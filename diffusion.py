@@ -34,24 +34,53 @@ EPS = 1e-3
 # ----------------------------------------------------------------------------------------------
 # Forward process and loss
 
-def forward_process(x0, labels, mask_id: int, eps: float = EPS, generator=None):
+def forward_process(x0, labels, mask_id: int, eps: float = EPS, generator=None, stratified=False,
+                    exact_count=False):
     """Mask the maskable part of x0 (B, L). labels (B, L) is -100 where a position must stay clean.
-    Returns xt (B, L), masked (B, L) bool, p_mask (B,)."""
+    Returns xt (B, L), masked (B, L) bool, p_mask (B,).
+
+    Default (LLaDA GUIDELINES): t ~ U(0,1), every maskable token masked independently w.p. p_mask.
+    stratified=True draws the B times as (u + i) / B, i = 0..B-1, in random order: each t is still
+    U(0, 1), so the loss keeps its expectation, but the batch covers the noise levels evenly.
+    exact_count=True is the paper's equivalent, lower-variance form of the same bound (LLaDA Eq. 6, the
+    estimator of get_log_likelihood.py): with A maskable positions, draw l ~ U{1..A} (stratified over the
+    batch if asked), mask exactly l of them at random, and p_mask = l / A. The 1/p_mask weight is then at
+    most A instead of 1/eps = 1000, which matters a lot for short answers and small batches."""
     B, L = x0.shape
-    t = torch.rand(B, device=x0.device, generator=generator)
-    p_mask = (1 - eps) * t + eps                                                            # (B,)
-    masked = (torch.rand(B, L, device=x0.device, generator=generator) < p_mask[:, None]) & (labels != -100)
+    dev = x0.device
+    maskable = labels != -100
+    if stratified:
+        u = torch.rand(1, device=dev, generator=generator)
+        t = (u + torch.randperm(B, device=dev, generator=generator)) / B
+    else:
+        t = torch.rand(B, device=dev, generator=generator)
+    if exact_count:
+        A = maskable.sum(1)                                                                 # (B,)
+        l = (t * A).floor().long().clamp(max=A - 1) + 1                                     # U{1..A}
+        # rank the maskable positions in random order; mask the first l of them
+        score = torch.rand(B, L, device=dev, generator=generator).masked_fill(~maskable, 2.0)
+        rank = score.argsort(1).argsort(1)                                                  # (B, L)
+        masked = (rank < l[:, None]) & maskable
+        p_mask = l.float() / A.clamp(min=1)
+    else:
+        p_mask = (1 - eps) * t + eps                                                        # (B,)
+        masked = (torch.rand(B, L, device=dev, generator=generator) < p_mask[:, None]) & maskable
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     return xt, masked, p_mask
 
 
-def diffusion_loss(logits_masked, labels, masked, p_mask, mode: str = "sft"):
-    """The likelihood-bound loss.
+def diffusion_loss(logits_masked, labels, masked, p_mask, mode: str = "sft", weighting: str = "elbo"):
+    """The likelihood-bound loss. weighting="none" drops the 1/p_mask factor: the masked-diffusion
+    analogue of DDPM's L_simple (a re-weighting of the bound's noise levels; no longer a bound).
     logits_masked (N, V): logits at the N masked positions (row-major order of `masked`);
     labels (B, L): the clean tokens (-100 where not maskable); masked (B, L) bool; p_mask (B,)."""
     B, L = labels.shape
     ce = F.cross_entropy(logits_masked.float(), labels[masked], reduction="none")  # (N,)
     w = p_mask[:, None].expand(B, L)[masked]                                       # p_mask of each row
+    if weighting == "none":
+        w = torch.ones_like(w)
+    elif weighting != "elbo":
+        raise ValueError(f"unknown weighting {weighting!r}; use 'elbo' (1/p_mask) or 'none'")
     if mode == "pretrain":
         return (ce / w).sum() / (B * L)
     if mode == "sft":

@@ -40,20 +40,25 @@ class TrainConfig:
     device: str = "auto"         # auto = cuda > mps > cpu
     seed: int = 0
     batch_size: int = 32         # sequences per step
-    max_steps: int = 2000
-    lr: float = 3e-3             # peak learning rate of the language model; lower it (e.g. 1e-4) for big models
+    max_steps: int = 3500
+    lr: float = 1.5e-3           # peak learning rate of the language model; lower it (e.g. 1e-4) for big models
     vision_lr_scale: float = 1.0     # vision tower lr = lr * this (LLaDA-V: 2e-6 / 1e-5 = 0.2; 0 freezes it)
     projector_lr_scale: float = 1.0  # projector lr = lr * this
     min_lr: float = 1e-4         # cosine decays to this
     warmup_steps: int = 100
     weight_decay: float = 0.0    # LLaDA-V uses 0
+    beta2: float = 0.95          # AdamW beta2. LLaDA-V's recipe has 0.999; with small batches the 1/t-weighted
+                                 # loss has rare huge gradients, and 0.95 recovers from them far faster
+    stratified_t: bool = True    # spread the batch's t evenly over (0, 1) (same expected loss, less variance)
+    exact_count: bool = False    # mask exactly l ~ U{1..A} answer tokens (LLaDA Eq. 6: the same bound, weights <= A)
+    weighting: str = "elbo"      # elbo: CE / p_mask (the likelihood bound) | none: plain CE ("L_simple")
     grad_clip: float = 1.0
     loss_mode: str = "sft"       # sft (per-sample answer-length normaliser) | pretrain (1 / (B L))
     gen_length: int = 16         # answer canvas G, in tokens (training and sampling)
     block_length: int = 16       # sampler block length (semi-autoregressive if < gen_length)
     sample_steps: int = 16       # sampler steps
     log_every: int = 25
-    eval_every: int = 500        # quick held-out check (eval_quick questions) every N steps; 0 = never
+    eval_every: int = 1000       # quick held-out check (eval_quick questions) every N steps; 0 = never
     eval_quick: int = 100
     eval_final: int = 500        # held-out questions in the final report
     ckpt_every: int = 250        # atomic checkpoint every N steps (and at the end)
@@ -141,7 +146,7 @@ def train(tc: TrainConfig, mc, quiet=False):
             continue
         groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_scale": scale},
                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
-    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8,
+    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, tc.beta2), eps=1e-8,
                             fused=device.type == "cuda")
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     step = 0
@@ -179,10 +184,11 @@ def train(tc: TrainConfig, mc, quiet=False):
         ids, labels, attn, pixels = data.train_batch(step, tc.batch_size, lambda im: preprocess(im, mc.vision.image_size))
         ids, labels, attn, pixels = ids.to(device), labels.to(device), attn.to(device), pixels.to(device)
         gen_rng = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
-        xt, masked, p_mask = forward_process(ids, labels, tok.mask_id, generator=gen_rng)
+        xt, masked, p_mask = forward_process(ids, labels, tok.mask_id, generator=gen_rng, stratified=tc.stratified_t,
+                                             exact_count=tc.exact_count)
         with autocast(device):
             logits = fwd(xt, pixels, attn, output_positions=masked)  # (N_masked, V): head on masked rows only
-        loss = diffusion_loss(logits, labels, masked, p_mask, mode=tc.loss_mode)
+        loss = diffusion_loss(logits, labels, masked, p_mask, mode=tc.loss_mode, weighting=tc.weighting)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

@@ -246,7 +246,7 @@ def parse_scene(img):
     shape (from how much of the bounding box they fill) and bounding-box centre."""
     a = np.asarray(img).astype(int)
     inv = {v: k for k, v in data.COLORS.items()}
-    fg = (a != 245).any(-1)
+    fg = (a != data.BACKGROUND).any(-1)
     seen = np.zeros_like(fg)
     objs = []
     for y0, x0 in zip(*np.nonzero(fg)):

@@ -87,6 +87,51 @@ def test_forward_process_p_mask_range():
     assert p.min() < 0.01 and p.max() > 0.99
 
 
+def test_forward_process_stratified_t():
+    """stratified=True puts exactly one t in each of the B strata [i/B, (i+1)/B), in random order, and
+    each t is still U(0, 1) (the mean over many batches is 1/2)."""
+    B = 16
+    x0 = torch.zeros(B, 1, dtype=torch.long)
+    g = torch.Generator().manual_seed(3)
+    ts = []
+    for _ in range(300):
+        _, _, p = forward_process(x0, x0, MASK, generator=g, stratified=True)
+        t = (p - 1e-3) / (1 - 1e-3)
+        assert sorted((t * B).floor().long().tolist()) == list(range(B))
+        ts.append(t)
+    ts = torch.stack(ts)
+    assert abs(ts.mean().item() - 0.5) < 0.01
+    assert not torch.equal(ts[0].argsort(), ts[1].argsort())  # the order is shuffled
+
+
+def test_forward_process_exact_count():
+    """exact_count=True masks exactly l of the A maskable positions with l ~ U{1..A}, never a prompt
+    position, and reports p_mask = l / A; over many draws every l in 1..A occurs."""
+    A, P = 6, 3
+    x0 = torch.arange(P + A).repeat(4000, 1)
+    labels = x0.clone()
+    labels[:, :P] = -100
+    xt, masked, p = forward_process(x0, labels, MASK, generator=torch.Generator().manual_seed(4), exact_count=True)
+    l = masked.sum(1)
+    assert not masked[:, :P].any()
+    torch.testing.assert_close(p, l.float() / A)
+    counts = torch.bincount(l, minlength=A + 1)
+    assert counts[0] == 0 and (counts[1:] > 4000 / A * 0.8).all()
+    assert (xt == MASK).sum(1).equal(l)
+
+
+def test_exact_count_estimates_the_same_bound():
+    """Both masking schemes estimate the same quantity, E[sum_masked CE / p_mask] = sum_i CE_i: with a
+    fixed per-position CE, the batch means of the two estimators agree with the exact sum."""
+    A = 5
+    ce = torch.tensor([0.3, 1.2, 0.1, 2.0, 0.7])
+    x0 = torch.zeros(200_000, A, dtype=torch.long)
+    for kwargs in ({}, {"exact_count": True}):
+        _, masked, p = forward_process(x0, x0, MASK, generator=torch.Generator().manual_seed(5), **kwargs)
+        est = ((masked * ce).sum(1) / p).mean()
+        assert abs(est.item() - ce.sum().item()) < 0.05 * ce.sum().item(), kwargs
+
+
 # ----------------------------------------------------------------------------------------------
 # Loss
 
@@ -105,6 +150,11 @@ def test_diffusion_loss_matches_hand_computation():
     assert math.isclose(diffusion_loss(lt, labels, masked, p_mask, "pretrain").item(), pre, rel_tol=1e-5)
     with pytest.raises(ValueError, match="sft.*pretrain"):
         diffusion_loss(lt, labels, masked, p_mask, "mean")
+    # weighting="none" drops the 1/p_mask factor (L_simple)
+    simple = ((ce[0] + ce[1]) / 2 + (ce[2] + ce[3]) / 3) / 2
+    assert math.isclose(diffusion_loss(lt, labels, masked, p_mask, "sft", weighting="none").item(), simple, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="elbo"):
+        diffusion_loss(lt, labels, masked, p_mask, "sft", weighting="1/t")
 
 
 def test_diffusion_loss_bf16_logits_computed_in_fp32():

@@ -1,0 +1,162 @@
+"""train.py and sample.py end to end, on tiny configs: overfitting, checkpoints, resume, CLI errors."""
+import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from data import IGNORE_INDEX, SyntheticVQA, get_tokenizer
+from diffusion import diffusion_loss, forward_process
+from model import LLaDAV, get_config
+from vision import preprocess
+
+torch.set_num_threads(1)
+
+# A tiny model and a short run: a few seconds on one CPU core.
+TINY = ["--lm.d_model=64", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32", "--vision.n_heads=2",
+        "--vision.mlp_hidden=64", "--batch_size=8", "--log_every=1000", "--eval_every=0", "--eval_final=10",
+        "--gen_length=12", "--block_length=12", "--sample_steps=12", "--warmup_steps=2"]
+
+
+def run_train(tmp_path, *extra):
+    tc, mc = train.parse_args([f"--out_dir={tmp_path}"] + TINY + list(extra), train.TrainConfig())
+    return train.train(tc, mc, quiet=True)
+
+
+def test_overfit_then_sampler_reproduces_answers():
+    """A tiny LLaDA-V trained on four image-question pairs (one per kind, with different images) learns
+    them, and the low-confidence sampler then writes back every answer, including a multi-token one."""
+    torch.manual_seed(0)
+    mc = get_config("toy")
+    mc.lm.n_layers, mc.vision.n_layers = 2, 2
+    tok = get_tokenizer("toy")
+    data = SyntheticVQA(tok, mc.vision.image_size, mc.vision.n_patches, gen_length=12)
+    pairs = [data.sample(i, kind) for i, kind in enumerate(["color", "shape", "count", "describe"])]
+    model = LLaDAV(mc)
+    model.init_weights()
+    ids, labels, attn, pixels = data.batch(pairs * 4, lambda im: preprocess(im, mc.vision.image_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        xt, masked, p_mask = forward_process(ids, labels, tok.mask_id, generator=g)
+        loss = diffusion_loss(model(xt, pixels, attn, output_positions=masked), labels, masked, p_mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    preds = sample.answer(model, tok, [p[0] for p in pairs], [p[1] for p in pairs], gen_length=12, steps=12, block_length=12)
+    assert preds == [p[2] for p in pairs]
+    assert len(tok.encode(pairs[3][2])) >= 3  # the describe answer really is several tokens
+
+
+def test_train_writes_checkpoint_and_report(tmp_path):
+    """A short run saves a loadable checkpoint with optimizer state and a report with every question kind."""
+    model, report = run_train(tmp_path, "--max_steps=4", "--ckpt_every=2")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 4 and "optimizer" in ckpt and ckpt["train_config"]["max_steps"] == 4
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert set(on_disk["heldout"]) >= {"color", "shape", "count", "relation", "describe", "all"}
+    assert on_disk["heldout"]["n"] == 10 and report["steps"] == 4
+    assert not [p for p in os.listdir(tmp_path) if ".tmp." in p]  # no temporary file left behind
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    """Training 6 steps straight gives bit-identical weights to training 3, stopping, and resuming to 6:
+    batches and masks depend only on (seed, step), and the optimizer state is restored."""
+    straight, _ = run_train(tmp_path / "a", "--max_steps=6")
+    run_train(tmp_path / "b", "--max_steps=3")
+    resumed, _ = run_train(tmp_path / "b", "--max_steps=6", "--resume=1")
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    run_train(tmp_path, "--max_steps=1")
+    with pytest.raises(SystemExit, match="another model config.*lm"):
+        run_train(tmp_path, "--max_steps=2", "--resume=1", "--lm.n_layers=3")
+    with pytest.raises(SystemExit, match="does not exist"):
+        run_train(tmp_path / "nothing", "--max_steps=2", "--resume=1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset=huge"], "unknown preset 'huge'; choose one of toy, small, llada_v_8b"),
+    (["--lr_max=3"], "unknown option --lr_max; valid options: .*--lr"),
+    (["--lm.width=3"], "unknown option --lm.width"),
+    (["--batch_size=many"], "--batch_size='many' is not a valid int"),
+    (["max_steps=3"], "not of the form --key=value"),
+])
+def test_bad_options_get_one_line_errors(args, message):
+    with pytest.raises(SystemExit, match=message):
+        train.parse_args(args, train.TrainConfig())
+
+
+def test_overrides_reach_both_configs():
+    tc, mc = train.parse_args(["--max_steps=7", "--lm.n_layers=3", "--vision.image_size=32", "--resume=true"],
+                              train.TrainConfig())
+    assert (tc.max_steps, mc.lm.n_layers, mc.vision.image_size, tc.resume) == (7, 3, 32, True)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    tc = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert train.lr_at(0, tc) == pytest.approx(0.1) and train.lr_at(9, tc) == pytest.approx(1.0)
+    assert train.lr_at(60, tc) == pytest.approx(0.55) and train.lr_at(110, tc) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# sample.py command line
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    run_train(out, "--max_steps=2")
+    return str(out / "ckpt.pt")
+
+
+def run_sample(capsys, *args):
+    sample.main(list(args))
+    return capsys.readouterr().out
+
+
+def test_sample_synthetic_with_steps(checkpoint, capsys):
+    """No image: a synthetic one is drawn; question, truth and answer are printed, and --show-steps prints
+    one canvas per step, the number of masks ('_') never growing."""
+    out = run_sample(capsys, f"--checkpoint={checkpoint}", "--show-steps")
+    assert "question:" in out and "truth:" in out and "answer:" in out
+    steps = [l for l in out.splitlines() if l.startswith("step ")]
+    assert len(steps) == 12
+    masks = [l.split(":", 1)[1].split().count("_") for l in steps]
+    assert masks == sorted(masks, reverse=True) and masks[-1] == 0
+
+
+def test_sample_own_image(checkpoint, capsys, tmp_path):
+    Image.new("RGBA", (40, 30), (255, 0, 0, 128)).save(tmp_path / "x.png")  # non-square, with alpha
+    out = run_sample(capsys, f"--checkpoint={checkpoint}", f"--image={tmp_path / 'x.png'}", "--question=What color is the circle?")
+    assert "question: What color is the circle?" in out and "answer:" in out
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (None, ["--checkpoint=/nonexistent/ckpt.pt"], "does not exist; train one"),
+    (None, ["--image=/nonexistent.png"], "image /nonexistent.png does not exist"),
+    ("garbage", [], "cannot read image"),
+    (None, ["--gen_length=12", "--block_length=5"], "not divisible by block_length=5"),
+    (None, ["--gen_length=12", "--block_length=6", "--steps=5"], "steps=5 is not divisible by the 2 blocks"),
+    (None, ["--gen_length=4096"], "exceeds the model's context"),
+    (None, ["--colour=red"], "unknown argument"),
+])
+def test_sample_bad_input(checkpoint, tmp_path, make, args, message):
+    if make == "garbage":
+        (tmp_path / "bad.png").write_bytes(b"not an image at all")
+        args = [f"--image={tmp_path / 'bad.png'}"]
+    if not any(a.startswith("--checkpoint") for a in args):
+        args = [f"--checkpoint={checkpoint}"] + args
+    with pytest.raises(SystemExit, match=message):
+        sample.main(args)
+
+
+def test_sample_refuses_a_non_checkpoint(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(SystemExit, match="not a checkpoint written by train.py"):
+        sample.main([f"--checkpoint={tmp_path / 'ckpt.pt'}"])

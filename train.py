@@ -125,7 +125,10 @@ def train(tc: TrainConfig, mc, quiet=False):
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     device = pick_device(tc.device)
     torch.manual_seed(tc.seed)
-    tok = get_tokenizer(mc.tokenizer)
+    try:
+        tok = get_tokenizer(mc.tokenizer)
+    except ValueError as e:
+        sys.exit(f"preset {tc.preset!r} needs the {mc.tokenizer!r} tokenizer: {e}")
     if tok.vocab_size > mc.lm.vocab_size:
         sys.exit(f"tokenizer has {tok.vocab_size} tokens but lm.vocab_size={mc.lm.vocab_size}; raise --lm.vocab_size")
     if tc.gen_length % tc.block_length or tc.sample_steps % (tc.gen_length // tc.block_length):

@@ -151,7 +151,7 @@ class LLaDA(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
-        self.checkpointing = False  # activation checkpointing per block (train.py switches it on)
+        self.checkpointing = False  # True: recompute each block's activations in backward (saves memory)
 
     def forward(self, embeds, attention_mask=None, output_positions=None):
         """embeds (B, L, d) -> logits (B, L, V), or (N, V) for the N True entries of the bool

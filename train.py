@@ -27,7 +27,7 @@ import torch
 
 from data import SyntheticVQA, get_tokenizer
 from diffusion import diffusion_loss, forward_process
-from model import LLaDAV, count_params, get_config, load_checkpoint, load_state, save_checkpoint
+from model import LLaDAV, count_params, get_config, load_state, save_checkpoint
 from sample import autocast, evaluate, format_eval
 from vision import preprocess
 
@@ -185,6 +185,7 @@ def train(tc: TrainConfig, mc, quiet=False):
             g["lr"] = lr * g["lr_scale"]
         # The batch and the masks depend only on (seed, step): a resumed run sees exactly the same data.
         ids, labels, attn, pixels = data.train_batch(step, tc.batch_size, lambda im: preprocess(im, mc.vision.image_size))
+        n_tokens = int(attn.sum())  # counted on the CPU copy: no device sync in the step
         ids, labels, attn, pixels = ids.to(device), labels.to(device), attn.to(device), pixels.to(device)
         gen_rng = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
         xt, masked, p_mask = forward_process(ids, labels, tok.mask_id, generator=gen_rng, stratified=tc.stratified_t,
@@ -197,7 +198,7 @@ def train(tc: TrainConfig, mc, quiet=False):
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         step += 1
-        tokens_seen += int(attn.sum())
+        tokens_seen += n_tokens
         if step % tc.log_every == 0 or step == tc.max_steps:
             dt = time.time() - t_start
             tps = tokens_seen / dt

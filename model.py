@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import IMAGE_TOKEN_INDEX
+from tokenizer import IMAGE_TOKEN_INDEX
 from vision import VisionConfig, VisionTower
 
 
@@ -47,7 +47,7 @@ class LLaDAConfig:
 class LLaDAVConfig:
     lm: LLaDAConfig = field(default_factory=LLaDAConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
-    tokenizer: str = "llada"  # "toy" (built in data.py) or "llada" (the official tokenizer.json)
+    tokenizer: str = "llada"  # "toy" (learnt in synthetic.py) or "llada" (the official tokenizer.json)
 
     def to_dict(self):
         return asdict(self)

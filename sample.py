@@ -19,9 +19,11 @@ from collections import defaultdict
 
 import torch
 
-from data import DEMO_OFFSET, KINDS, answer_text, default_system, draw, get_tokenizer, make_sample, prompt_batch, score
+from data import answer_text, default_system, prompt_batch
 from diffusion import generate
 from model import load_checkpoint
+from synthetic import DEMO_OFFSET, KINDS, draw, make_sample, score
+from tokenizer import get_tokenizer
 from vision import load_image, preprocess
 
 

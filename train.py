@@ -25,10 +25,11 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from data import SyntheticVQA, get_tokenizer
 from diffusion import diffusion_loss, forward_process
 from model import LLaDAV, count_params, get_config, load_state, save_checkpoint
 from sample import autocast, evaluate, format_eval
+from synthetic import SyntheticVQA
+from tokenizer import get_tokenizer
 from vision import preprocess
 
 

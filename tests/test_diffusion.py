@@ -10,7 +10,7 @@ import torch
 # training run) made these files 20x slower on a 2-core machine.
 torch.set_num_threads(1)
 
-from data import IMAGE_TOKEN_INDEX
+from tokenizer import IMAGE_TOKEN_INDEX
 from diffusion import add_gumbel_noise, diffusion_loss, forward_process, generate, get_num_transfer_tokens
 from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
 from vision import VisionConfig

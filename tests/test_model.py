@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model
-from data import IMAGE_TOKEN_INDEX
+from tokenizer import IMAGE_TOKEN_INDEX
 from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig, RMSNorm, apply_rope, rope_cos_sin, rotate_half
 from vision import VisionConfig
 

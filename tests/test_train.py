@@ -8,7 +8,8 @@ from PIL import Image
 
 import sample
 import train
-from data import SyntheticVQA, get_tokenizer
+from synthetic import SyntheticVQA
+from tokenizer import get_tokenizer
 from diffusion import diffusion_loss, forward_process
 from model import LLaDAV, get_config
 from vision import preprocess

@@ -1,0 +1,186 @@
+"""
+The embedded synthetic visual-question dataset: the toy model's training stream and held-out split.
+
+pillow draws 1-4 objects (3 shapes x 6 colours, random positions and sizes: each centred in a random
+cell of a 4 x 4 board) on a small grey canvas. Five question kinds: colour of a named shape, shape of a
+named colour, count, spatial relation between two objects, and "describe the image" (objects left to
+right, a multi-token answer the sampler fills in parallel). Sample i of a split is drawn from its own
+seeded RNG, so the stream is endless, indexable (exact resume) and the held-out split is fixed.
+
+The toy tokenizer is a byte-level BPE learnt from every sentence this dataset can produce.
+"""
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+import tiktoken
+import torch
+from PIL import Image, ImageDraw
+
+from data import SYSTEM_PROMPT, chat_prompt, collate, sft_example
+from tokenizer import PAT_STR, SPECIAL_TOKENS, Tokenizer, train_bpe
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 230),
+          "yellow": (235, 205, 30), "purple": (150, 60, 200), "orange": (245, 135, 25)}
+SHAPES = ["circle", "square", "triangle"]
+NUMBERS = ["zero", "one", "two", "three", "four"]
+KINDS = ["color", "shape", "count", "relation", "describe"]
+
+
+BACKGROUND = (128, 128, 128)
+GRID = 4  # the canvas is a GRID x GRID board of cells; each object sits inside one cell
+
+
+@dataclass
+class Obj:
+    color: str
+    shape: str
+    col: int  # cell, 0..GRID-1 left to right
+    row: int  # cell, 0..GRID-1 top to bottom
+    x: int    # centre, pixels
+    y: int
+    r: int    # half size, pixels
+
+
+def _scene(rng: random.Random, size: int) -> list[Obj]:
+    """1-4 objects with distinct (colour, shape), each centred in its own random cell of a GRID x GRID
+    board, with a random size (50-90% of the cell). Keeping every object inside one cell is what lets
+    the toy ViT (one patch per cell) learn in minutes on a CPU; the listing order is column by column,
+    top to bottom within a column ("left to right")."""
+    cell = size // GRID
+    n = rng.randint(1, 4)
+    kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
+    objs = []
+    for (c, s), k in zip(kinds, rng.sample(range(GRID * GRID), n)):
+        col, row = k % GRID, k // GRID
+        r = rng.randint(max(2, cell // 4), max(2, (cell * 9) // 20))
+        x, y = col * cell + cell // 2, row * cell + cell // 2
+        objs.append(Obj(c, s, col, row, x, y, r))
+    return sorted(objs, key=lambda o: (o.col, o.row))
+
+
+def draw(objs: list[Obj], size: int, blank: bool = False) -> Image.Image:
+    # Mid-grey background: it normalises to ~0 (vision.preprocess), so a blank patch carries almost no
+    # signal and the visual tokens differ mostly where objects are (a white one drowns them in a
+    # large constant shared by every token, which slows learning a lot).
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    if blank:
+        return img
+    d = ImageDraw.Draw(img)
+    for o in objs:
+        box = (o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r)
+        fill = COLORS[o.color]
+        if o.shape == "circle":
+            d.ellipse(box, fill=fill)
+        elif o.shape == "square":
+            d.rectangle(box, fill=fill)
+        else:
+            d.polygon([(o.x, o.y - o.r), (o.x - o.r, o.y + o.r), (o.x + o.r, o.y + o.r)], fill=fill)
+    return img
+
+
+def _question(rng: random.Random, objs: list[Obj], kind: str):
+    """(question, answer) of `kind` about the scene, or None when the scene cannot support it."""
+    if kind == "color":
+        uniq = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+        if not uniq:
+            return None
+        o = rng.choice(uniq)
+        return f"What color is the {o.shape}?", o.color
+    if kind == "shape":
+        uniq = [o for o in objs if sum(p.color == o.color for p in objs) == 1]
+        if not uniq:
+            return None
+        o = rng.choice(uniq)
+        return f"What shape is the {o.color} object?", o.shape
+    if kind == "count":
+        return "How many objects are there?", NUMBERS[len(objs)]
+    if kind == "relation":
+        # only pairs in the same row or column, so that the answer is unambiguous in pixels too
+        pairs = [(a, b, ("left" if a.col < b.col else "right") if a.row == b.row else ("above" if a.row < b.row else "below"))
+                 for a in objs for b in objs if a is not b and (a.row == b.row or a.col == b.col)]
+        if not pairs:
+            return None
+        a, b, rel = rng.choice(pairs)
+        return f"Where is the {a.color} {a.shape} relative to the {b.color} {b.shape}?", rel
+    if kind == "describe":
+        return "Describe the image.", ", ".join(f"{o.color} {o.shape}" for o in objs)
+    raise ValueError(kind)
+
+
+def make_sample(seed: int, size: int, kind: str | None = None):
+    """One (image, question, answer, kind), drawn deterministically from `seed`. If `kind` is None it is
+    drawn uniformly; scenes that cannot support the kind are redrawn."""
+    rng = random.Random(seed)
+    kind = kind or rng.choice(KINDS)
+    while True:
+        objs = _scene(rng, size)
+        qa = _question(rng, objs, kind)
+        if qa is not None:
+            return draw(objs, size), qa[0], qa[1], kind
+
+
+def _toy_corpus():
+    """Every string the toy data can tokenize (prompts as the template renders them, and answers),
+    for learning the toy BPE."""
+    questions = ["How many objects are there?", "Describe the image."]
+    answers = NUMBERS + ["left", "right", "above", "below"]
+    for c in COLORS:
+        for s in SHAPES:
+            questions += [f"What color is the {s}?", f"What shape is the {c} object?",
+                          f"Where is the {c} {s} relative to the {c} {s}?"]
+            answers += [c, s, f"{c} {s}, {c} {s}"]
+    texts = [chat_prompt(q, system=None) for q in questions] + answers
+    return texts + [chat_prompt("", system=SYSTEM_PROMPT), " /think /no_think"]
+
+
+# Held-out and demo samples come from seed ranges that the training stream never reaches.
+HELDOUT_OFFSET = 10**9
+DEMO_OFFSET = 2 * 10**9
+
+
+class SyntheticVQA:
+    """The endless training stream (`train_batch(step)`) and a fixed held-out split (`heldout(n)`)."""
+
+    def __init__(self, tok: Tokenizer, image_size: int, n_image_tokens: int, gen_length: int, seed: int = 0):
+        self.tok, self.size, self.n_img, self.G, self.seed = tok, image_size, n_image_tokens, gen_length, seed
+
+    def sample(self, index: int, kind: str | None = None):
+        return make_sample(self.seed * 10**10 + index, self.size, kind)
+
+    def heldout(self, n: int):
+        """n held-out samples, the kinds in equal shares (cycled)."""
+        return [make_sample(HELDOUT_OFFSET + self.seed * 10**10 + i, self.size, KINDS[i % len(KINDS)])
+                for i in range(n)]
+
+    def batch(self, samples, preprocess):
+        """Tensors for a list of (image, question, answer, kind): ids, labels, attention mask, pixels."""
+        ex = [sft_example(self.tok, q, a, self.G, self.n_img) for _, q, a, _ in samples]
+        ids, labels, attn = collate(ex, self.tok.pad_id)
+        pixels = torch.stack([preprocess(img) for img, *_ in samples])
+        return ids, labels, attn, pixels
+
+    def train_batch(self, step: int, batch_size: int, preprocess):
+        """Batch number `step` of the stream: samples [step*B, (step+1)*B). Depends on step only."""
+        return self.batch([self.sample(step * batch_size + i) for i in range(batch_size)], preprocess)
+
+
+@lru_cache(maxsize=None)
+def toy_tokenizer() -> Tokenizer:
+    """The toy vocabulary: BPE learnt from every sentence the synthetic dataset can produce."""
+    ranks = train_bpe(_toy_corpus())
+    specials = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
+    return Tokenizer(tiktoken.Encoding("llada_v_toy", pat_str=PAT_STR, mergeable_ranks=ranks,
+                                       special_tokens=specials))
+
+
+
+def score(kind: str, pred: str, truth: str):
+    """(exact match, objects right, objects total). For 'describe' objects are compared position by
+    position in the left-to-right list; for other kinds the object counts are 0."""
+    exact = pred.strip() == truth.strip()
+    if kind != "describe":
+        return exact, 0, 0
+    t = [s.strip() for s in truth.split(",")]
+    p = [s.strip() for s in pred.split(",")]
+    return exact, sum(a == b for a, b in zip(t, p)), len(t)

@@ -1,0 +1,144 @@
+"""Tests for synthetic.py: the synthetic scenes are deterministic, varied, and every answer agrees with
+the picture as read back from its pixels; the stream and held-out split are fixed. CPU only."""
+import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import synthetic
+import vision
+from data import IGNORE_INDEX
+
+TOK = synthetic.toy_tokenizer()
+SIZE = 64
+
+def parse_scene(img):
+    """Objects read back from the pixels alone: connected regions of one palette colour, with their colour,
+    shape (from how much of the bounding box they fill) and bounding-box centre."""
+    a = np.asarray(img).astype(int)
+    inv = {v: k for k, v in synthetic.COLORS.items()}
+    fg = (a != synthetic.BACKGROUND).any(-1)
+    seen = np.zeros_like(fg)
+    objs = []
+    for y0, x0 in zip(*np.nonzero(fg)):
+        if seen[y0, x0]:
+            continue
+        rgb = tuple(a[y0, x0])
+        stack, pix = [(y0, x0)], []
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            pix.append((y, x))
+            for v, u in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= v < a.shape[0] and 0 <= u < a.shape[1] and fg[v, u] and not seen[v, u] and tuple(a[v, u]) == rgb:
+                    seen[v, u] = True
+                    stack.append((v, u))
+        ys, xs = np.array(pix).T
+        fill = len(pix) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        shape = "square" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
+        objs.append(dict(color=inv[rgb], shape=shape, x=(xs.min() + xs.max()) / 2, y=(ys.min() + ys.max()) / 2))
+    return sorted(objs, key=lambda o: o["x"])
+
+
+def find(objs, **kw):
+    hits = [o for o in objs if all(o[k] == v for k, v in kw.items())]
+    assert len(hits) == 1, (kw, objs)  # the question names exactly one object
+    return hits[0]
+
+
+def check_answer(img, q, a, kind):
+    """Assert that answer `a` to question `q` is true of the picture."""
+    objs = parse_scene(img)
+    if kind == "count":
+        assert q == "How many objects are there?" and a == synthetic.NUMBERS[len(objs)]
+    elif kind == "describe":
+        assert a == ", ".join(f"{o['color']} {o['shape']}" for o in objs)  # left to right
+    elif kind == "color":
+        shape = re.fullmatch(r"What color is the (\w+)\?", q).group(1)
+        assert a in synthetic.COLORS and find(objs, shape=shape)["color"] == a
+    elif kind == "shape":
+        color = re.fullmatch(r"What shape is the (\w+) object\?", q).group(1)
+        assert a in synthetic.SHAPES and find(objs, color=color)["shape"] == a
+    elif kind == "relation":
+        c1, s1, c2, s2 = re.fullmatch(r"Where is the (\w+) (\w+) relative to the (\w+) (\w+)\?", q).groups()
+        A, B = find(objs, color=c1, shape=s1), find(objs, color=c2, shape=s2)
+        dx, dy = A["x"] - B["x"], A["y"] - B["y"]
+        assert a == (("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below"))
+    return objs
+
+
+def test_make_sample_is_deterministic():
+    """The same seed gives the same image bytes, question, answer and kind; other seeds give other samples."""
+    s = [synthetic.make_sample(123, SIZE), synthetic.make_sample(123, SIZE)]
+    assert s[0][0].tobytes() == s[1][0].tobytes() and s[0][1:] == s[1][1:]
+    others = {synthetic.make_sample(i, SIZE)[0].tobytes() for i in range(10)}
+    assert len(others) == 10
+    img = s[0][0]
+    assert img.mode == "RGB" and img.size == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("kind", synthetic.KINDS)
+def test_answers_agree_with_the_picture(kind):
+    """Answers read off the drawn pixels (count, colours, shapes, left-to-right order, relations) match."""
+    for seed in range(40):
+        img, q, a, k = synthetic.make_sample(seed, SIZE, kind)
+        assert k == kind
+        check_answer(img, q, a, kind)
+
+
+def test_scene_variety():
+    """Over a few hundred scenes all object counts 1-4, all 3 shapes and all 6 colours occur (read from pixels)."""
+    counts, shapes, colors = Counter(), Counter(), Counter()
+    for seed in range(200):
+        objs = parse_scene(synthetic.make_sample(seed, SIZE, "count")[0])
+        counts[len(objs)] += 1
+        shapes.update(o["shape"] for o in objs)
+        colors.update(o["color"] for o in objs)
+    assert set(counts) == {1, 2, 3, 4}
+    assert set(shapes) == set(synthetic.SHAPES) and set(colors) == set(synthetic.COLORS)
+    assert all(colors[c] > 20 for c in synthetic.COLORS) and all(shapes[s] > 40 for s in synthetic.SHAPES)
+
+
+def preprocess(img):
+    return vision.preprocess(img, 16)
+
+
+def test_training_stream_and_heldout_split():
+    """All 5 kinds occur in the training stream; heldout(n) cycles the kinds in equal shares, is fixed, and
+    shares no image with the training stream."""
+    ds = synthetic.SyntheticVQA(TOK, SIZE, n_image_tokens=4, gen_length=12)
+    train = [ds.sample(i) for i in range(150)]
+    assert set(k for *_, k in train) == set(synthetic.KINDS)
+    held = ds.heldout(10)
+    assert [k for *_, k in held] == synthetic.KINDS * 2
+    assert [(im.tobytes(), q, a) for im, q, a, _ in held] == [(im.tobytes(), q, a) for im, q, a, _ in
+                                                             synthetic.SyntheticVQA(TOK, SIZE, 4, 12).heldout(10)]
+    assert not {im.tobytes() for im, *_ in held} & {im.tobytes() for im, *_ in train}
+    other = synthetic.SyntheticVQA(TOK, SIZE, 4, 12, seed=1)
+    assert other.sample(0)[0].tobytes() != ds.sample(0)[0].tobytes()
+
+
+def test_train_batch_depends_on_step_only():
+    """train_batch(step) is identical on repeat calls (exact resume), equals batching samples
+    [step*B, (step+1)*B), and differs between steps."""
+    ds = synthetic.SyntheticVQA(TOK, 32, n_image_tokens=4, gen_length=12)
+    b1, b1_again, b2 = ds.train_batch(1, 3, preprocess), ds.train_batch(1, 3, preprocess), ds.train_batch(2, 3, preprocess)
+    assert all(torch.equal(x, y) for x, y in zip(b1, b1_again))
+    assert all(torch.equal(x, y) for x, y in zip(b1, ds.batch([ds.sample(i) for i in (3, 4, 5)], preprocess)))
+    assert not torch.equal(b1[3], b2[3])
+    ids, labels, attn, pixels = b1
+    assert pixels.shape == (3, 3, 16, 16) and ids.shape == labels.shape == attn.shape
+    assert ((labels != IGNORE_INDEX).sum(1) == 12).all()  # each row: a full answer canvas of gen_length
+
+
+def test_score():
+    """score gives exact match, and for 'describe' the number of objects right, position by position."""
+    assert synthetic.score("describe", "red circle, green square", "red circle, blue square") == (False, 1, 2)
+    assert synthetic.score("describe", " red circle, blue square ", "red circle, blue square") == (True, 2, 2)
+    assert synthetic.score("describe", "blue square", "red circle, blue square") == (False, 0, 2)
+    assert synthetic.score("count", "two", "two") == (True, 0, 0)
+    assert synthetic.score("color", "red", "blue") == (False, 0, 0)

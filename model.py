@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from anyres import pack_features
 from tokenizer import IMAGE_TOKEN_INDEX
 from vision import VisionConfig, VisionTower
 
@@ -48,13 +49,18 @@ class LLaDAVConfig:
     lm: LLaDAConfig = field(default_factory=LLaDAConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     tokenizer: str = "llada"  # "toy" (learnt in synthetic.py) or "llada" (the official tokenizer.json)
+    # How images become visual tokens (anyres.py): "square" (stage 1, the toy), "pad" or "anyres_max_4"
+    # (LLaDA-V from stage 2 on). "spatial_unpad" adds the learned `image_newline` vector (REFERENCE 2.4).
+    image_aspect_ratio: str = "square"
+    mm_patch_merge_type: str = "flat"
 
     def to_dict(self):
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d):
-        return cls(lm=LLaDAConfig(**d["lm"]), vision=VisionConfig(**d["vision"]), tokenizer=d["tokenizer"])
+        extra = {k: d[k] for k in ("image_aspect_ratio", "mm_patch_merge_type") if k in d}  # absent in old checkpoints
+        return cls(lm=LLaDAConfig(**d["lm"]), vision=VisionConfig(**d["vision"]), tokenizer=d["tokenizer"], **extra)
 
 
 PRESETS = {
@@ -209,6 +215,8 @@ class LLaDAV(nn.Module):
         self.vision = VisionTower(cfg.vision)
         self.projector = Projector(cfg.vision.d_model, cfg.lm.d_model)
         self.llm = LLaDA(cfg.lm)
+        if "unpad" in cfg.mm_patch_merge_type:  # ends every row of an image's feature map (anyres.py)
+            self.image_newline = nn.Parameter(torch.randn(cfg.lm.d_model) / math.sqrt(cfg.lm.d_model))
 
     def init_weights(self):
         self.vision.init_weights()
@@ -220,6 +228,13 @@ class LLaDAV(nn.Module):
     def encode_images(self, pixels):
         """(n_images, 3, S, S) -> visual tokens (n_images, N, d) in the language model's space."""
         return self.projector(self.vision(pixels))
+
+    def encode_image_crops(self, crops, image_size):
+        """One image's crops (K, 3, S, S) from anyres.process_image -> its visual tokens (N, d): 729 in
+        square mode, 730 in pad mode, 729 + h'(w'+1) in anyres mode (see anyres.py)."""
+        newline = getattr(self, "image_newline", None)
+        return pack_features(self.encode_images(crops), image_size, self.cfg.image_aspect_ratio, newline,
+                             self.cfg.vision.image_size)
 
     def embed(self, ids, image_features=None):
         """ids (B, L) with IMAGE_TOKEN_INDEX placeholders -> embeddings (B, L, d). The placeholders, read

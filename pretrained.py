@@ -1,0 +1,391 @@
+"""
+Official checkpoints in and out: Hugging Face directories <-> this project's modules.
+
+Where this sits in the flow: it fills the weights of every box in
+    image -> ViT (SigLIP2) -> projector -> token sequence -> LLaDA -> masked diffusion
+from the released files, and writes our models back in the same layout.
+
+A Hugging Face directory holds config.json and either one model.safetensors or shards
+model-0000k-of-0000n.safetensors with model.safetensors.index.json = {"weight_map": {key: shard file}}.
+A safetensors file is  [8-byte header length][JSON header: key -> dtype, shape, byte range][raw bytes].
+
+Key names (REFERENCE 1.3, 2.2-2.4). Ours on the left; three official namings on the right:
+    LLaDA          original (GSAI-ML/LLaDA-8B-*)          LLaMA-style (LLaDA-V's renaming)
+    embed_tokens   model.transformer.wte                  model.embed_tokens
+    layers.i.      model.transformer.blocks.i.            model.layers.i.
+      attn_norm      attn_norm                              input_layernorm
+      q/k/v_proj     q_proj / k_proj / v_proj               self_attn.q_proj / k_proj / v_proj
+      o_proj         attn_out                               self_attn.o_proj
+      mlp_norm       ff_norm                                post_attention_layernorm
+      gate_proj      ff_proj  (goes through SiLU)           mlp.gate_proj
+      up_proj        up_proj                                mlp.up_proj
+      down_proj      ff_out                                 mlp.down_proj
+    norm           model.transformer.ln_f                 model.norm
+    lm_head        model.transformer.ff_out               lm_head
+    SigLIP tower   vision_model.{embeddings.patch_embedding, embeddings.position_embedding,
+                   encoder.layers.i.*, post_layernorm}; in LLaDA-V under model.vision_tower.vision_tower.
+    projector      model.mm_projector.0 (linear_1), model.mm_projector.2 (linear_2)
+    image_newline  model.image_newline
+A full SigLIP checkpoint also has a text tower, logit_scale/bias and an attention-pooling head: LLaDA-V
+never uses them, so they are skipped. LLaDA-V deletes the tower's last encoder layer (it reads the
+penultimate layer's output), so that layer is skipped too. Everything else is strict: any missing,
+unexpected or mis-shaped key is reported, all of them in one error.
+
+Loading never holds two copies: the model is built on the meta device (no memory), then each tensor
+is read shard by shard and assigned in place of its meta parameter, converted to the target dtype and
+device on the way. On the CPU, with no dtype change, the tensor stays a copy-on-write view of the
+memory-mapped file, so peak memory is the checkpoint's size (see --selftest-memory).
+"""
+import json
+import os
+import re
+import sys
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
+from vision import VisionConfig, VisionTower
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+LAYOUTS = ("original", "llama")  # the two LLaDA namings
+LLADA_V_VISION = "model.vision_tower.vision_tower."
+
+# our block parameter -> (original name, LLaMA-style name)
+_BLOCK = {"attn_norm": ("attn_norm", "input_layernorm"), "q_proj": ("q_proj", "self_attn.q_proj"),
+          "k_proj": ("k_proj", "self_attn.k_proj"), "v_proj": ("v_proj", "self_attn.v_proj"),
+          "o_proj": ("attn_out", "self_attn.o_proj"), "mlp_norm": ("ff_norm", "post_attention_layernorm"),
+          "gate_proj": ("ff_proj", "mlp.gate_proj"), "up_proj": ("up_proj", "mlp.up_proj"),
+          "down_proj": ("ff_out", "mlp.down_proj")}
+_TOP = {"embed_tokens": ("model.transformer.wte", "model.embed_tokens"),
+        "norm": ("model.transformer.ln_f", "model.norm"),
+        "lm_head": ("model.transformer.ff_out", "lm_head")}
+# keys of a SigLIP checkpoint that LLaDA-V does not use (besides the deleted last encoder layer)
+_SIGLIP_UNUSED = re.compile(r"(text_model\.|logit_scale|logit_bias|vision_model\.head\.)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Key names
+
+def llada_key(name: str, layout: str) -> str:
+    """Our LLaDA parameter name (e.g. 'layers.3.gate_proj.weight') -> the official one."""
+    j = LAYOUTS.index(layout)
+    mod, _, leaf = name.rpartition(".")
+    if mod in _TOP:
+        return f"{_TOP[mod][j]}.{leaf}"
+    i, part = re.fullmatch(r"layers\.(\d+)\.(\w+)", mod).groups()
+    return f"{('model.transformer.blocks', 'model.layers')[j]}.{i}.{_BLOCK[part][j]}.{leaf}"
+
+
+def vision_key(name: str) -> str:
+    """Our VisionTower parameter name -> SigLIP's (HF SiglipVisionModel) name."""
+    if name.startswith(("patch_embedding.", "position_embedding.")):
+        return "vision_model.embeddings." + name
+    if name.startswith("layers."):
+        return "vision_model.encoder." + name
+    return "vision_model." + name  # post_layernorm
+
+
+def official_names(model: nn.Module, layout: str = "llama") -> dict:
+    """{our state-dict name: official key} for a LLaDA (either layout), a VisionTower or a LLaDAV."""
+    out = {}
+    for name in model.state_dict():
+        if isinstance(model, LLaDA):
+            out[name] = llada_key(name, layout)
+        elif isinstance(model, VisionTower):
+            out[name] = vision_key(name)
+        elif name.startswith("llm."):
+            out[name] = llada_key(name[4:], "llama")  # LLaDA-V always uses the LLaMA-style names
+        elif name.startswith("vision."):
+            out[name] = LLADA_V_VISION + vision_key(name[7:])
+        elif name.startswith("projector."):
+            out[name] = "model.mm_projector." + name[10:].replace("linear_1", "0").replace("linear_2", "2")
+        elif name == "image_newline":
+            out[name] = "model.image_newline"
+        else:
+            raise KeyError(f"no official name for parameter {name}")
+    return out
+
+
+def _skipped(key: str, n_vision_layers: int) -> bool:
+    """Keys the official models read but do not use: SigLIP's text tower and head, the last ViT layer."""
+    if not n_vision_layers:  # a language model skips nothing
+        return False
+    m = re.search(r"vision_model\.encoder\.layers\.(\d+)\.", key)
+    return bool(_SIGLIP_UNUSED.match(key)) or (m is not None and int(m[1]) == n_vision_layers - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json <-> our configs
+
+def _require(c, key, ok, what):
+    if key in c and c[key] not in ok:
+        raise ValueError(f"config.json has {key}={c[key]!r}, but this code implements only {what}")
+
+
+def llada_config_from_hf(c: dict) -> LLaDAConfig:
+    """Either LLaDA config.json: the original OLMo-style one (d_model, n_layers, ...) or the LLaMA-style one."""
+    _require(c, "rope_scaling", (None,), "RoPE without scaling")
+    for k in ("weight_tying", "tie_word_embeddings", "include_bias", "attention_bias", "mlp_bias"):
+        _require(c, k, (False,), f"{k}=false (untied head, no biases)")
+    _require(c, "activation_type", ("silu",), "SwiGLU with silu")
+    _require(c, "hidden_act", ("silu",), "SwiGLU with silu")
+    if "d_model" in c:  # original
+        heads = c["n_heads"]
+        _require(c, "n_kv_heads", (heads, None), "plain multi-head attention (n_kv_heads = n_heads)")
+        return LLaDAConfig(vocab_size=c.get("embedding_size") or c["vocab_size"], d_model=c["d_model"],
+                           n_layers=c["n_layers"], n_heads=heads, mlp_hidden=c["mlp_hidden_size"],
+                           rope_theta=c.get("rope_theta", 10000.0), norm_eps=c.get("rms_norm_eps", 1e-5),
+                           max_seq_len=c.get("max_sequence_length", 4096))
+    if "hidden_size" in c:  # LLaMA-style
+        heads = c["num_attention_heads"]
+        _require(c, "num_key_value_heads", (heads, None), "plain multi-head attention (num_key_value_heads = heads)")
+        return LLaDAConfig(vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
+                           n_heads=heads, mlp_hidden=c["intermediate_size"], rope_theta=c.get("rope_theta", 10000.0),
+                           norm_eps=c.get("rms_norm_eps", 1e-5), max_seq_len=c.get("max_position_embeddings", 4096))
+    raise ValueError("config.json is not a LLaDA config (no d_model or hidden_size); point at the model's directory")
+
+
+def llada_config_to_hf(cfg: LLaDAConfig, layout: str) -> dict:
+    ids = {"bos_token_id": 126080, "eos_token_id": 126081, "pad_token_id": 126081, "mask_token_id": 126336}
+    if layout == "original":
+        return {"architectures": ["LLaDAModelLM"], "model_type": "llada", "d_model": cfg.d_model,
+                "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_heads,
+                "mlp_hidden_size": cfg.mlp_hidden, "mlp_ratio": 4, "vocab_size": cfg.vocab_size,
+                "embedding_size": cfg.vocab_size, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps,
+                "max_sequence_length": cfg.max_seq_len, "weight_tying": False, "include_bias": False,
+                "activation_type": "silu", "layer_norm_type": "rms", "block_type": "llama", **ids}
+    return {"architectures": ["LLaDAModelLM"], "model_type": "llada", "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_heads, "intermediate_size": cfg.mlp_hidden, "vocab_size": cfg.vocab_size,
+            "rope_theta": cfg.rope_theta, "rope_scaling": None, "rms_norm_eps": cfg.norm_eps,
+            "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": False, "attention_bias": False,
+            "hidden_act": "silu", **ids}
+
+
+def vision_config_from_hf(c: dict) -> VisionConfig:
+    """A SigLIP config.json (full: {"vision_config": {...}}, or vision-only) -> VisionConfig."""
+    c = c.get("vision_config", c)
+    _require(c, "hidden_act", ("gelu_pytorch_tanh",), "SigLIP's gelu_pytorch_tanh")
+    d = VisionConfig()  # SigLIP's class defaults are the so400m/14-384 shapes, which HF configs omit
+    return VisionConfig(image_size=c.get("image_size", d.image_size), patch_size=c.get("patch_size", d.patch_size),
+                        d_model=c.get("hidden_size", d.d_model), n_layers=c.get("num_hidden_layers", d.n_layers),
+                        n_heads=c.get("num_attention_heads", d.n_heads),
+                        mlp_hidden=c.get("intermediate_size", d.mlp_hidden), ln_eps=c.get("layer_norm_eps", d.ln_eps))
+
+
+def vision_config_to_hf(cfg: VisionConfig) -> dict:
+    return {"hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
+            "layer_norm_eps": cfg.ln_eps, "hidden_act": "gelu_pytorch_tanh", "num_channels": 3}
+
+
+def is_llada_v(c: dict) -> bool:
+    return "mm_hidden_size" in c or "mm_vision_tower" in c
+
+
+def llada_v_config_from_hf(c: dict) -> LLaDAVConfig:
+    """LLaDA-V's config.json: the LLaMA-style LLaDA fields plus LLaVA's mm_* fields. The released config
+    names the SigLIP repo but not its shapes; without a vision_config the so400m defaults apply."""
+    _require(c, "mm_projector_type", ("mlp2x_gelu",), "the mlp2x_gelu projector")
+    vision = vision_config_from_hf(c["vision_config"]) if "vision_config" in c else VisionConfig()
+    if c.get("mm_hidden_size", vision.d_model) != vision.d_model:
+        raise ValueError(f"config.json: mm_hidden_size {c['mm_hidden_size']} != vision width {vision.d_model}")
+    return LLaDAVConfig(lm=llada_config_from_hf(c), vision=vision, tokenizer="llada",
+                        image_aspect_ratio=c.get("image_aspect_ratio", "square"),
+                        mm_patch_merge_type=c.get("mm_patch_merge_type", "flat"))
+
+
+def llada_v_config_to_hf(cfg: LLaDAVConfig) -> dict:
+    c = llada_config_to_hf(cfg.lm, "llama")
+    c.update(architectures=["LlavaLLaDAModelLM"], model_type="llava_llada", mm_hidden_size=cfg.vision.d_model,
+             mm_projector_type="mlp2x_gelu", mm_vision_tower="google/siglip2-so400m-patch14-384",
+             mm_vision_select_layer=-2, image_aspect_ratio=cfg.image_aspect_ratio,
+             mm_patch_merge_type=cfg.mm_patch_merge_type,
+             image_grid_pinpoints="(1x1),...,(6x6)", vision_config=vision_config_to_hf(cfg.vision))
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+def read_config(path) -> dict:
+    f = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{f} does not exist; pass a Hugging Face model directory (config.json + "
+                                f"*.safetensors), e.g. a download of GSAI-ML/LLaDA-V")
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def checkpoint_index(path) -> dict:
+    """{official key: safetensors file path} from the index, or from the one model.safetensors."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, INDEX)):
+        with open(os.path.join(path, INDEX)) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if absent:
+            raise FileNotFoundError(f"{path}: the index names shards that are not there: {absent}; download them")
+        return {k: os.path.join(path, f) for k, f in weight_map.items()}
+    single = os.path.join(path, SINGLE)
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    raise FileNotFoundError(f"{path} has neither {INDEX} nor {SINGLE}; download the repo's *.safetensors files")
+
+
+def load_weights(model: nn.Module, path, names: dict, n_vision_layers: int = 0, dtype=None, device="cpu"):
+    """Fill `model` (built on the meta device) from the safetensors files of `path`. names: {ours: official}.
+    Checks every key first (from the headers only) and raises one error listing every problem."""
+    index = checkpoint_index(path)
+    own = model.state_dict()
+    by_official = {off: ours for ours, off in names.items()}
+    shapes = {}
+    for file in sorted(set(index.values())):
+        with safe_open(file, framework="pt") as f:
+            for k in f.keys():
+                if index.get(k) == file:
+                    shapes[k] = tuple(f.get_slice(k).get_shape())
+    missing = sorted(k for k in by_official if k not in shapes)
+    unexpected = sorted(k for k in shapes if k not in by_official and not _skipped(k, n_vision_layers))
+    bad = [f"{k}: checkpoint {shapes[k]} vs model {tuple(own[by_official[k]].shape)}"
+           for k in sorted(shapes) if k in by_official and shapes[k] != tuple(own[by_official[k]].shape)]
+    if missing or unexpected or bad:
+        raise ValueError(f"{os.fspath(path)} does not match the model built from its config.json: "
+                         f"{len(missing)} missing {missing}, {len(unexpected)} unexpected {unexpected}, "
+                         f"{len(bad)} mis-shaped {bad}")
+    for file in sorted(set(index.values())):  # shard by shard
+        with safe_open(file, framework="pt") as f:
+            for k in f.keys():
+                if k in by_official and index[k] == file:
+                    t = f.get_tensor(k)  # a view of the memory-mapped file: nothing is read yet
+                    if t.is_floating_point() and dtype is not None:
+                        t = t.to(dtype)
+                    _assign(model, by_official[k], t.to(device))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"parameters/buffers not filled by the checkpoint: {left}")
+    return model
+
+
+def _assign(model, name, t):
+    """Put tensor t in place of parameter `name` (a meta tensor): no copy, no second allocation."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    old = mod._parameters[leaf]
+    mod._parameters[leaf] = nn.Parameter(t, requires_grad=old.requires_grad)
+
+
+def from_pretrained(path, dtype=None, device="cpu", vision_path=None):
+    """Load a Hugging Face directory as LLaDAV (LLaDA-V: config.json with mm_* fields), LLaDA (either
+    key layout) or VisionTower (a SigLIP checkpoint), chosen from config.json. dtype None keeps the
+    checkpoint's. With vision_path (a SigLIP dir), path is a LLaDA LM and the result is a LLaDAV whose
+    projector is freshly initialised: the start of LLaDA-V's stage-1 training."""
+    c = read_config(path)
+    if vision_path is not None:
+        lm = from_pretrained(path, dtype, device)
+        vt = from_pretrained(vision_path, dtype, device)
+        if not (isinstance(lm, LLaDA) and isinstance(vt, VisionTower)):
+            raise ValueError("from_pretrained(llm_dir, vision_path=siglip_dir) needs a LLaDA dir and a SigLIP dir")
+        with torch.device("meta"):
+            m = LLaDAV(LLaDAVConfig(lm=lm.cfg, vision=vt.cfg))
+        m.llm, m.vision = lm, vt
+        m.projector.to_empty(device=device)
+        for lin in (m.projector.linear_1, m.projector.linear_2):
+            lin.reset_parameters()
+        return m.to(lm.embed_tokens.weight.dtype)
+    if is_llada_v(c):
+        cfg = llada_v_config_from_hf(c)
+        with torch.device("meta"):
+            model = LLaDAV(cfg)
+        nv = cfg.vision.n_layers
+    elif "vision_config" in c or str(c.get("model_type", "")).startswith("siglip"):
+        cfg = vision_config_from_hf(c)
+        with torch.device("meta"):
+            model = VisionTower(cfg)
+        nv = cfg.n_layers
+    else:
+        cfg = llada_config_from_hf(c)
+        with torch.device("meta"):
+            model = LLaDA(cfg)
+        nv = 0
+    index = checkpoint_index(path)
+    layout = "original" if any(k.startswith("model.transformer.") for k in index) else "llama"
+    return load_weights(model, path, official_names(model, layout), nv, dtype, device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+def _atomic_write(path, write):
+    """write(tmp_path), fsync, then rename over path: a crash leaves the old file or the new one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_json(path, obj):
+    def w(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+    _atomic_write(path, w)
+
+
+def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_size: int = 5 * 10**9, dtype=None):
+    """Write `model` as a Hugging Face directory: config.json and safetensors (sharded with an index when
+    over max_shard_size bytes), in the official key names (`layout` picks LLaDA's naming; LLaDA-V is
+    always LLaMA-style). Files are written aside and renamed into place; stale shards are removed last."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: use one of {LAYOUTS}")
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    if isinstance(model, LLaDAV):
+        config = llada_v_config_to_hf(model.cfg)
+    elif isinstance(model, LLaDA):
+        config = llada_config_to_hf(model.cfg, layout)
+    elif isinstance(model, VisionTower):
+        config = {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
+                  **vision_config_to_hf(model.cfg)}
+    else:
+        raise TypeError(f"save_pretrained takes LLaDAV, LLaDA or VisionTower, not {type(model).__name__}")
+    state = model.state_dict()
+    names = official_names(model, layout)
+    tensors = {names[k]: (v if dtype is None or not v.is_floating_point() else v.to(dtype)) for k, v in state.items()}
+    shards, size = [[]], 0  # greedy, in module order (as HF does)
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    n = len(shards)
+    files = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for file, keys in zip(files, shards):
+        part = {k: tensors[k].detach().contiguous().cpu() for k in keys}
+        _atomic_write(os.path.join(path, file), lambda tmp: save_file(part, tmp, metadata={"format": "pt"}))
+        weight_map.update({k: file for k in keys})
+        del part
+    if n > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_json(os.path.join(path, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    elif os.path.exists(os.path.join(path, INDEX)):
+        os.remove(os.path.join(path, INDEX))
+    _write_json(os.path.join(path, "config.json"), config)
+    for f in os.listdir(path):  # shards of an earlier save that the new one does not use
+        if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", f) and f not in files:
+            os.remove(os.path.join(path, f))

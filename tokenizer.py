@@ -12,7 +12,10 @@ Special tokens come after the BPE ranks, in LLaDA's order (REFERENCE 1.2): BOS, 
 start/end header, end of turn. IMAGE_TOKEN_INDEX (-200) is not a token: it marks where the model
 splices in visual features (model.py).
 """
+import json
+import os
 import re
+import unicodedata
 from collections import Counter
 
 import regex
@@ -34,8 +37,9 @@ PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}
 class Tokenizer:
     """A tiktoken Encoding plus the ids the template and the sampler need."""
 
-    def __init__(self, enc: tiktoken.Encoding):
+    def __init__(self, enc: tiktoken.Encoding, nfc: bool = False):
         self.enc = enc
+        self.nfc = nfc  # apply Unicode NFC before encoding (the official tokenizer.json's normalizer)
         st = enc._special_tokens
         missing = [s for s in SPECIAL_TOKENS if s not in st]
         if missing:
@@ -48,20 +52,24 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         # Special-token strings in the text are turned into their ids (the template relies on it).
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
         return self.enc.encode(text, allowed_special="all")
 
     def decode(self, ids) -> str:
         return self.enc.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
-    def encode_with_image(self, text: str, n_image_tokens: int) -> list[int]:
-        """Encode `text`, turning each "<image>" into n_image_tokens IMAGE_TOKEN_INDEX placeholders.
+    def encode_with_image(self, text: str, n_image_tokens) -> list[int]:
+        """Encode `text`, turning each "<image>" into n_image_tokens IMAGE_TOKEN_INDEX placeholders (an int,
+        or a list with one count per "<image>" when images differ, as in anyres mode).
         (Official tokenizer_image_token inserts one -200 and expands it inside the model; expanding here
         keeps batching trivial and is equivalent.)"""
         chunks = text.split("<image>")
         ids = []
         for i, chunk in enumerate(chunks):
             if i > 0:
-                ids += [IMAGE_TOKEN_INDEX] * n_image_tokens
+                n = n_image_tokens if isinstance(n_image_tokens, int) else n_image_tokens[i - 1]
+                ids += [IMAGE_TOKEN_INDEX] * n
             ids += self.encode(chunk)
         return ids
 
@@ -99,11 +107,105 @@ def train_bpe(texts, max_merges=10_000):
     return ranks
 
 
+# ----------------------------------------------------------------------------------------------
+# The official tokenizer: Hugging Face tokenizer.json (byte-level BPE) -> tiktoken.Encoding
+
+# GPT-2's ByteLevel pre-tokenizer regex (used when the tokenizer.json has no Split regex of its own)
+GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def bytes_to_unicode() -> dict:
+    """GPT-2's byte -> printable character table: bytes that are printable keep their character, the other
+    68 are shifted to 256 + k, so every token can be stored as a visible string in vocab files."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _pre_tokenizer_regex(pt) -> str:
+    """The split regex of a tokenizer.json pre_tokenizer: ByteLevel(use_regex) = GPT-2's, or a Split(Regex)
+    followed by ByteLevel(use_regex=false) (LLaMA-3 / Ling style)."""
+    steps = pt.get("pretokenizers", [pt]) if pt else []
+    pats = []
+    for st in steps:
+        if st["type"] == "ByteLevel":
+            if st.get("add_prefix_space"):
+                raise ValueError("tokenizer.json: ByteLevel add_prefix_space=true is not supported by tiktoken")
+            if st.get("use_regex", True):
+                pats.append(GPT2_PAT_STR)
+        elif st["type"] == "Split" and "Regex" in st["pattern"] and st.get("behavior") == "Isolated":
+            pats.append(st["pattern"]["Regex"])
+        else:
+            raise ValueError(f"tokenizer.json: pre-tokenizer step {st['type']} ({st}) cannot be expressed in tiktoken")
+    if len(pats) != 1:
+        raise ValueError(f"tokenizer.json: expected exactly one split regex in the pre-tokenizer, found {len(pats)}")
+    return pats[0]
+
+
+def _needs_nfc(norm) -> bool:
+    steps = norm.get("normalizers", [norm]) if norm else []
+    if any(s["type"] != "NFC" for s in steps):
+        raise ValueError(f"tokenizer.json: normalizer {norm} is not supported (only NFC or none)")
+    return bool(steps)
+
+
+def encoding_from_tokenizer_json(path, name="llada") -> tuple[tiktoken.Encoding, bool]:
+    """Convert a Hugging Face byte-level BPE tokenizer.json into (tiktoken.Encoding, needs NFC).
+    ranks: each vocabulary piece mapped back through GPT-2's byte table to raw bytes, rank = its id;
+    pat_str: the pre-tokenizer's regex; special tokens: the added tokens with their ids.
+    tiktoken merges the adjacent pair of lowest rank, HF the pair earliest in the merges list: the two
+    agree when merge k creates a token whose id grows with k. That is checked; violations fail clearly."""
+    with open(path, encoding="utf-8") as f:
+        j = json.load(f)
+    model = j.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ValueError(f"{path}: not a byte-level BPE tokenizer.json (model type {model.get('type')!r})")
+    added = {t["content"]: t["id"] for t in j.get("added_tokens", [])}
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {}
+    for piece, i in model["vocab"].items():
+        if i in added.values():
+            continue
+        try:
+            ranks[bytes(byte_of[c] for c in piece)] = i
+        except KeyError:
+            raise ValueError(f"{path}: vocabulary piece {piece!r} (id {i}) is not over GPT-2's byte alphabet; "
+                             f"this is not a ByteLevel tokenizer") from None
+    absent = [b for b in range(256) if bytes([b]) not in ranks]
+    if absent:
+        raise ValueError(f"{path}: bytes {absent[:10]} have no single-byte token; tiktoken needs all 256")
+    last = -1
+    for k, m in enumerate(model.get("merges", [])):
+        a, b = m.split(" ") if isinstance(m, str) else m
+        ab = bytes(byte_of[c] for c in a + b)
+        r = ranks.get(ab)
+        if r is None or r <= last or r <= ranks[bytes(byte_of[c] for c in a)] or r <= ranks[bytes(byte_of[c] for c in b)]:
+            raise ValueError(f"{path}: merge {k} ({a!r} + {b!r}) gives id {r}, out of the order of the merges "
+                             f"list (previous merge's id {last}); tiktoken's rank-order BPE would encode differently")
+        last = r
+    enc = tiktoken.Encoding(name, pat_str=_pre_tokenizer_regex(j.get("pre_tokenizer")), mergeable_ranks=ranks,
+                            special_tokens=added)
+    return enc, _needs_nfc(j.get("normalizer"))
+
 
 def get_tokenizer(name: str) -> Tokenizer:
+    """"toy", or a path: a tokenizer.json or a model directory holding one (e.g. GSAI-ML/LLaDA-V)."""
     if name == "toy":
         from synthetic import toy_tokenizer  # learnt from the synthetic data's sentences
         return toy_tokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}: only 'toy' is built in (the official one is converted "
-                     f"from a tokenizer.json)")
+    path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown tokenizer {name!r}: pass 'toy', a tokenizer.json, or a model directory that "
+                         f"holds one (download tokenizer.json from GSAI-ML/LLaDA-V)")
+    tok = Tokenizer(*encoding_from_tokenizer_json(path))
+    if len(tok.enc._mergeable_ranks) == 126080 and tok.encode("assistant") != [598]:
+        # LLaDA-V hard-codes "assistant" = 598 (llava_arch.generate_conversation_ids): a cheap self-check
+        raise ValueError(f"{path}: 'assistant' encodes to {tok.encode('assistant')}, not LLaDA's [598]")
+    return tok
 

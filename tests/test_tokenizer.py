@@ -2,6 +2,7 @@
 (REFERENCE 1.2), and the BPE trainer agreeing with tiktoken's segmentation. CPU only, no downloads."""
 import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import json
 import re
 
 import pytest
@@ -128,3 +129,72 @@ def test_bpe_is_learnt_on_tiktoken_pretokens():
     merge is wasted on text tiktoken never runs BPE over: no learnt token contains '<|' or 'header'."""
     r = tokenizer.train_bpe(synthetic._toy_corpus())
     assert not [t for t in r if b"<|" in t or b"header" in t]
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer.json (Hugging Face byte-level BPE) -> tiktoken, checked against the `tokenizers` package
+
+MIXED_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. It's 2025; they'll say we've done it!",
+    "def forward(self, x):\n    return self.proj(x) + 1  # residual\n\n\tif a != b:\n\t\tpass\n",
+    "扩散模型通过逐步去噪生成文本。大型语言模型。日本語のテキストも少し。",
+    "Emoji: 👩‍💻 🦙🦙 🎉 ❤️ — and accents: café naïve Ελληνικά русский",
+    "numbers 1234567890 3.14159 2,718,281 0x1F 1e-5 and 000000",
+    "spaces    between     words\r\n\r\n   trailing   \n\n\n",
+    "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+] * 3
+MIXED_TESTS = MIXED_CORPUS[:7] + [
+    "An unseen sentence with Zürich, 東京, 🚀🚀 and 98765 digits.\n\n    indented code()",
+    "<|mdm_mask|><|mdm_mask|> masks <|endoftext|>",
+    "cafe\u0301 (decomposed é) and Å",       # NFC changes these: the converter must normalise too
+    "", " ", "\n", "\t\t  \n x", "a" * 50 + "1" * 30,
+]
+EXTRA_SPECIALS = ["[CLS]", "[gMASK]", "<role>", "</role>"]
+
+
+def build_tokenizer_json(path, split_regex: bool):
+    """Train a small byte-level BPE with the `tokenizers` package and save it as tokenizer.json."""
+    tk = pytest.importorskip("tokenizers", reason="test needs the `tokenizers` package: pip install tokenizers")
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    t = tk.Tokenizer(models.BPE())
+    t.normalizer = normalizers.NFC()
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not split_regex)
+    t.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(tokenizer.PAT_STR), "isolated"), byte_level])
+                       if split_regex else byte_level)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    t.train_from_iterator([c.replace("<|", "< |") for c in MIXED_CORPUS], trainer)  # specials are not BPE material
+    t.add_special_tokens(SPECIAL_TOKENS[:2] + EXTRA_SPECIALS + SPECIAL_TOKENS[2:])
+    t.save(str(path))
+    return t
+
+
+@pytest.mark.parametrize("split_regex", [True, False], ids=["split-regex", "gpt2-bytelevel"])
+def test_tokenizer_json_matches_hf_tokenizers(tmp_path, split_regex):
+    """The converted tiktoken Encoding gives exactly the ids of the `tokenizers` reference implementation
+    on English, code, CJK, emoji, digit runs, whitespace runs and special tokens, and decodes back."""
+    ref = build_tokenizer_json(tmp_path / "tokenizer.json", split_regex)
+    tok = tokenizer.get_tokenizer(str(tmp_path))  # a directory holding tokenizer.json
+    assert tok.nfc and len(tok.enc._mergeable_ranks) == ref.get_vocab_size() - 10
+    assert tok.encode("<|mdm_mask|>") == [ref.token_to_id("<|mdm_mask|>")] and tok.mask_id == ref.token_to_id("<|mdm_mask|>")
+    for text in MIXED_TESTS:
+        want = ref.encode(text).ids
+        assert tok.encode(text) == want, text
+        assert tok.decode(want) == ref.decode(want, skip_special_tokens=False)
+    # NFC matters: without it the decomposed text encodes differently
+    raw = tokenizer.Tokenizer(tok.enc, nfc=False)
+    assert raw.encode(MIXED_TESTS[9]) != ref.encode(MIXED_TESTS[9]).ids
+
+
+def test_tokenizer_json_rank_order_violation_fails(tmp_path):
+    build_tokenizer_json(tmp_path / "tokenizer.json", True)
+    j = json.load(open(tmp_path / "tokenizer.json", encoding="utf-8"))
+    vocab, merges = j["model"]["vocab"], j["model"]["merges"]
+    first, second = ("".join(m.split(" ")) if isinstance(m, str) else "".join(m) for m in merges[:2])
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # ids no longer follow the merge order
+    json.dump(j, open(tmp_path / "bad.json", "w", encoding="utf-8"))
+    with pytest.raises(ValueError, match="merge 1 .*out of the order"):
+        tokenizer.get_tokenizer(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        tokenizer.get_tokenizer(str(tmp_path / "missing"))

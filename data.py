@@ -42,6 +42,36 @@ def chat_prompt(question: str, system: str | None = SYSTEM_PROMPT, image: bool =
             + "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+# LLaDA-V's reasoning switch (REFERENCE 3.3): appended to the user's text at eval and in the stage-3 data
+THINK_SUFFIX = {None: "", "think": " /think", "no_think": " /no_think"}
+
+
+def chat_template(messages) -> str:
+    """The tokenizer chat_template of LLaDA-8B-Instruct (and LLaDA-V), REFERENCE 3.1: messages
+    [{"role", "content"}] -> BOS once, then <|start_header_id|>role<|end_header_id|>\n\n content.strip()
+    <|eot_id|> per message, and always the assistant header at the end."""
+    out = "<|startoftext|>"
+    for m in messages:
+        out += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+    return out + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def llada_v_messages(question: str, system: str | None = SYSTEM_PROMPT, n_images: int = 1, think=None,
+                     history=()) -> list:
+    """The messages LLaDA-V's demo and eval build: the system prompt, the images first in the first user
+    turn ("<image>\n" each), earlier turns `history` [(question, answer)], and the optional " /think" or
+    " /no_think" suffix on every user turn. Render with chat_template()."""
+    if think not in THINK_SUFFIX:
+        raise ValueError(f"think={think!r}: use None, 'think' or 'no_think'")
+    msgs = [{"role": "system", "content": system}] if system else []
+    turns = list(history) + [(question, None)]
+    for i, (q, a) in enumerate(turns):
+        msgs.append({"role": "user", "content": ("<image>\n" * n_images if i == 0 else "") + q.strip() + THINK_SUFFIX[think]})
+        if a is not None:
+            msgs.append({"role": "assistant", "content": a})
+    return msgs
+
+
 def default_system(tokenizer_name: str) -> str | None:
     """The toy data is trained without a system turn (shorter sequences); the real model uses LLaDA-V's."""
     return None if tokenizer_name == "toy" else SYSTEM_PROMPT

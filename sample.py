@@ -10,18 +10,25 @@ Usage:
     python sample.py                                   # out/ckpt.pt, a fresh synthetic image
     python sample.py --image=cat.png --question="What color is the circle?"
     python sample.py --show-steps                      # print the canvas after every step
+The official model (a Hugging Face directory, e.g. GSAI-ML/LLaDA-V; see README "Run the official model"):
+    python sample.py --checkpoint=LLaDA-V --image=cat.jpg --question="What is in the picture?"
+    python sample.py --checkpoint=LLaDA-V --image=cat.jpg --chat        # multi-turn, questions from stdin
+    extra flags: --dtype=bf16|fp16|fp32 (default: bf16 on CUDA, the checkpoint's dtype on CPU),
+                 --think=think|no_think, --stop="<|eot_id|>" (comma-separated), --tokenizer=<path>
 This file also holds `answer()` and `evaluate()` (held-out accuracy per question kind), which
 train.py uses for its reports.
 """
+import os
 import sys
 import time
 from collections import defaultdict
 
 import torch
 
-from data import answer_text, default_system, prompt_batch
-from diffusion import generate
-from model import load_checkpoint
+from anyres import process_image
+from data import SYSTEM_PROMPT, answer_text, chat_template, default_system, llada_v_messages, prompt_batch
+from diffusion import generate, generate_llada_v
+from model import LLaDAV, load_checkpoint
 from synthetic import DEMO_OFFSET, KINDS, draw, make_sample, score
 from tokenizer import get_tokenizer
 from vision import load_image, preprocess
@@ -86,10 +93,85 @@ def format_eval(res) -> str:
             f"describe per-object {100 * res['describe_objects']:.1f}%")
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@torch.no_grad()
+def answer_pretrained(model, tok, image, question, history=(), think=None, gen_length=128, steps=128,
+                      block_length=128, temperature=0.0, cfg_scale=0.0, remasking="low_confidence",
+                      stop=("<|eot_id|>",), callback=None):
+    """One turn with an official model: LLaDAV (image optional) or a text-only LLaDA. LLaDA-V's template
+    (system prompt for LLaDA-V, image first, think suffix), its image mode, and its sampler."""
+    device = next(model.parameters()).device
+    is_v = isinstance(model, LLaDAV)
+    kw, n_img = {}, []
+    if image is not None:
+        if not is_v:
+            raise ValueError("this checkpoint is a text-only LLaDA; drop --image or use GSAI-ML/LLaDA-V")
+        crops, size = process_image(image, model.cfg.image_aspect_ratio, model.cfg.vision.image_size)
+        kw["image_features"] = model.encode_image_crops(crops.to(device), size)  # (N, d), once
+        n_img = [kw["image_features"].shape[0]]
+    msgs = llada_v_messages(question, SYSTEM_PROMPT if is_v else None, len(n_img), think, history)
+    ids = torch.tensor([tok.encode_with_image(chat_template(msgs), n_img)], device=device)
+    cfg = model.cfg.lm if is_v else model.cfg
+    if ids.shape[1] + gen_length > cfg.max_seq_len:
+        raise ValueError(f"prompt ({ids.shape[1]} tokens) + gen_length ({gen_length}) exceeds the context "
+                         f"{cfg.max_seq_len}; shorten the conversation or lower --gen_length")
+    fn = model if is_v else (lambda x: model(model.embed_tokens(x)))
+    out = generate_llada_v(fn, ids, steps=steps, gen_length=gen_length, block_length=block_length,
+                           temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, mask_id=tok.mask_id,
+                           banned_ids=(tok.eos_id, tok.bos_id, tok.start_header_id, tok.end_header_id),
+                           stop_sequences=[tok.encode(s) for s in stop], callback=callback, **kw)
+    return tok.decode(out).strip()
+
+
+def main_pretrained(args, device):
+    """sample.py --checkpoint=<Hugging Face dir>: the official LLaDA-V (or LLaDA) weights."""
+    from pretrained import from_pretrained
+    from tokenizer import get_tokenizer as load_tokenizer
+    name = args["dtype"] if args["dtype"] != "auto" else "bf16" if device.type == "cuda" else None
+    if name is not None and name not in DTYPES:
+        sys.exit(f"--dtype={name}: use one of {', '.join(DTYPES)}")
+    t0 = time.time()
+    try:
+        model = from_pretrained(args["checkpoint"], dtype=DTYPES.get(name), device=device)
+        tok = load_tokenizer(args["tokenizer"] or args["checkpoint"])
+        img = load_image(args["image"]) if args["image"] else None
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(str(e))
+    print(f"loaded {args['checkpoint']} ({type(model).__name__}, {next(model.parameters()).dtype}) on {device} "
+          f"in {time.time() - t0:.1f}s")
+    G = int(args["gen_length"] or 128)
+    gen = dict(gen_length=G, steps=int(args["steps"] or G), block_length=int(args["block_length"] or G),
+               temperature=float(args["temperature"]), cfg_scale=float(args["cfg_scale"]),
+               remasking=args["remasking"], think=args["think"], stop=tuple(args["stop"].split(",")))
+    torch.manual_seed(int(args["seed"]))
+    history, question = [], args["question"] or (None if args["chat"] else "Describe the image.")
+    while True:
+        if question is None:  # --chat: read the next question
+            try:
+                question = input("you> ").strip()
+            except EOFError:
+                return
+            if question in ("", "exit", "quit"):
+                return
+        t0 = time.time()
+        try:
+            text = answer_pretrained(model, tok, img, question, history, **gen)  # image stays in turn 1
+        except ValueError as e:
+            sys.exit(str(e))
+        print(f"question: {question}\nanswer:   {text}\n({gen['steps']} steps, gen_length {G}, {time.time() - t0:.2f}s)")
+        if not args["chat"]:
+            return
+        history.append((question, text))
+        question = None
+
+
 def main(argv):
     args = {"checkpoint": "out/ckpt.pt", "image": None, "question": None, "seed": 0, "device": "auto",
             "gen_length": None, "steps": None, "block_length": None, "temperature": 0.0, "cfg_scale": 0.0,
-            "remasking": "low_confidence", "show_steps": False}
+            "remasking": "low_confidence", "show_steps": False,
+            "dtype": "auto", "chat": False, "think": None, "stop": "<|eot_id|>", "tokenizer": None}
     for a in argv:
         if a in ("-h", "--help"):
             print(__doc__ + "\noptions (--key=value): " + ", ".join(f"--{k.replace('_', '-')}" for k in args))
@@ -98,9 +180,11 @@ def main(argv):
         key = key.replace("-", "_")
         if not a.startswith("--") or key not in args:
             sys.exit(f"unknown argument {a!r}; options are " + ", ".join(f"--{k}" for k in args))
-        args[key] = True if (key == "show_steps" and val == "") else val
+        args[key] = True if (key in ("show_steps", "chat") and val == "") else val
     device = torch.device(args["device"] if args["device"] != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
+    if os.path.isdir(args["checkpoint"]):  # a Hugging Face directory: the official weights
+        return main_pretrained(args, device)
     try:
         model, ckpt = load_checkpoint(args["checkpoint"], device)
     except (FileNotFoundError, ValueError) as e:

@@ -110,3 +110,24 @@ def test_answer_text_stops_at_eot_or_eos():
     ids = TOK.encode(" red circle") + [TOK.eot_id] + TOK.encode("junk") + [TOK.eos_id]
     assert data.answer_text(TOK, ids) == "red circle"
     assert data.answer_text(TOK, TOK.encode("two") + [TOK.eos_id, TOK.eot_id] + TOK.encode("x")) == "two"
+
+
+def test_chat_template_llada_instruct_and_llada_v():
+    """LLaDA-8B-Instruct's template (REFERENCE 3.1): BOS once, trimmed contents, assistant header always at
+    the end; LLaDA-V's messages: system prompt, <image> first in the first user turn, think suffixes."""
+    assert data.chat_template([{"role": "user", "content": " What is 2+2? "}]) == (
+        "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    one = data.chat_template(data.llada_v_messages("What is it?"))
+    assert one == data.chat_prompt("What is it?")  # the toy's single-turn prompt is the same template
+    multi = data.chat_template(data.llada_v_messages("And now?", think="think", history=[("Hi", "Hello!")]))
+    assert multi == ("<|startoftext|><|start_header_id|>system<|end_header_id|>\n\n" + data.SYSTEM_PROMPT + "<|eot_id|>"
+                     "<|start_header_id|>user<|end_header_id|>\n\n<image>\nHi /think<|eot_id|>"
+                     "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+                     "<|start_header_id|>user<|end_header_id|>\n\nAnd now? /think<|eot_id|>"
+                     "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert data.chat_template(data.llada_v_messages("Q", None, 0, "no_think")).endswith(
+        "user<|end_header_id|>\n\nQ /no_think<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert multi.count("<|startoftext|>") == 1
+    with pytest.raises(ValueError, match="think"):
+        data.llada_v_messages("Q", think="yes")

@@ -399,3 +399,49 @@ def test_generate_with_image_features():
         assert not all(answers)
         # CFG with an image: the unconditional half has no placeholders, so it runs without the image
         assert not (generate(m, p, image_features=f1, cfg_scale=1.0, **kw) == MASK).any()
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaDA-V's sampler (REFERENCE 5.2)
+
+from diffusion import find_stop, generate_llada_v
+
+
+def test_generate_llada_v_without_its_extras_is_generate():
+    """No banned ids, no stop: the same answer as the official LLaDA sampler at temperature 0 (semi-AR too)."""
+    m, p = tiny_lm(), prompt()
+    for bl in (8, 4):
+        ref = generate(m, p, steps=8, gen_length=8, block_length=bl, **GEN)[0, 5:].tolist()
+        out = generate_llada_v(m, p, steps=8, gen_length=8, block_length=bl, mask_id=MASK, banned_ids=(),
+                               stop_sequences=())
+        assert out == ref
+
+
+def test_generate_llada_v_bans_eos_and_cuts_at_the_stop():
+    """EOS is the model's favourite everywhere but banned; the canvas is filled left to right
+    ("a b c EOT ..."): after the EOT is revealed generation ends (4 model calls, not 8), the answer is cut
+    before it, later blocks are skipped, and the suffix is visible to the model, never overwritten."""
+    G, target = 8, [3, 4, 5, EOT, 6, 7, 8, 9]
+    rows = torch.zeros(G, V)
+    for j, t in enumerate(target):
+        rows[j, t] = 10.0 - j   # earlier positions more confident -> left-to-right reveal
+        rows[j, EOS] = 50.0     # banned
+    seen = []
+
+    def model(x):
+        seen.append(x.clone())
+        out = torch.zeros(1, x.shape[1], V)
+        out[:, 5:5 + G] = rows
+        return out
+    out = generate_llada_v(model, prompt(), steps=8, gen_length=G, block_length=4, mask_id=MASK,
+                           banned_ids=(EOS,), stop_sequences=[[EOT]], suffix=[11, 12])
+    assert out == [3, 4, 5]
+    assert len(seen) == 4 and all(s[0, -2:].tolist() == [11, 12] for s in seen)
+    assert (seen[-1][0, 5 + 4:5 + G] == MASK).all()  # the block after the stop was never run
+    # a two-token stop string that appears later: no early end before it is complete
+    assert find_stop([1, 2, 3, 2, 3], [[2, 3], [9]]) == 1 and find_stop([1, MASK, 3], [[1, 3]]) is None
+
+
+def test_generate_llada_v_batch_of_one_only():
+    with pytest.raises(ValueError, match="batch 1"):
+        generate_llada_v(tiny_lm(), prompt(B=2), steps=4, gen_length=4, block_length=4, mask_id=MASK)

@@ -219,3 +219,38 @@ def test_bad_directories_get_clear_errors(tmp_path):
         json.dump(dict(LM_LLAMA, num_key_value_heads=1), f)
     with pytest.raises(ValueError, match="num_key_value_heads"):
         pretrained.from_pretrained(d)
+
+
+def test_sample_cli_runs_a_hugging_face_directory(tmp_path, capsys, monkeypatch):
+    """sample.py --checkpoint=<HF dir>: a tiny LLaDA-V (real 384-pixel anyres geometry, toy tokenizer)
+    answers one question, then a two-turn --chat whose second prompt carries the first answer."""
+    import sample
+    from model import LLaDAConfig, LLaDAVConfig
+    from vision import VisionConfig
+    from PIL import Image
+    torch.manual_seed(0)
+    cfg = LLaDAVConfig(lm=LLaDAConfig(vocab_size=512, d_model=16, n_layers=1, n_heads=2, mlp_hidden=32),
+                       vision=VisionConfig(d_model=8, n_layers=2, n_heads=2, mlp_hidden=16), tokenizer="toy",
+                       image_aspect_ratio="anyres_max_4", mm_patch_merge_type="spatial_unpad")
+    m = LLaDAV(cfg)
+    m.init_weights()
+    pretrained.save_pretrained(m, tmp_path / "v")
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "red.png")
+    common = [f"--checkpoint={tmp_path / 'v'}", "--tokenizer=toy", f"--image={tmp_path / 'red.png'}",
+              "--gen_length=8", "--steps=4", "--block_length=4", "--dtype=fp32"]
+    sample.main(common + ["--question=What color is it?", "--think=no_think"])
+    out = capsys.readouterr().out
+    assert "LLaDAV" in out and "question: What color is it?" in out and "answer:" in out
+    prompts = []
+    real = sample.generate_llada_v
+    monkeypatch.setattr(sample, "generate_llada_v", lambda fn, ids, **kw: prompts.append(ids) or real(fn, ids, **kw))
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("first?\nsecond?\n"))
+    sample.main(common + ["--chat"])
+    out = capsys.readouterr().out
+    assert out.count("answer:") == 2 and len(prompts) == 2
+    # a 64x48 image on a 1x1 grid: int(48 * 27/64) = 20 image rows, unpad keeps 27 - 2 * 3 = 21 of the 27
+    n_img = 729 + 21 * 28  # visual tokens, in the first user turn only
+    assert all(int((p == -200).sum()) == n_img for p in prompts)
+    assert prompts[1].shape[1] > prompts[0].shape[1] and torch.equal(prompts[1][0, :n_img], prompts[0][0, :n_img])
+    with pytest.raises(SystemExit, match="dtype"):
+        sample.main(common + ["--dtype=int3"])

@@ -329,6 +329,9 @@ def _atomic_write(path, write):
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (safetensors creates files 0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -363,7 +366,12 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
         raise TypeError(f"save_pretrained takes LLaDAV, LLaDA or VisionTower, not {type(model).__name__}")
     state = model.state_dict()
     names = official_names(model, layout)
-    tensors = {names[k]: (v if dtype is None or not v.is_floating_point() else v.to(dtype)) for k, v in state.items()}
+    order = list(state)
+    if isinstance(model, LLaDAV):  # LlavaLLaDAModelLM's module order: LM body, tower, projector, newline, head
+        rank = lambda k: (k == "llm.lm_head.weight", not k.startswith("llm."), k == "image_newline")
+        order.sort(key=rank)  # stable: module order kept within each group
+    tensors = {names[k]: (state[k] if dtype is None or not state[k].is_floating_point() else state[k].to(dtype))
+               for k in order}
     shards, size = [[]], 0  # greedy, in module order (as HF does)
     for k, v in tensors.items():
         nbytes = v.numel() * v.element_size()
@@ -382,10 +390,84 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
         del part
     if n > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(os.path.join(path, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(os.path.join(path, INDEX), {"metadata": {"total_size": total},
+                                                "weight_map": dict(sorted(weight_map.items()))})
     elif os.path.exists(os.path.join(path, INDEX)):
         os.remove(os.path.join(path, INDEX))
     _write_json(os.path.join(path, "config.json"), config)
     for f in os.listdir(path):  # shards of an earlier save that the new one does not use
         if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", f) and f not in files:
             os.remove(os.path.join(path, f))
+
+
+# ----------------------------------------------------------------------------------------------
+# python pretrained.py --selftest-memory: the 8B shapes at reduced depth, peak memory of a fresh load
+
+def _memory_report(path):
+    """In a fresh process: load `path`, touch every weight, run a forward, print peak RSS vs checkpoint size."""
+    import resource
+    import time
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    n_files = sum(f.endswith(".safetensors") for f in os.listdir(path))
+    t0 = time.time()
+    m = from_pretrained(path)
+    t_load = time.time() - t0
+    with torch.no_grad():
+        for p in m.parameters():  # read every byte, in small pieces (no full-size temporaries)
+            for piece in p.view(-1).split(1 << 20):
+                piece.float().sum()
+        ids = torch.tensor([[126080, 598, 126081, 126346, 126347, 126348, 100, 200]])
+        logits = m(ids)
+        feats = m.encode_images(torch.zeros(1, 3, m.cfg.vision.image_size, m.cfg.vision.image_size))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/status") as fh:  # VmHWM: the same peak, kept by the kernel per address space
+        hwm = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM")), 0)
+    n = sum(p.numel() for p in m.parameters())
+    print(f"checkpoint: {path}, {n_files} safetensors shards, {size / 1e9:.3f} GB, {n:,} parameters "
+          f"({next(m.parameters()).dtype})")
+    print(f"load time {t_load:.1f}s; forward ok: logits {tuple(logits.shape)}, vision features {tuple(feats.shape)}")
+    print(f"peak RSS {peak / 1e9:.3f} GB = {peak / size:.3f} x checkpoint size "
+          f"(python + torch before loading: {base / 1e9:.3f} GB; VmHWM {hwm / 1e9:.3f} GB)")
+    return peak / size
+
+
+def _write_reduced_8b(path, shard_bytes):
+    """llada_v_8b at 2 language layers and 2 vision layers, full width and vocabulary, random bf16 weights."""
+    from model import get_config
+    cfg = get_config("llada_v_8b")
+    cfg.lm.n_layers, cfg.vision.n_layers = 2, 3  # the tower runs n_layers - 1 = 2 layers
+    cfg.image_aspect_ratio, cfg.mm_patch_merge_type = "anyres_max_4", "spatial_unpad"
+    with torch.device("meta"):
+        m = LLaDAV(cfg).to(torch.bfloat16)
+    m.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02, generator=g)
+    save_pretrained(m, path, max_shard_size=shard_bytes)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "--memory-report":
+        _memory_report(sys.argv[2])
+    elif len(sys.argv) >= 2 and sys.argv[1] == "--selftest-memory":
+        import shutil
+        import subprocess
+        out = sys.argv[2] if len(sys.argv) > 2 else "/tmp/llada_v_8b_2layers"
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
+        if free < 8e9:
+            sys.exit(f"{free / 1e9:.1f} GB free beside {out}: the checkpoint needs ~3.1 GB (and the writer ~3 GB RAM); "
+                     f"pass another directory: python pretrained.py --selftest-memory <dir>")
+        print(f"writing llada_v_8b at 2+2 layers to {out} (1 GB shards) ...", flush=True)
+        # writer and loader each in their own process, started from this small one: Linux carries a
+        # process's peak RSS over fork and exec, so the loader must not descend from the 3 GB writer
+        me = [sys.executable, os.path.abspath(__file__)]
+        if subprocess.run(me + ["--write-reduced-8b", out]).returncode == 0:
+            sys.exit(subprocess.run(me + ["--memory-report", out]).returncode)
+        sys.exit(1)
+    elif len(sys.argv) >= 2 and sys.argv[1] == "--write-reduced-8b":
+        _write_reduced_8b(sys.argv[2], shard_bytes=10**9)
+    else:
+        sys.exit("usage: python pretrained.py --selftest-memory [dir]   (writes ~3.1 GB, loads it in a fresh "
+                 "process, prints peak RSS vs checkpoint size)")

@@ -254,3 +254,18 @@ def test_sample_cli_runs_a_hugging_face_directory(tmp_path, capsys, monkeypatch)
     assert prompts[1].shape[1] > prompts[0].shape[1] and torch.equal(prompts[1][0, :n_img], prompts[0][0, :n_img])
     with pytest.raises(SystemExit, match="dtype"):
         sample.main(common + ["--dtype=int3"])
+
+
+def test_llada_plus_siglip_make_a_llada_v(tmp_path):
+    """LLaDA-8B-Instruct + SigLIP2 directories -> a LLaDAV (stage-1 start: fresh projector, square images)."""
+    lm_t, vis_t = rand_tensors(expand(ORIGINAL, SHAPES)), siglip_tensors()
+    write_dir(tmp_path / "lm", LM_ORIG, lm_t)
+    write_dir(tmp_path / "sig", {"model_type": "siglip", "vision_config": VCFG}, vis_t)
+    m = pretrained.from_pretrained(tmp_path / "lm", vision_path=tmp_path / "sig", dtype=torch.bfloat16)
+    assert isinstance(m, LLaDAV) and m.cfg.image_aspect_ratio == "square" and not hasattr(m, "image_newline")
+    assert torch.equal(m.llm.lm_head.weight, lm_t["model.transformer.ff_out.weight"].bfloat16())
+    assert torch.equal(m.vision.patch_embedding.bias, vis_t["vision_model.embeddings.patch_embedding.bias"].bfloat16())
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16} and not any(p.is_meta for p in m.parameters())
+    with torch.no_grad():
+        logits = m(torch.tensor([[1, 2] + [-200] * 4 + [3]]), pixels=torch.zeros(1, 3, VS, VS))
+    assert logits.shape == (1, 7, V) and torch.isfinite(logits.float()).all()

@@ -246,17 +246,20 @@ def generate_llada_v(model, prompt, steps=128, gen_length=128, block_length=128,
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
             else:
                 logits = model(x, **model_kwargs)  # (1, L, V)
-            logits[:, :, list(banned_ids)] = -torch.inf  # only masked positions are read below
+            # only canvas positions are ever revealed: keep their logits (a float64 softmax over a
+            # 3,000-token anyres prompt x 126,464 ids would take 3 GB)
+            logits = logits[:, P:P + gen_length]  # (1, G, V)
+            logits[:, :, list(banned_ids)] = -torch.inf
             x0 = torch.argmax(add_gumbel_noise(logits, temperature), dim=-1)
             if remasking == "low_confidence":
                 p = F.softmax(logits.to(torch.float64), dim=-1)
                 x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
             else:
                 x0_p = torch.rand(x0.shape, device=x0.device, dtype=torch.float64)
-            confidence = torch.where(allowed, x0_p, -torch.inf)
+            confidence = torch.where(allowed[:, P:P + gen_length], x0_p, -torch.inf)  # (1, G)
             k = min(int(num_transfer_tokens[0, i]), int(allowed.sum()))
             select = torch.topk(confidence[0], k).indices
-            x[0, select] = x0[0, select]
+            x[0, P + select] = x0[0, select]
             s = find_stop(x[0, P:P + gen_length].tolist(), stop_sequences)
             if s is not None:
                 stop = s if stop is None else min(stop, s)

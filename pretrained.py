@@ -46,6 +46,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from anyres import MODES, grid_pinpoints
 from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
 from vision import VisionConfig, VisionTower
 
@@ -191,7 +192,16 @@ def llada_v_config_from_hf(c: dict) -> LLaDAVConfig:
     """LLaDA-V's config.json: the LLaMA-style LLaDA fields plus LLaVA's mm_* fields. The released config
     names the SigLIP repo but not its shapes; without a vision_config the so400m defaults apply."""
     _require(c, "mm_projector_type", ("mlp2x_gelu",), "the mlp2x_gelu projector")
+    _require(c, "image_aspect_ratio", MODES, f"the image modes {MODES}")
     vision = vision_config_from_hf(c["vision_config"]) if "vision_config" in c else VisionConfig()
+    pins = c.get("image_grid_pinpoints")
+    if isinstance(pins, str):  # the training scripts' "(1x1),...,(6x6)", stored as given
+        pins = [(int(a) * vision.image_size, int(b) * vision.image_size) for a, b in re.findall(r"\((\d+)x(\d+)\)", pins)]
+        pins = pins if len(pins) != 2 else grid_pinpoints(vision.image_size, pins[0][0] // vision.image_size,
+                                                           pins[1][0] // vision.image_size)
+    if pins is not None and [tuple(p) for p in pins] != grid_pinpoints(vision.image_size):
+        raise ValueError(f"config.json: image_grid_pinpoints {c['image_grid_pinpoints']} differ from LLaDA-V's "
+                         f"(1x1)..(6x6) grid, the only one anyres.py implements")
     if c.get("mm_hidden_size", vision.d_model) != vision.d_model:
         raise ValueError(f"config.json: mm_hidden_size {c['mm_hidden_size']} != vision width {vision.d_model}")
     return LLaDAVConfig(lm=llada_config_from_hf(c), vision=vision, tokenizer="llada",
@@ -264,9 +274,11 @@ def load_weights(model: nn.Module, path, names: dict, n_vision_layers: int = 0, 
             for k in f.keys():
                 if k in by_official and index[k] == file:
                     t = f.get_tensor(k)  # a view of the memory-mapped file: nothing is read yet
+                    # to the device first, then convert there (a GPU converts faster; no CPU-side copy)
+                    t = t.to(device)
                     if t.is_floating_point() and dtype is not None:
                         t = t.to(dtype)
-                    _assign(model, by_official[k], t.to(device))
+                    _assign(model, by_official[k], t)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"parameters/buffers not filled by the checkpoint: {left}")

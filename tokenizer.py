@@ -167,10 +167,11 @@ def encoding_from_tokenizer_json(path, name="llada") -> tuple[tiktoken.Encoding,
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ValueError(f"{path}: not a byte-level BPE tokenizer.json (model type {model.get('type')!r})")
     added = {t["content"]: t["id"] for t in j.get("added_tokens", [])}
+    added_ids = set(added.values())
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     ranks = {}
     for piece, i in model["vocab"].items():
-        if i in added.values():
+        if i in added_ids:  # some files list the added tokens in the vocabulary too
             continue
         try:
             ranks[bytes(byte_of[c] for c in piece)] = i

@@ -219,6 +219,13 @@ def test_bad_directories_get_clear_errors(tmp_path):
         json.dump(dict(LM_LLAMA, num_key_value_heads=1), f)
     with pytest.raises(ValueError, match="num_key_value_heads"):
         pretrained.from_pretrained(d)
+    # LLaDA-V image settings: the saved list form of the (1x1)..(6x6) grid is read; anything else is refused
+    grid = [[i * VS, j * VS] for i in range(1, 7) for j in range(1, 7)]  # in units of the tower's image size
+    assert pretrained.llada_v_config_from_hf(dict(LLADA_V_CFG, image_grid_pinpoints=grid)).image_aspect_ratio == "anyres_max_4"
+    for bad in ({"image_grid_pinpoints": grid[:-1]}, {"image_grid_pinpoints": "(1x1),...,(3x3)"},
+                {"image_aspect_ratio": "anyres_max_9"}):
+        with pytest.raises(ValueError, match="image_"):
+            pretrained.llada_v_config_from_hf(dict(LLADA_V_CFG, **bad))
 
 
 def test_sample_cli_runs_a_hugging_face_directory(tmp_path, capsys, monkeypatch):

@@ -415,11 +415,19 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
 # ----------------------------------------------------------------------------------------------
 # python pretrained.py --selftest-memory: the 8B shapes at reduced depth, peak memory of a fresh load
 
+def _proc_status(field):
+    with open("/proc/self/status") as fh:  # Linux; values in kB
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
+
+
 def _memory_report(path):
     """In a fresh process: load `path`, touch every weight, run a forward, print peak RSS vs checkpoint size."""
     import resource
     import time
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    start = _proc_status("VmHWM")  # python + torch imported
+    with torch.device("meta"):  # torch initialises its meta-device machinery once (~80 MB, ~2 s): not the loader's
+        LLaDA(LLaDAConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=2, mlp_hidden=8))
+    base = _proc_status("VmHWM")
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
     n_files = sum(f.endswith(".safetensors") for f in os.listdir(path))
     t0 = time.time()
@@ -429,19 +437,22 @@ def _memory_report(path):
         for p in m.parameters():  # read every byte, in small pieces (no full-size temporaries)
             for piece in p.view(-1).split(1 << 20):
                 piece.float().sum()
+        loaded = _proc_status("VmHWM")  # every weight resident; the forward below adds its own working set
         ids = torch.tensor([[126080, 598, 126081, 126346, 126347, 126348, 100, 200]])
         logits = m(ids)
         feats = m.encode_images(torch.zeros(1, 3, m.cfg.vision.image_size, m.cfg.vision.image_size))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with open("/proc/self/status") as fh:  # VmHWM: the same peak, kept by the kernel per address space
-        hwm = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM")), 0)
+    # ru_maxrss (KiB on Linux) is inherited over fork + exec, so a child of a big process reports the
+    # parent's peak; VmHWM is the same high-water mark kept per address space, which exec resets
+    maxrss, peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _proc_status("VmHWM")
     n = sum(p.numel() for p in m.parameters())
     print(f"checkpoint: {path}, {n_files} safetensors shards, {size / 1e9:.3f} GB, {n:,} parameters "
           f"({next(m.parameters()).dtype})")
     print(f"load time {t_load:.1f}s; forward ok: logits {tuple(logits.shape)}, vision features {tuple(feats.shape)}")
     print(f"peak RSS {peak / 1e9:.3f} GB = {peak / size:.3f} x checkpoint size "
-          f"(python + torch before loading: {base / 1e9:.3f} GB; VmHWM {hwm / 1e9:.3f} GB)")
-    return peak / size
+          f"(python + torch: {start / 1e9:.3f} GB, {base / 1e9:.3f} GB once torch's meta device is set up; "
+          f"ru_maxrss {maxrss / 1e9:.3f} GB)")
+    print(f"added by loading (all weights resident): {(loaded - base) / size:.3f} x checkpoint size; "
+          f"by loading and one forward: {(peak - base) / size:.3f} x")
 
 
 def _write_reduced_8b(path, shard_bytes):
@@ -472,8 +483,8 @@ if __name__ == "__main__":
             sys.exit(f"{free / 1e9:.1f} GB free beside {out}: the checkpoint needs ~3.1 GB (and the writer ~3 GB RAM); "
                      f"pass another directory: python pretrained.py --selftest-memory <dir>")
         print(f"writing llada_v_8b at 2+2 layers to {out} (1 GB shards) ...", flush=True)
-        # writer and loader each in their own process, started from this small one: Linux carries a
-        # process's peak RSS over fork and exec, so the loader must not descend from the 3 GB writer
+        # writer and loader each in their own process, started from this small one: Linux carries
+        # ru_maxrss over fork and exec, so the loader must not descend from the 3 GB writer
         me = [sys.executable, os.path.abspath(__file__)]
         if subprocess.run(me + ["--write-reduced-8b", out]).returncode == 0:
             sys.exit(subprocess.run(me + ["--memory-report", out]).returncode)

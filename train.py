@@ -158,6 +158,7 @@ def train(tc: TrainConfig, mc, quiet=False):
         if not os.path.exists(ckpt_path):
             sys.exit(f"--resume=1 but {ckpt_path} does not exist; drop --resume or point --out_dir at a run")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt["config"] = type(mc).from_dict(ckpt["config"]).to_dict()  # fields added since it was written get defaults
         if ckpt["config"] != mc.to_dict():
             diff = [k for k in ("lm", "vision", "tokenizer") if ckpt["config"][k] != mc.to_dict()[k]]
             sys.exit(f"{ckpt_path} was trained with another model config (differs in {', '.join(diff)}); "

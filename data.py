@@ -10,7 +10,8 @@ Where this sits in the flow:  image -> ViT -> projector -> [token sequence] -> m
      <|start_header_id|>assistant<|end_header_id|>\n\n
    The string "<image>" becomes IMAGE_TOKEN_INDEX (-200) placeholders, one per visual token; the model
    swaps them for projected image features (model.py). The toy data leaves out the system turn to
-   keep sequences short; the template code is the same.
+   keep sequences short; the template code is the same. chat_template() is the general form (any
+   messages, multi-turn) and llada_v_messages() adds LLaDA-V's " /think" / " /no_think" suffixes.
 
 2. SFT sequence (REFERENCE 3.2, LLaDA GUIDELINES): x0 = prompt ++ answer ++ <|eot_id|> ++ <|endoftext|>*,
    padded with EOS to a fixed answer length G (= the sampler's gen_length). Labels are -100 on the

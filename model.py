@@ -17,7 +17,9 @@ There are no biases anywhere, no dropout, and positions are always 0..L-1.
 Projector (REFERENCE 2.3, "mlp2x_gelu"):   P(f) = W_2 gelu_erf(W_1 f + b_1) + b_2,   1152 -> 4096 -> 4096.
 
 LLaDA-V glue (REFERENCE 2.5): the token sequence carries IMAGE_TOKEN_INDEX (-200) placeholders; their
-embeddings are replaced, in order, by the projected visual features P(ViT(image)).
+embeddings are replaced, in order, by the projected visual features P(ViT(image)). From stage 2 on an
+image is several crops whose features are re-assembled, unpadded and closed row by row with a learned
+`image_newline` vector (anyres.py; LLaDAV.encode_image_crops). Official weights: pretrained.py.
 """
 import math
 import os

@@ -149,7 +149,9 @@ def main_pretrained(args, device):
         gen["callback"] = lambda x, step, block: print(f"step {step + 1:3d} (block {block}): " + " ".join(
             "_" if t == tok.mask_id else repr(tok.decode([t]))[1:-1] for t in x[0, -G:].tolist()))
     torch.manual_seed(int(args["seed"]))
-    history, question = [], args["question"] or (None if args["chat"] else "Describe the image.")
+    history, question = [], args["question"] or (None if args["chat"] else "Describe the image." if img else "")
+    if question == "":
+        sys.exit("no --image and no --question: pass --question=\"...\" (or --chat to type questions)")
     while True:
         if question is None:  # --chat: read the next question
             try:

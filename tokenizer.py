@@ -9,7 +9,9 @@ learnt segmentation. The toy vocabulary is learnt here in milliseconds from the 
 sentences (synthetic.toy_tokenizer); no tables are downloaded.
 
 Special tokens come after the BPE ranks, in LLaDA's order (REFERENCE 1.2): BOS, EOS (= PAD), mask,
-start/end header, end of turn. IMAGE_TOKEN_INDEX (-200) is not a token: it marks where the model
+start/end header, end of turn. The official tokenizer is a Hugging Face tokenizer.json (byte-level BPE
+over GPT-2's printable byte alphabet, NFC normaliser, 269 added tokens); encoding_from_tokenizer_json
+turns it into the same kind of tiktoken Encoding. IMAGE_TOKEN_INDEX (-200) is not a token: it marks where the model
 splices in visual features (model.py).
 """
 import json

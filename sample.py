@@ -101,7 +101,9 @@ def answer_pretrained(model, tok, image, question, history=(), think=None, gen_l
                       block_length=128, temperature=0.0, cfg_scale=0.0, remasking="low_confidence",
                       stop=("<|eot_id|>",), callback=None):
     """One turn with an official model: LLaDAV (image optional) or a text-only LLaDA. LLaDA-V's template
-    (system prompt for LLaDA-V, image first, think suffix), its image mode, and its sampler."""
+    (system prompt for LLaDA-V, image first, think suffix), its image mode, and its sampler; a text-only
+    LLaDA uses LLaDA's own sampler. Earlier turns are re-rendered through the template (the official chat
+    loops append to the previous output instead: the same tokens, up to re-tokenisation of the answers)."""
     device = next(model.parameters()).device
     is_v = isinstance(model, LLaDAV)
     kw, n_img = {}, []
@@ -117,8 +119,13 @@ def answer_pretrained(model, tok, image, question, history=(), think=None, gen_l
     if ids.shape[1] + gen_length > cfg.max_seq_len:
         raise ValueError(f"prompt ({ids.shape[1]} tokens) + gen_length ({gen_length}) exceeds the context "
                          f"{cfg.max_seq_len}; shorten the conversation or lower --gen_length")
-    fn = model if is_v else (lambda x: model(model.embed_tokens(x)))
-    out = generate_llada_v(fn, ids, steps=steps, gen_length=gen_length, block_length=block_length,
+    if not is_v:  # LLaDA-8B-Instruct: its own sampler (generate.py, as in LLaDA's chat.py), cut at EoT / EOS
+        out = generate(lambda x, attention_mask=None: model(model.embed_tokens(x), attention_mask), ids,
+                       steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
+                       cfg_scale=cfg_scale, remasking=remasking, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                       eot_id=tok.eot_id, callback=callback)
+        return answer_text(tok, out[0, ids.shape[1]:].tolist())
+    out = generate_llada_v(model, ids, steps=steps, gen_length=gen_length, block_length=block_length,
                            temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, mask_id=tok.mask_id,
                            banned_ids=(tok.eos_id, tok.bos_id, tok.start_header_id, tok.end_header_id),
                            stop_sequences=[tok.encode(s) for s in stop], callback=callback, **kw)

@@ -301,3 +301,21 @@ def test_loading_holds_one_copy(tmp_path):
     assert "3 safetensors shards" in r.stdout
     added = float(r.stdout.split("added by loading (all weights resident): ")[1].split(" x")[0])
     assert 0.9 < added < 1.3, r.stdout  # >= ~1: every weight really was read
+
+
+def test_sample_cli_text_only_llada(tmp_path, capsys):
+    """A text-only LLaDA directory (original layout) answers with LLaDA's own sampler; --image is refused."""
+    import sample
+    from PIL import Image
+    cfg = dict(LM_ORIG, vocab_size=512, embedding_size=512)
+    shapes = [(512, D)] + SHAPES[1:-1] + [(512, D)]
+    write_dir(tmp_path / "lm", cfg, rand_tensors(expand(ORIGINAL, shapes)))
+    args = [f"--checkpoint={tmp_path / 'lm'}", "--tokenizer=toy", "--gen_length=8", "--steps=8", "--block_length=8"]
+    sample.main(args + ["--question=hello?"])
+    out = capsys.readouterr().out
+    assert "(LLaDA, torch.float32)" in out and "answer:" in out
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    with pytest.raises(SystemExit, match="text-only"):
+        sample.main(args + ["--question=q", f"--image={tmp_path / 'x.png'}"])
+    with pytest.raises(SystemExit, match="--question"):
+        sample.main(args)

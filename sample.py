@@ -151,7 +151,8 @@ def main_pretrained(args, device):
     G = int(args["gen_length"] or 128)
     gen = dict(gen_length=G, steps=int(args["steps"] or G), block_length=int(args["block_length"] or G),
                temperature=float(args["temperature"]), cfg_scale=float(args["cfg_scale"]),
-               remasking=args["remasking"], think=args["think"], stop=tuple(args["stop"].split(",")))
+               remasking=args["remasking"], think=args["think"],
+               stop=tuple(x.replace("\\n", "\n").replace("\\t", "\t") for x in args["stop"].split(",")))  # typed \n, \t: newline, tab
     if args["show_steps"]:
         gen["callback"] = lambda x, step, block: print(f"step {step + 1:3d} (block {block}): " + " ".join(
             "_" if t == tok.mask_id else repr(tok.decode([t]))[1:-1] for t in x[0, -G:].tolist()))

@@ -141,7 +141,8 @@ def _pre_tokenizer_regex(pt) -> str:
                 raise ValueError("tokenizer.json: ByteLevel add_prefix_space=true is not supported by tiktoken")
             if st.get("use_regex", True):
                 pats.append(GPT2_PAT_STR)
-        elif st["type"] == "Split" and "Regex" in st["pattern"] and st.get("behavior") == "Isolated":
+        elif (st["type"] == "Split" and "Regex" in st["pattern"] and st.get("behavior") == "Isolated"
+              and not st.get("invert")):
             pats.append(st["pattern"]["Regex"])
         else:
             raise ValueError(f"tokenizer.json: pre-tokenizer step {st['type']} ({st}) cannot be expressed in tiktoken")

@@ -24,6 +24,7 @@ Key names (REFERENCE 1.3, 2.2-2.4). Ours on the left; three official namings on 
     lm_head        model.transformer.ff_out               lm_head
     SigLIP tower   vision_model.{embeddings.patch_embedding, embeddings.position_embedding,
                    encoder.layers.i.*, post_layernorm}; in LLaDA-V under model.vision_tower.vision_tower.
+                   (A vision-only SiglipVisionModel saved by recent transformers drops "vision_model.".)
     projector      model.mm_projector.0 (linear_1), model.mm_projector.2 (linear_2)
     image_newline  model.image_newline
 A full SigLIP checkpoint also has a text tower, logit_scale/bias and an attention-pooling head: LLaDA-V
@@ -65,7 +66,7 @@ _TOP = {"embed_tokens": ("model.transformer.wte", "model.embed_tokens"),
         "norm": ("model.transformer.ln_f", "model.norm"),
         "lm_head": ("model.transformer.ff_out", "lm_head")}
 # keys of a SigLIP checkpoint that LLaDA-V does not use (besides the deleted last encoder layer)
-_SIGLIP_UNUSED = re.compile(r"(text_model\.|logit_scale|logit_bias|vision_model\.head\.)")
+_SIGLIP_UNUSED = re.compile(r"(text_model\.|logit_scale|logit_bias|(vision_model\.)?head\.)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ def _skipped(key: str, n_vision_layers: int) -> bool:
     """Keys the official models read but do not use: SigLIP's text tower and head, the last ViT layer."""
     if not n_vision_layers:  # a language model skips nothing
         return False
-    m = re.search(r"vision_model\.encoder\.layers\.(\d+)\.", key)
+    m = re.search(r"(?:^|vision_model\.)encoder\.layers\.(\d+)\.", key)
     return bool(_SIGLIP_UNUSED.match(key)) or (m is not None and int(m[1]) == n_vision_layers - 1)
 
 
@@ -134,18 +135,21 @@ def llada_config_from_hf(c: dict) -> LLaDAConfig:
         _require(c, k, (False,), f"{k}=false (untied head, no biases)")
     _require(c, "activation_type", ("silu",), "SwiGLU with silu")
     _require(c, "hidden_act", ("silu",), "SwiGLU with silu")
+    rope = c.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
+    _require(rope, "rope_type", ("default",), "RoPE without scaling")
+    theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
     if "d_model" in c:  # original
         heads = c["n_heads"]
         _require(c, "n_kv_heads", (heads, None), "plain multi-head attention (n_kv_heads = n_heads)")
         return LLaDAConfig(vocab_size=c.get("embedding_size") or c["vocab_size"], d_model=c["d_model"],
                            n_layers=c["n_layers"], n_heads=heads, mlp_hidden=c["mlp_hidden_size"],
-                           rope_theta=c.get("rope_theta", 10000.0), norm_eps=c.get("rms_norm_eps", 1e-5),
+                           rope_theta=theta, norm_eps=c.get("rms_norm_eps", 1e-5),
                            max_seq_len=c.get("max_sequence_length", 4096))
     if "hidden_size" in c:  # LLaMA-style
         heads = c["num_attention_heads"]
         _require(c, "num_key_value_heads", (heads, None), "plain multi-head attention (num_key_value_heads = heads)")
         return LLaDAConfig(vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
-                           n_heads=heads, mlp_hidden=c["intermediate_size"], rope_theta=c.get("rope_theta", 10000.0),
+                           n_heads=heads, mlp_hidden=c["intermediate_size"], rope_theta=theta,
                            norm_eps=c.get("rms_norm_eps", 1e-5), max_seq_len=c.get("max_position_embeddings", 4096))
     raise ValueError("config.json is not a LLaDA config (no d_model or hidden_size); point at the model's directory")
 
@@ -328,7 +332,11 @@ def from_pretrained(path, dtype=None, device="cpu", vision_path=None):
         nv = 0
     index = checkpoint_index(path)
     layout = "original" if any(k.startswith("model.transformer.") for k in index) else "llama"
-    return load_weights(model, path, official_names(model, layout), nv, dtype, device).eval()
+    names = official_names(model, layout)
+    if isinstance(model, VisionTower) and not any(k.startswith("vision_model.") for k in index):
+        # a SiglipVisionModel saved by recent transformers versions has no "vision_model." prefix
+        names = {ours: off[len("vision_model."):] for ours, off in names.items()}
+    return load_weights(model, path, names, nv, dtype, device).eval()
 
 
 # ----------------------------------------------------------------------------------------------

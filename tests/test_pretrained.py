@@ -319,3 +319,12 @@ def test_sample_cli_text_only_llada(tmp_path, capsys):
         sample.main(args + ["--question=q", f"--image={tmp_path / 'x.png'}"])
     with pytest.raises(SystemExit, match="--question"):
         sample.main(args)
+
+
+def test_config_forms_of_rope_theta():
+    """transformers >= 5 writes rope_theta inside rope_parameters; older configs at the top level."""
+    assert pretrained.llada_config_from_hf(LM_LLAMA).rope_theta == 500000.0
+    new = {k: v for k, v in LM_LLAMA.items() if k not in ("rope_theta", "rope_scaling")}
+    assert pretrained.llada_config_from_hf(dict(new, rope_parameters={"rope_theta": 5e5, "rope_type": "default"})).rope_theta == 5e5
+    with pytest.raises(ValueError, match="rope_type"):
+        pretrained.llada_config_from_hf(dict(new, rope_parameters={"rope_theta": 5e5, "rope_type": "linear"}))

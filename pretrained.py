@@ -317,19 +317,14 @@ def from_pretrained(path, dtype=None, device="cpu", vision_path=None):
         return m.to(lm.embed_tokens.weight.dtype)
     if is_llada_v(c):
         cfg = llada_v_config_from_hf(c)
-        with torch.device("meta"):
-            model = LLaDAV(cfg)
-        nv = cfg.vision.n_layers
+        cls, nv = LLaDAV, cfg.vision.n_layers  # nv: layers of the ViT in the checkpoint's config
     elif "vision_config" in c or str(c.get("model_type", "")).startswith("siglip"):
         cfg = vision_config_from_hf(c)
-        with torch.device("meta"):
-            model = VisionTower(cfg)
-        nv = cfg.n_layers
+        cls, nv = VisionTower, cfg.n_layers
     else:
-        cfg = llada_config_from_hf(c)
-        with torch.device("meta"):
-            model = LLaDA(cfg)
-        nv = 0
+        cfg, cls, nv = llada_config_from_hf(c), LLaDA, 0
+    with torch.device("meta"):  # shapes only: no memory, no init
+        model = cls(cfg)
     index = checkpoint_index(path)
     layout = "original" if any(k.startswith("model.transformer.") for k in index) else "llama"
     names = official_names(model, layout)

@@ -180,3 +180,85 @@ def test_counting_model_and_bad_arguments():
         generate_fast(cm, prompt(), gen_length=4, block_length=4, steps=4, cache="kv", **GEN)
     with pytest.raises(ValueError, match="threshold\\+dual"):
         mode_kwargs("turbo")
+
+
+# ----------------------------------------------------------------------------------------------
+# sample.py --eval / --gif, the animation, bench.py
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from test_train import run_train
+    out = tmp_path_factory.mktemp("ckpt")
+    run_train(out, "--max_steps=2")
+    return str(out / "ckpt.pt")
+
+
+def test_sample_eval_prints_a_row_per_mode(checkpoint, capsys):
+    """--eval: one table row per mode; the exact sampler makes `steps` calls per batch, a cached mode two full
+    passes per batch (one per block)."""
+    import sample
+    sample.main([f"--checkpoint={checkpoint}", "--eval", "--n=4", "--batch_size=2", "--block_length=6",
+                 "--modes=exact,dual"])
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| exact") or l.startswith("| dual")]
+    assert len(rows) == 2
+    assert "| 12.00 (12.00) |" in rows[0] and "(2.00) |" in rows[1]
+    with pytest.raises(SystemExit, match="unknown decoding mode"):
+        sample.main([f"--checkpoint={checkpoint}", "--eval", "--n=2", "--modes=exact,warp"])
+
+
+def test_sample_gif(checkpoint, tmp_path, capsys):
+    """--gif writes an animation with one frame per step plus the all-mask start; in the last frame every
+    cell is coloured by its reveal step (no grey mask cell left), in the first every cell is grey."""
+    import animate
+    import sample
+    path = tmp_path / "d.gif"
+    sample.main([f"--checkpoint={checkpoint}", f"--gif={path}", "--mode=threshold"])
+    assert "wrote" in capsys.readouterr().out
+    from PIL import Image
+    im = Image.open(path)
+    assert im.format == "GIF" and 2 <= im.n_frames <= 13 and path.stat().st_size < 300_000
+
+    def cell(frame, i):  # centre-left pixel of canvas cell i (behind the text start)
+        im.seek(frame)
+        x = animate.IMG + 28 + (i % animate.COLS) * (animate.CELL_W + 4) + 2
+        y = 44 + (i // animate.COLS) * (animate.CELL_H + 4) + 2
+        return im.convert("RGB").getpixel((x, y))
+    assert all(cell(0, i) == animate.MASK_FILL for i in range(12))
+    assert all(cell(im.n_frames - 1, i) != animate.MASK_FILL for i in range(12))
+
+
+def test_step_colours_run_blue_to_red():
+    import animate
+    first, last = animate.step_colour(1, 10), animate.step_colour(10, 10)
+    assert first[2] > first[0] and last[0] > last[2]
+    assert len({animate.step_colour(s, 10) for s in range(1, 11)}) == 10
+
+
+def test_bench_runs_and_prints_every_mode(capsys):
+    """bench.py on the toy preset: a training line with counted FLOPs and MFU against a measured matmul peak,
+    and one sampling row per mode; the exact sampler makes `steps` full passes."""
+    import bench
+    bench.main(["--train_batch=2", "--train_steps=1", "--repeats=1", "--gen_length=8", "--block_length=4",
+                "--steps=8"])
+    out = capsys.readouterr().out
+    assert "GFLOP/step (counted)" in out and "MFU" in out and "measured fp32 matmul" in out
+    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| mode")]
+    assert [r.split("|")[1].strip() for r in rows] == list(MODES)
+    assert "| 8 (8) |" in rows[0] and "(2) |" in rows[1]
+    with pytest.raises(SystemExit, match="key one of"):
+        bench.main(["--nope=1"])
+
+
+def test_flop_counter_sees_the_model():
+    """The counted FLOPs of one training step are ~ 6 x parameters x tokens (language-model layers over the
+    whole sequence, vision layers over the patches) plus attention and the head on masked rows: a sanity
+    band that catches a counter that sees nothing, or counts the step twice."""
+    import bench
+    from model import LLaDAV, get_config
+    m = LLaDAV(get_config("toy"))
+    bc = bench.BenchConfig(train_batch=2, train_steps=1)
+    tr = bench.bench_train(m, bc, torch.device("cpu"), peak=1e9)
+    lm_body = sum(p.numel() for p in m.llm.layers.parameters())
+    vit = sum(p.numel() for p in m.vision.parameters()) + sum(p.numel() for p in m.projector.parameters())
+    approx = 6 * (lm_body * tr["tokens"] + vit * 2 * m.cfg.vision.n_patches)
+    assert 0.9 * approx < tr["flops"] < 1.6 * approx, (tr["flops"], approx)

@@ -14,6 +14,7 @@ Usage:
                                                        # threshold | threshold+prefix | threshold+dual
     python sample.py --gif=out.gif                     # an animation of the denoising
     python sample.py --eval --modes=exact,threshold+dual   # held-out accuracy, NFE and time per mode
+    python sample.py --eval-choice                     # multiple choice by the likelihood bound
 This file also holds `answer()` and `evaluate()` (held-out accuracy per question kind), which
 train.py uses for its reports.
 """
@@ -24,11 +25,11 @@ from collections import defaultdict
 
 import torch
 
-from data import answer_text, default_system, prompt_batch
-from diffusion import generate
+from data import answer_text, default_system, prompt_batch, sft_example
+from diffusion import choose, generate
 from fast import CountingModel, generate_fast, mode_kwargs
 from model import load_checkpoint
-from synthetic import DEMO_OFFSET, KINDS, SyntheticVQA, draw, make_sample, score
+from synthetic import COLORS, DEMO_OFFSET, KINDS, NUMBERS, SHAPES, SyntheticVQA, draw, make_sample, score
 from tokenizer import get_tokenizer
 from vision import load_image, preprocess
 
@@ -120,6 +121,38 @@ def eval_modes(model, tok, samples, modes, batch_size=1, **gen):
     return rows
 
 
+# The candidate answers of each closed question kind, for multiple choice by likelihood.
+CHOICES = {"color": list(COLORS), "shape": SHAPES, "count": NUMBERS[1:], "relation": ["left", "right", "above", "below"]}
+
+
+@torch.no_grad()
+def evaluate_choice(model, tok, samples, gen_length=16, mc_num=16, batch_size=16, cfg_scale=0.0, seed=0):
+    """Multiple choice by the likelihood bound (diffusion.choose, as lm-eval's loglikelihood tasks):
+    each candidate answer is scored as the canvas the model was trained on (answer, <|eot_id|>, EOS
+    padding to gen_length), and the best one is the prediction. -> accuracy per kind (closed kinds only)."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    hits, n = defaultdict(int), defaultdict(int)
+    for img, q, truth, kind in samples:
+        if kind not in CHOICES:
+            continue
+        with autocast(device):
+            feats = model.encode_images(preprocess(img, model.cfg.vision.image_size)[None].to(device))
+        seqs = [sft_example(tok, q, c, gen_length, feats.shape[1], default_system(model.cfg.tokenizer))
+                for c in CHOICES[kind]]
+        P = seqs[0][1].count(-100)
+        prompt = torch.tensor(seqs[0][0][:P], device=device)
+        with autocast(device):
+            best, _ = choose(model, prompt, [torch.tensor(ids[P:], device=device) for ids, _ in seqs],
+                             mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, mask_id=tok.mask_id,
+                             generator=g, image_features=feats.expand(batch_size, -1, -1))
+        hits[kind] += CHOICES[kind][best] == truth
+        n[kind] += 1
+    res = {k: hits[k] / n[k] for k in n}
+    res["all"], res["n"] = sum(hits.values()) / max(1, sum(n.values())), sum(n.values())
+    return res
+
+
 def format_modes_table(rows) -> str:
     """The README's markdown table; speed-ups are relative to the first row (normally 'exact')."""
     ref = rows[0]
@@ -136,7 +169,8 @@ def main(argv):
     args = {"checkpoint": "out/ckpt.pt", "image": None, "question": None, "seed": 0, "device": "auto",
             "gen_length": None, "steps": None, "block_length": None, "temperature": 0.0, "cfg_scale": 0.0,
             "remasking": "low_confidence", "show_steps": False, "mode": "exact", "threshold": 0.9,
-            "refresh_every": 0, "gif": None, "eval": False, "n": 500, "batch_size": 1,
+            "refresh_every": 0, "gif": None, "eval": False, "n": 500, "batch_size": 1, "eval_choice": False,
+            "mc_num": 16,
             "modes": "exact,prefix,dual,threshold,threshold+prefix,threshold+dual"}
     for a in argv:
         if a in ("-h", "--help"):
@@ -146,7 +180,7 @@ def main(argv):
         key = key.replace("-", "_")
         if not a.startswith("--") or key not in args:
             sys.exit(f"unknown argument {a!r}; options are " + ", ".join(f"--{k}" for k in args))
-        args[key] = True if (key in ("show_steps", "eval") and val == "") else val
+        args[key] = True if (key in ("show_steps", "eval", "eval_choice") and val == "") else val
     device = torch.device(args["device"] if args["device"] != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -162,10 +196,19 @@ def main(argv):
                temperature=float(args["temperature"]), cfg_scale=float(args["cfg_scale"]),
                remasking=args["remasking"], threshold=float(args["threshold"]),
                refresh_every=int(args["refresh_every"]))
-    if args["eval"]:
-        # python sample.py --eval: the held-out split train.py reports on, once per decoding mode
+    if args["eval"] or args["eval_choice"]:
+        # the held-out split train.py reports on
         samples = SyntheticVQA(tok, model.cfg.vision.image_size, model.cfg.vision.n_patches, G,
                                seed=int(tc.get("seed", 0))).heldout(int(args["n"]))
+    if args["eval_choice"]:
+        t0 = time.time()
+        res = evaluate_choice(model, tok, samples, G, mc_num=int(args["mc_num"]), cfg_scale=gen["cfg_scale"])
+        kinds = " ".join(f"{k} {100 * res[k]:.1f}%" for k in CHOICES if k in res)
+        print(f"multiple choice by likelihood (mc_num {args['mc_num']}): {100 * res['all']:.1f}% over "
+              f"{res['n']} closed questions | {kinds} | {time.time() - t0:.1f}s")
+        return
+    if args["eval"]:
+        # python sample.py --eval: once per decoding mode
         print(f"held-out evaluation: {len(samples)} questions, batch {args['batch_size']}, {gen}")
         try:
             rows = eval_modes(model, tok, samples, args["modes"].split(","), int(args["batch_size"]), **gen)

@@ -262,3 +262,31 @@ def test_flop_counter_sees_the_model():
     vit = sum(p.numel() for p in m.vision.parameters()) + sum(p.numel() for p in m.projector.parameters())
     approx = 6 * (lm_body * tr["tokens"] + vit * 2 * m.cfg.vision.n_patches)
     assert 0.9 * approx < tr["flops"] < 1.6 * approx, (tr["flops"], approx)
+
+
+def test_eval_choice_scores_every_candidate_canvas(checkpoint, monkeypatch):
+    """evaluate_choice hands diffusion.choose the chat prompt with the image placeholders and one answer
+    canvas per candidate (answer, <|eot_id|>, EOS padding); the pick is scored against the truth."""
+    import sample
+    from data import chat_prompt
+    from model import load_checkpoint
+    from synthetic import SyntheticVQA
+    from tokenizer import get_tokenizer
+    model, _ = load_checkpoint(checkpoint)
+    tok = get_tokenizer("toy")
+    n_img = model.cfg.vision.n_patches
+    samples = SyntheticVQA(tok, model.cfg.vision.image_size, n_img, 12).heldout(10)
+    closed = [s for s in samples if s[3] != "describe"]  # the kinds with a fixed candidate list
+    seen = []
+
+    def fake_choose(m, prompt, choices, **kw):
+        img, q, truth, kind = closed[len(seen)]
+        seen.append(q)
+        assert prompt.tolist() == tok.encode_with_image(chat_prompt(q, None), n_img)
+        texts = [sample.answer_text(tok, c) for c in choices]
+        assert texts == sample.CHOICES[kind] and all(len(c) == 12 and int(c[-1]) == tok.eos_id for c in choices)
+        assert kw["image_features"].shape == (kw["batch_size"], n_img, model.cfg.lm.d_model)
+        return texts.index(truth), []
+    monkeypatch.setattr(sample, "choose", fake_choose)
+    res = sample.evaluate_choice(model, tok, samples, gen_length=12)
+    assert res["n"] == 8 == len(seen) and res["all"] == 1.0 and "describe" not in res

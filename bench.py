@@ -17,8 +17,9 @@ close the step gets to what this machine's matmul can do), and on a GPU the vend
     python bench.py --checkpoint=out/ckpt.pt          # a trained model (threshold decoding needs one:
                                                       # random weights are never confident)
     python bench.py --preset=small --device=cuda      # any preset; --key=value overrides (see --help)
-Model inputs are random token ids with one image's placeholders and random pixels, so no tokenizer
-is needed (the `small` preset runs without the official one).
+Training inputs are random token ids with one image's placeholders and random pixels; sampling uses
+held-out synthetic questions where the tokenizer exists (toy) and random ids otherwise, so the `small`
+preset runs without the official tokenizer.
 """
 import math
 import resource
@@ -32,9 +33,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion import diffusion_loss, forward_process, generate
 from fast import MODES, CountingModel, generate_fast, mode_kwargs
 from model import LLaDAV, get_config, load_checkpoint
+from data import default_system, prompt_batch
 from sample import autocast
-from tokenizer import IMAGE_TOKEN_INDEX
+from synthetic import SyntheticVQA
+from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
 from train import pick_device
+from vision import preprocess
 
 # Dense bf16 tensor-core peaks (FLOP/s), from the vendors' data sheets (no sparsity).
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -157,16 +161,30 @@ def bench_train(model, bc, device, peak):
     return dict(seconds=dt, tokens=tokens, flops=flops, mfu=flops / dt / peak, mem=mem)
 
 
+def sampling_inputs(model, bc, device):
+    """(prompt ids, attention mask, pixels, mask/eos/eot ids). The toy model gets real held-out synthetic
+    questions (a trained model is confident only on its own kind of input); a preset whose tokenizer is
+    not available gets random ids, with the last three vocabulary ids standing in for mask / EOS / EoT."""
+    cfg = model.cfg
+    try:
+        tok = get_tokenizer(cfg.tokenizer)
+    except ValueError:
+        V = cfg.lm.vocab_size
+        ids, _, pixels = fake_batch(cfg, bc.sample_batch, bc, device, torch.Generator().manual_seed(bc.seed + 1))
+        return ids[:, :-bc.gen_length], None, pixels, (V - 1, V - 2, V - 3)
+    samples = SyntheticVQA(tok, cfg.vision.image_size, cfg.vision.n_patches, bc.gen_length).heldout(bc.sample_batch)
+    ids, attn = prompt_batch(tok, [q for _, q, _, _ in samples], cfg.vision.n_patches, default_system(cfg.tokenizer))
+    pixels = torch.stack([preprocess(img, cfg.vision.image_size) for img, *_ in samples])
+    return ids.to(device), attn.to(device), pixels.to(device), (tok.mask_id, tok.eos_id, tok.eot_id)
+
+
 @torch.no_grad()
 def bench_sampling(model, bc, device):
-    cfg = model.cfg
-    mask_id, eos_id, eot_id = cfg.lm.vocab_size - 1, cfg.lm.vocab_size - 2, cfg.lm.vocab_size - 3
-    ids, _, pixels = fake_batch(cfg, bc.sample_batch, bc, device, torch.Generator().manual_seed(bc.seed + 1))
-    prompt = ids[:, :-bc.gen_length]
+    prompt, attn, pixels, (mask_id, eos_id, eot_id) = sampling_inputs(model, bc, device)
     with autocast(device):
         feats = model.encode_images(pixels)
     kw = dict(steps=bc.steps, gen_length=bc.gen_length, block_length=bc.block_length, mask_id=mask_id,
-              eos_id=eos_id, eot_id=eot_id, image_features=feats)
+              eos_id=eos_id, eot_id=eot_id, image_features=feats, attention_mask=attn)
     rows, ref = [], None
     for mode in bc.modes.split(","):
         fk = mode_kwargs(mode, bc.threshold)
@@ -224,7 +242,7 @@ def main(argv):
     n_params = sum(p.numel() for p in model.parameters())
     L = model.cfg.vision.n_patches + bc.text_len + bc.gen_length
     print(f"{source}: {n_params / 1e6:.2f}M parameters on {device} ({torch.get_num_threads()} CPU threads), "
-          f"sequence {L} tokens ({model.cfg.vision.n_patches} visual + {bc.text_len} text + {bc.gen_length} answer)")
+          f"training sequences of {L} tokens ({model.cfg.vision.n_patches} visual + {bc.text_len} text + {bc.gen_length} answer)")
     if not bc.skip_train:
         peak, peak_src = peak_flops(device)
         tr = bench_train(model, bc, device, peak)

@@ -262,7 +262,7 @@ def main(argv):
           "same tokens as first |" + (" peak memory |" if device.type == "cuda" else ""))
     print("|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else ""))
     for r in rows:
-        print(f"| {r['mode']} | {r['latency'] * 1e3:.1f} ms | {r['tps']:,.0f} | {r['nfe']} ({r['full']}) | "
+        print(f"| {r['mode']} | {r['latency'] * 1e3:.1f} ms | {r['tps']:,.1f} | {r['nfe']} ({r['full']}) | "
               f"{ex['latency'] / r['latency']:.2f}x | {r['cache'] / 2**20:.2f} MiB | {100 * r['agree']:.0f}% |"
               + (f" {r['mem'] / 2**20:,.0f} MiB |" if r["mem"] is not None else ""))
     print(f"\nprocess peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")

@@ -24,6 +24,16 @@ steps / n_blocks steps, and at every step:
     first m % s steps), m = masks in the block at its start, s = steps per block.
 Revealed tokens are never masked again. Unsupervised classifier-free guidance (cfg_scale w > 0):
     logits = u + (w + 1)(c - u),   c = f(x),  u = f(x with every prompt position -> [MASK]).
+(fast.py adds approximate KV caches and confidence-threshold parallel decoding on top of this sampler.)
+
+Log-likelihood (the official get_log_likelihood.py, REFERENCE 6). For a prompt p and an answer a of
+length A, the bound of LLaDA Eq. 6 with the number of masks l drawn uniformly:
+    log p(a | p) >= -E_{l ~ U{1..A}} E_{S subset of a, |S| = l} [ (A / l) sum_{i in S} -log p_theta(a_i | p, a with S masked) ]
+Monte Carlo with stratified counts: per mini-batch of b copies, k ~ U{1..A} and
+    l_j = ((round(k + j A / b) - 1) mod A) + 1,   j = 0..b-1      (evenly spread over 1..A, random offset)
+each copy masks l_j random answer positions; the estimate is minus the mean over mini-batches of
+    1/b sum_j (A / l_j) sum_{i masked in copy j} CE_i.
+Multiple choice: score every choice this way and pick the highest (lm-eval's loglikelihood).
 """
 import torch
 import torch.nn.functional as F
@@ -267,3 +277,62 @@ def generate_llada_v(model, prompt, steps=128, gen_length=128, block_length=128,
                 callback(x, nb * steps_per_block + i, nb)
     answer = x[0, P:P + gen_length].tolist()
     return answer[:stop] if stop is not None else answer
+
+
+# Classifier-free guidance, log-likelihood bound, multiple choice
+
+def cfg_logits(model, x, prompt_index, cfg_scale, mask_id, attention_mask=None, **model_kwargs):
+    """model logits for x (B, L), with unsupervised CFG when cfg_scale > 0: one call on [x; x with every
+    prompt_index position -> mask_id], then u + (w + 1)(c - u). The same formula as generate()'s."""
+    if cfg_scale <= 0:
+        return model(x, attention_mask=attention_mask, **model_kwargs)
+    un_x = x.clone()
+    un_x[prompt_index.expand_as(x)] = mask_id  # no prompt, no image placeholders in the second half
+    am = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+    cond, uncond = model(torch.cat([x, un_x]), attention_mask=am, **model_kwargs).chunk(2)
+    return uncond + (cfg_scale + 1) * (cond - uncond)
+
+
+def mc_mask_counts(b: int, A: int, generator=None):
+    """The official stratified mask counts for b copies of an answer of A tokens: k ~ U{1..A}, then
+    round(linspace(k, k + (b-1) A/b, b)) wrapped into 1..A. Each count is marginally U{1..A}."""
+    k = torch.randint(1, A + 1, (), generator=generator)
+    x = torch.round(torch.linspace(float(k), float(k) + (b - 1) * (A / b), steps=b)).long()
+    return ((x - 1) % A) + 1  # (b,)
+
+
+@torch.no_grad()
+def get_log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0.0, mask_id=126336,
+                       generator=None, **model_kwargs):
+    """Monte-Carlo lower bound on log p(answer | prompt), as the official get_log_likelihood.py.
+    prompt (P,), answer (A,): 1-D token ids. mc_num // batch_size forward passes of batch_size copies.
+    model_kwargs go to every call as they are, so they must fit batch_size rows (for LLaDA-V pass
+    image_features=feats.expand(batch_size, -1, -1)). generator: torch.Generator for the masks."""
+    if mc_num % batch_size:
+        raise ValueError(f"mc_num={mc_num} must be a multiple of batch_size={batch_size}")
+    P, A = len(prompt), len(answer)
+    if A == 0:
+        raise ValueError("the answer is empty; give at least one answer token")
+    dev = prompt.device
+    seq = torch.cat([prompt, answer])[None].repeat(batch_size, 1)                # (b, P + A)
+    prompt_index = (torch.arange(P + A, device=dev) < P)[None]                   # (1, P + A)
+    losses = []
+    for _ in range(mc_num // batch_size):
+        l = mc_mask_counts(batch_size, A, generator)                             # (b,)
+        # copy j masks the answer positions whose rank in a random permutation is < l_j
+        rank = torch.stack([torch.randperm(A, generator=generator) for _ in range(batch_size)])
+        is_mask = (rank < l[:, None]).to(dev)                                    # (b, A)
+        noisy = seq.clone()
+        noisy[:, P:] = torch.where(is_mask, torch.full_like(noisy[:, P:], mask_id), noisy[:, P:])
+        logits = cfg_logits(model, noisy, prompt_index, cfg_scale, mask_id, **model_kwargs)[:, P:]
+        ce = F.cross_entropy(logits[is_mask].float(), seq[:, P:][is_mask], reduction="none")
+        p_mask = (l.to(dev).float() / A)[:, None].expand(batch_size, A)[is_mask]
+        losses.append((ce / p_mask).sum().item() / batch_size)
+    return -sum(losses) / len(losses)
+
+
+def choose(model, prompt, choices, **kw):
+    """Multiple choice by likelihood: (index of the best choice, [log-likelihood bound per choice]).
+    prompt (P,) and every choice (A_c,) are 1-D token ids; kw go to get_log_likelihood."""
+    scores = [get_log_likelihood(model, prompt, c, **kw) for c in choices]
+    return max(range(len(scores)), key=scores.__getitem__), scores

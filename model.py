@@ -136,11 +136,13 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, cfg.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.mlp_hidden, d, bias=False)  # original LLaDA name: ff_out
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer=0):
         B, L, D = x.shape
         h = self.attn_norm(x)
         q, k, v = (p(h).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, L, hd)
+        if cache is not None:  # approximate KV cache (fast.py): keys/values of the whole sequence
+            k, v = cache.update(layer, k, v)                     # (B, H, L_full, hd)
         # is_causal=False is the whole difference to an autoregressive LLaMA: attention is bidirectional.
         # attn_mask (B, 1, 1, L) bool hides padding keys; None means no padding.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
@@ -161,16 +163,24 @@ class LLaDA(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
         self.checkpointing = False  # True: recompute each block's activations in backward (saves memory)
 
-    def forward(self, embeds, attention_mask=None, output_positions=None):
+    def forward(self, embeds, attention_mask=None, output_positions=None, cache=None):
         """embeds (B, L, d) -> logits (B, L, V), or (N, V) for the N True entries of the bool
-        `output_positions` (B, L): the head is the biggest matmul, and the loss needs masked rows only."""
+        `output_positions` (B, L): the head is the biggest matmul, and the loss needs masked rows only.
+        cache (KVCache, inference only): if it has no span yet, run everything and record every layer's
+        keys/values; if it has a span (s, e), run only positions s..e-1 (RoPE positions s..e-1), attend
+        to the cached keys/values elsewhere, and return logits (B, e - s, V)."""
         B, L, _ = embeds.shape
         cos, sin = rope_cos_sin(L, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, embeds.device)
         # padding mask -> (B, 1, 1, L) bool, broadcast over heads and queries; skip it when nothing is padded
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
         x = embeds
-        for block in self.layers:
-            if self.checkpointing and self.training:
+        if cache is not None and cache.span is not None:
+            s, e = cache.span
+            x, cos, sin = embeds[:, s:e], cos[s:e], sin[s:e]  # queries of the span only; keys stay (B, L)
+        for i, block in enumerate(self.layers):
+            if cache is not None:
+                x = block(x, cos, sin, mask, cache, i)
+            elif self.checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask)
@@ -195,6 +205,36 @@ class LLaDA(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+
+
+class KVCache:
+    """Every layer's keys and values (B, H, L, hd) of one full forward pass, for the approximate caches
+    of fast diffusion decoding (Fast-dLLM; used by fast.py). A diffusion LM attends both ways, so cached
+    keys go stale as soon as any token changes; the sampler decides when to refresh (record) them.
+
+        cache = KVCache(); model(x, cache=cache)      # record: a full pass, keys/values stored
+        cache.span = (s, e); model(x, cache=cache)    # reuse: only x[:, s:e] is recomputed, its fresh
+                                                      # keys/values overwrite the cache's s..e-1
+    prefix cache: span = (block start, L);  dual cache: span = (block start, block end)."""
+
+    def __init__(self):
+        self.k, self.v, self.span = [], [], None
+
+    def update(self, layer, k, v):
+        if self.span is None:                 # recording pass: k, v cover the whole sequence
+            if layer == len(self.k):
+                self.k.append(k)
+                self.v.append(v)
+            else:
+                self.k[layer], self.v[layer] = k, v
+            return k, v
+        s, e = self.span
+        self.k[layer][:, :, s:e] = k          # in place: the span is recomputed at every step anyway
+        self.v[layer][:, :, s:e] = v
+        return self.k[layer], self.v[layer]
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,15 +295,17 @@ class LLaDAV(nn.Module):
             x = x.masked_scatter(is_img[..., None], image_features.reshape(-1, x.shape[-1]).to(x.dtype))
         return x
 
-    def forward(self, ids, pixels=None, attention_mask=None, image_features=None, output_positions=None):
+    def forward(self, ids, pixels=None, attention_mask=None, image_features=None, output_positions=None,
+                cache=None):
         """ids (B, L) -> logits (B, L, V) (or (N, V) at output_positions). Images come either as pixels
-        (n_images, 3, S, S) or as image_features already encoded (the sampler encodes them once)."""
+        (n_images, 3, S, S) or as image_features already encoded (the sampler encodes them once).
+        cache: see LLaDA.forward and KVCache (ids stay the whole sequence; the cache says what to run)."""
         if ids.shape[1] > self.cfg.lm.max_seq_len:
             raise ValueError(f"sequence of {ids.shape[1]} tokens is longer than the model's context "
                              f"max_seq_len={self.cfg.lm.max_seq_len}; shorten the prompt or lower gen_length")
         if pixels is not None:
             image_features = self.encode_images(pixels)
-        return self.llm(self.embed(ids, image_features), attention_mask, output_positions)
+        return self.llm(self.embed(ids, image_features), attention_mask, output_positions, cache)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -400,7 +400,7 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
     weight_map = {}
     for file, keys in zip(files, shards):
         part = {k: tensors[k].detach().contiguous().cpu() for k in keys}
-        _atomic_write(os.path.join(path, file), lambda tmp: save_file(part, tmp, metadata={"format": "pt"}))
+        _atomic_write(os.path.join(path, file), lambda tmp, part=part: save_file(part, tmp, metadata={"format": "pt"}))
         weight_map.update({k: file for k in keys})
         del part
     if n > 1:

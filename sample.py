@@ -10,6 +10,11 @@ Usage:
     python sample.py                                   # out/ckpt.pt, a fresh synthetic image
     python sample.py --image=cat.png --question="What color is the circle?"
     python sample.py --show-steps                      # print the canvas after every step
+    python sample.py --mode=threshold+dual             # fast decoding (fast.py): exact | prefix | dual |
+                                                       # threshold | threshold+prefix | threshold+dual
+    python sample.py --gif=out.gif                     # an animation of the denoising
+    python sample.py --eval --modes=exact,threshold+dual   # held-out accuracy, NFE and time per mode
+    python sample.py --eval-choice                     # multiple choice by the likelihood bound
 The official model (a Hugging Face directory, e.g. GSAI-ML/LLaDA-V; see README "Run the official model"):
     python sample.py --checkpoint=LLaDA-V --image=cat.jpg --question="What is in the picture?"
     python sample.py --checkpoint=LLaDA-V --image=cat.jpg --chat        # multi-turn, questions from stdin
@@ -18,6 +23,7 @@ The official model (a Hugging Face directory, e.g. GSAI-ML/LLaDA-V; see README "
 This file also holds `answer()` and `evaluate()` (held-out accuracy per question kind), which
 train.py uses for its reports.
 """
+import math
 import os
 import sys
 import time
@@ -26,10 +32,11 @@ from collections import defaultdict
 import torch
 
 from anyres import process_image
-from data import SYSTEM_PROMPT, answer_text, chat_template, default_system, llada_v_messages, prompt_batch
-from diffusion import generate, generate_llada_v
+from data import SYSTEM_PROMPT, answer_text, chat_template, default_system, llada_v_messages, prompt_batch, sft_example
+from diffusion import choose, generate, generate_llada_v
+from fast import CountingModel, generate_fast, mode_kwargs
 from model import LLaDAV, load_checkpoint
-from synthetic import DEMO_OFFSET, KINDS, draw, make_sample, score
+from synthetic import COLORS, DEMO_OFFSET, KINDS, NUMBERS, SHAPES, SyntheticVQA, draw, make_sample, score
 from tokenizer import get_tokenizer
 from vision import load_image, preprocess
 
@@ -42,8 +49,11 @@ def autocast(device):
 
 @torch.no_grad()
 def answer(model, tok, images, questions, gen_length=16, steps=16, block_length=16, temperature=0.0,
-           cfg_scale=0.0, remasking="low_confidence", callback=None, return_canvas=False):
-    """Answer a batch of (image, question) pairs. Returns the answer strings (and the raw canvases)."""
+           cfg_scale=0.0, remasking="low_confidence", callback=None, return_canvas=False,
+           mode="exact", threshold=0.9, refresh_every=0, stats=None):
+    """Answer a batch of (image, question) pairs. Returns the answer strings (and the raw canvases).
+    mode: a decoding mode of fast.MODES ('exact' = diffusion.generate); threshold / refresh_every: see
+    fast.generate_fast. stats: a dict into which model calls (nfe, full_nfe) are added up."""
     device = next(model.parameters()).device
     size = model.cfg.vision.image_size
     pixels = torch.stack([preprocess(im, size) for im in images]).to(device)
@@ -54,11 +64,21 @@ def answer(model, tok, images, questions, gen_length=16, steps=16, block_length=
     if P + gen_length > model.cfg.lm.max_seq_len:
         raise ValueError(f"prompt ({P} tokens) + gen_length ({gen_length}) exceeds the model's context "
                          f"max_seq_len={model.cfg.lm.max_seq_len}; shorten the question or lower --gen_length")
+    kw = dict(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
+              cfg_scale=cfg_scale, remasking=remasking, mask_id=tok.mask_id, eos_id=tok.eos_id,
+              eot_id=tok.eot_id, callback=callback, image_features=feats)
     with autocast(device):
-        out = generate(model, ids.to(device), attn.to(device), steps=steps, gen_length=gen_length,
-                       block_length=block_length, temperature=temperature, cfg_scale=cfg_scale,
-                       remasking=remasking, mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.eot_id,
-                       callback=callback, image_features=feats)
+        if mode == "exact":
+            counted = CountingModel(model)
+            out = generate(counted, ids.to(device), attn.to(device), **kw)
+            st = {"nfe": counted.nfe, "full_nfe": counted.nfe}
+        else:
+            st = {}
+            out = generate_fast(model, ids.to(device), attn.to(device), refresh_every=refresh_every, stats=st,
+                                **mode_kwargs(mode, threshold), **kw)
+    if stats is not None:
+        for k in ("nfe", "full_nfe"):
+            stats[k] = stats.get(k, 0) + st[k]
     texts = [answer_text(tok, row[P:]) for row in out.tolist()]
     return (texts, out[:, P:]) if return_canvas else texts
 
@@ -180,10 +200,71 @@ def main_pretrained(args, device):
         question = None
 
 
+def eval_modes(model, tok, samples, modes, batch_size=1, **gen):
+    """Held-out accuracy, model calls and wall time for each decoding mode -> list of result dicts."""
+    rows = []
+    for mode in modes:
+        stats = {}
+        t0 = time.perf_counter()
+        res = evaluate(model, tok, samples, batch_size=batch_size, mode=mode, stats=stats, **gen)
+        res.update(mode=mode, seconds=time.perf_counter() - t0,
+                   nfe=stats["nfe"] / math.ceil(len(samples) / batch_size),
+                   full_nfe=stats["full_nfe"] / math.ceil(len(samples) / batch_size))
+        rows.append(res)
+        print(f"  {mode:17s} {format_eval(res)} | {res['nfe']:.2f} calls per batch | {res['seconds']:.1f}s", flush=True)
+    return rows
+
+
+# The candidate answers of each closed question kind, for multiple choice by likelihood.
+CHOICES = {"color": list(COLORS), "shape": SHAPES, "count": NUMBERS[1:], "relation": ["left", "right", "above", "below"]}
+
+
+@torch.no_grad()
+def evaluate_choice(model, tok, samples, gen_length=16, mc_num=16, batch_size=16, cfg_scale=0.0, seed=0):
+    """Multiple choice by the likelihood bound (diffusion.choose, as lm-eval's loglikelihood tasks):
+    each candidate answer is scored as the canvas the model was trained on (answer, <|eot_id|>, EOS
+    padding to gen_length), and the best one is the prediction. -> accuracy per kind (closed kinds only)."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    hits, n = defaultdict(int), defaultdict(int)
+    for img, q, truth, kind in samples:
+        if kind not in CHOICES:
+            continue
+        with autocast(device):
+            feats = model.encode_images(preprocess(img, model.cfg.vision.image_size)[None].to(device))
+        seqs = [sft_example(tok, q, c, gen_length, feats.shape[1], default_system(model.cfg.tokenizer))
+                for c in CHOICES[kind]]
+        P = seqs[0][1].count(-100)
+        prompt = torch.tensor(seqs[0][0][:P], device=device)
+        with autocast(device):
+            best, _ = choose(model, prompt, [torch.tensor(ids[P:], device=device) for ids, _ in seqs],
+                             mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, mask_id=tok.mask_id,
+                             generator=g, image_features=feats.expand(batch_size, -1, -1))
+        hits[kind] += CHOICES[kind][best] == truth
+        n[kind] += 1
+    res = {k: hits[k] / n[k] for k in n}
+    res["all"], res["n"] = sum(hits.values()) / max(1, sum(n.values())), sum(n.values())
+    return res
+
+
+def format_modes_table(rows) -> str:
+    """The README's markdown table; speed-ups are relative to the first row (normally 'exact')."""
+    ref = rows[0]
+    out = ["| mode | accuracy | " + " | ".join(KINDS) + " | model calls per batch (full passes) | wall time | "
+           "speed-up (time / calls) |", "|---" * (len(KINDS) + 5) + "|"]
+    for r in rows:
+        kinds = " | ".join(f"{100 * r[k]:.1f}" for k in KINDS if k in r)
+        out.append(f"| {r['mode']} | {100 * r['all']:.1f}% | {kinds} | {r['nfe']:.2f} ({r['full_nfe']:.2f}) | "
+                   f"{r['seconds']:.1f} s | {ref['seconds'] / r['seconds']:.2f}x / {ref['nfe'] / r['nfe']:.2f}x |")
+    return "\n".join(out)
+
+
 def main(argv):
     args = {"checkpoint": "out/ckpt.pt", "image": None, "question": None, "seed": 0, "device": "auto",
             "gen_length": None, "steps": None, "block_length": None, "temperature": 0.0, "cfg_scale": 0.0,
-            "remasking": "low_confidence", "show_steps": False,
+            "remasking": "low_confidence", "show_steps": False, "mode": "exact", "threshold": 0.9,
+            "refresh_every": 0, "gif": None, "eval": False, "n": 500, "batch_size": 1, "eval_choice": False,
+            "mc_num": 16, "modes": "exact,prefix,dual,threshold,threshold+prefix,threshold+dual",
             "dtype": "auto", "chat": False, "think": None, "stop": "<|eot_id|>", "tokenizer": None}
     for a in argv:
         if a in ("-h", "--help"):
@@ -193,7 +274,7 @@ def main(argv):
         key = key.replace("-", "_")
         if not a.startswith("--") or key not in args:
             sys.exit(f"unknown argument {a!r}; options are " + ", ".join(f"--{k}" for k in args))
-        args[key] = True if (key in ("show_steps", "chat") and val == "") else val
+        args[key] = True if (key in ("show_steps", "chat", "eval", "eval_choice") and val == "") else val
     device = torch.device(args["device"] if args["device"] != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
     if os.path.isdir(args["checkpoint"]):  # a Hugging Face directory: the official weights
@@ -209,7 +290,29 @@ def main(argv):
     gen = dict(gen_length=G, steps=int(args["steps"] or tc.get("sample_steps", G)),
                block_length=int(args["block_length"] or tc.get("block_length", G)),
                temperature=float(args["temperature"]), cfg_scale=float(args["cfg_scale"]),
-               remasking=args["remasking"])
+               remasking=args["remasking"], threshold=float(args["threshold"]),
+               refresh_every=int(args["refresh_every"]))
+    if args["eval"] or args["eval_choice"]:
+        # the held-out split train.py reports on
+        samples = SyntheticVQA(tok, model.cfg.vision.image_size, model.cfg.vision.n_patches, G,
+                               seed=int(tc.get("seed", 0))).heldout(int(args["n"]))
+    if args["eval_choice"]:
+        t0 = time.time()
+        res = evaluate_choice(model, tok, samples, G, mc_num=int(args["mc_num"]), cfg_scale=gen["cfg_scale"])
+        kinds = " ".join(f"{k} {100 * res[k]:.1f}%" for k in CHOICES if k in res)
+        print(f"multiple choice by likelihood (mc_num {args['mc_num']}): {100 * res['all']:.1f}% over "
+              f"{res['n']} closed questions | {kinds} | {time.time() - t0:.1f}s")
+        return
+    if args["eval"]:
+        # python sample.py --eval: once per decoding mode
+        print(f"held-out evaluation: {len(samples)} questions, batch {args['batch_size']}, {gen}")
+        try:
+            rows = eval_modes(model, tok, samples, args["modes"].split(","), int(args["batch_size"]), **gen)
+        except ValueError as e:
+            sys.exit(str(e))
+        print(format_modes_table(rows))
+        return
+    gen["mode"] = args["mode"]
     truth = None
     if args["image"]:
         try:
@@ -232,9 +335,18 @@ def main(argv):
             canvas = x[0, -G:].tolist()
             shown = " ".join("_" if t == tok.mask_id else repr(tok.decode([t]))[1:-1] or "''" for t in canvas)
             print(f"step {step + 1:3d} (block {block}): {shown}")
+    frames = []
+    if args["gif"]:
+        show = callback
+
+        def callback(x, step, block):  # keep every canvas for the animation
+            frames.append(x[0, -G:].tolist())
+            if show is not None:
+                show(x, step, block)
     t0 = time.time()
+    stats = {}
     try:
-        (text,) = answer(model, tok, [img], [question], callback=callback, **gen)
+        (text,) = answer(model, tok, [img], [question], callback=callback, stats=stats, **gen)
     except ValueError as e:
         sys.exit(str(e))
     dt = time.time() - t0
@@ -242,7 +354,12 @@ def main(argv):
     if truth is not None:
         print(f"truth:    {truth}")
     print(f"answer:   {text}")
-    print(f"({gen['steps']} steps, gen_length {G}, block_length {gen['block_length']}, {dt:.2f}s)")
+    print(f"({gen['mode']} decoding: {stats['nfe']} model calls, gen_length {G}, block_length "
+          f"{gen['block_length']}, {dt:.2f}s)")
+    if args["gif"]:
+        from animate import denoising_gif
+        nbytes = denoising_gif(args["gif"], img, question, frames, tok, truth=truth)
+        print(f"wrote {args['gif']} ({len(frames)} steps, {nbytes / 1024:.0f} KB)")
 
 
 if __name__ == "__main__":

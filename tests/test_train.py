@@ -50,6 +50,10 @@ def test_overfit_then_sampler_reproduces_answers():
     model.eval()
     preds = sample.answer(model, tok, [p[0] for p in pairs], [p[1] for p in pairs], gen_length=12, steps=12, block_length=12)
     assert preds == [p[2] for p in pairs]
+    # fast decoding (dual cache over 3 blocks + confidence threshold) writes back the same answers
+    fast = sample.answer(model, tok, [p[0] for p in pairs], [p[1] for p in pairs], gen_length=12, steps=12,
+                         block_length=4, mode="threshold+dual", threshold=0.9)
+    assert fast == preds
     assert len(tok.encode(pairs[3][2])) >= 3  # the describe answer really is several tokens
 
 

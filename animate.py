@@ -1,0 +1,94 @@
+"""
+A picture of the reverse process: an animated GIF of the answer canvas being denoised.
+
+Where this sits in the flow:  image -> ViT -> projector -> token sequence -> masked diffusion -> [a GIF of it].
+
+Each frame shows the image, the question and the answer canvas of gen_length cells after one sampling
+step. A masked cell is grey; a revealed cell shows its token on a colour that says *when* it was
+revealed, from blue (step 1) to red (the last step):   hue(s) = 240 deg * (1 - (s - 1) / (S - 1)).
+So low-confidence remasking is visible at a glance: the EOS padding turns blue, the hard answer
+words red. Pillow only (no new dependency). Used by `python sample.py --gif=out.gif`.
+"""
+import colorsys
+import os
+
+from PIL import Image, ImageDraw, ImageFont
+
+from data import answer_text
+
+W, H = 600, 240        # frame size, pixels
+IMG = 160              # the input image, scaled up with nearest neighbour
+COLS, CELL_W, CELL_H = 6, 68, 24
+MASK_FILL, BG, INK = (205, 205, 205), (255, 255, 255), (20, 20, 20)
+
+
+def step_colour(s: int, n_steps: int):
+    """RGB of a token revealed at step s (1-based) of n_steps: blue early, red late."""
+    f = 0.0 if n_steps <= 1 else (s - 1) / (n_steps - 1)
+    r, g, b = colorsys.hsv_to_rgb((1 - f) * 2 / 3, 0.45, 1.0)
+    return int(255 * r), int(255 * g), int(255 * b)
+
+
+def token_label(tok, t: int) -> str:
+    names = {tok.eos_id: "eos", tok.eot_id: "eot", tok.mask_id: ""}
+    return names[t] if t in names else tok.decode([t]).strip() or repr(tok.decode([t]))
+
+
+def _font(size):
+    try:  # pillow >= 10.1 ships a scalable default font
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def denoising_gif(path, image, question, frames, tok, truth=None, ms_per_step=450, hold_ms=2500) -> int:
+    """Write the animation to `path` (atomically). frames: the canvas (list of token ids) after every
+    step, as sample.py's callback records them. Returns the file size in bytes."""
+    if not frames:
+        raise ValueError("no sampling steps were recorded; nothing to animate")
+    G, S = len(frames[0]), len(frames)
+    revealed_at = [0] * G                     # step (1-based) at which each cell stopped being a mask
+    for s, canvas in enumerate(frames, 1):
+        for i, t in enumerate(canvas):
+            if t != tok.mask_id and not revealed_at[i]:
+                revealed_at[i] = s
+    small, big = _font(12), _font(15)
+    pic = image.convert("RGB").resize((IMG, IMG), Image.NEAREST)
+    out = []
+    for s, canvas in enumerate([[tok.mask_id] * G] + frames):
+        im = Image.new("RGB", (W, H), BG)
+        im.paste(pic, (12, 12))
+        d = ImageDraw.Draw(im)
+        d.text((IMG + 28, 12), question, fill=INK, font=big)
+        for i, t in enumerate(canvas):
+            x0 = IMG + 28 + (i % COLS) * (CELL_W + 4)
+            y0 = 44 + (i // COLS) * (CELL_H + 4)
+            fill = MASK_FILL if t == tok.mask_id else step_colour(revealed_at[i], S)
+            d.rectangle((x0, y0, x0 + CELL_W, y0 + CELL_H), fill=fill)
+            d.text((x0 + 4, y0 + 5), token_label(tok, t)[:10], fill=INK, font=small)
+        # colour bar: which colour means which step
+        bx, by = IMG + 28, H - 40
+        for k in range(1, S + 1):
+            d.rectangle((bx + (k - 1) * 300 // S, by, bx + k * 300 // S, by + 10), fill=step_colour(k, S))
+        d.text((bx, by + 13), f"revealed at step 1 ... {S}", fill=INK, font=small)
+        d.text((12, IMG + 22), f"step {s}/{S}", fill=INK, font=big)
+        if s == S:
+            d.text((12, IMG + 44), f"answer: {answer_text(tok, canvas)}", fill=INK, font=small)
+            if truth is not None:
+                d.text((12, IMG + 58), f"truth:  {truth}", fill=INK, font=small)
+        out.append(im.convert("P", palette=Image.ADAPTIVE, colors=64))
+    durations = [ms_per_step] * (len(out) - 1) + [hold_ms]
+    tmp = f"{path}.tmp.{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            out[0].save(f, format="GIF", save_all=True, append_images=out[1:], duration=durations, loop=0,
+                        optimize=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return os.path.getsize(path)

@@ -1,0 +1,271 @@
+"""
+Benchmark: training-step throughput and FLOP utilisation, and sampling latency, tokens/s, model calls
+(NFE) and memory for every decoding mode (exact, prefix / dual KV cache, confidence threshold, and their
+combinations; fast.py). Prints a table.
+
+Where this sits in the flow: it times the whole pipeline, image -> ViT -> projector -> LLaDA -> loss
+(one optimiser step), and the reverse process that answers from the same visual tokens.
+
+FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode records every matmul and
+attention of one training step (forward + backward, ~ 6 N tokens + attention). Utilisation is
+    MFU = (FLOPs per step / seconds per step) / peak,
+where peak is, on a CPU, the best fp32 matmul rate measured in this same run (so the figure says how
+close the step gets to what this machine's matmul can do), and on a GPU the vendor's dense bf16 peak
+(table below; unknown GPUs fall back to a measured bf16 matmul).
+
+    python bench.py                                   # toy preset, random weights, CPU or GPU
+    python bench.py --checkpoint=out/ckpt.pt          # a trained model (threshold decoding needs one:
+                                                      # random weights are never confident)
+    python bench.py --preset=small --device=cuda      # any preset; --key=value overrides (see --help)
+Training inputs are random token ids with one image's placeholders and random pixels; sampling uses
+held-out synthetic questions where the tokenizer exists (toy) and random ids otherwise, so the `small`
+preset runs without the official tokenizer.
+"""
+import resource
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusion import diffusion_loss, forward_process, generate
+from fast import MODES, CountingModel, generate_fast, mode_kwargs
+from model import LLaDAV, get_config, load_checkpoint
+from data import default_system, prompt_batch
+from sample import autocast
+from synthetic import SyntheticVQA
+from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
+from train import pick_device
+from vision import preprocess
+
+# Dense bf16 tensor-core peaks (FLOP/s), from the vendors' data sheets (no sparsity).
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "toy"           # toy | small | llada_v_8b (random weights) ...
+    checkpoint: str = ""          # ... or a trained checkpoint (its config wins over --preset)
+    device: str = "auto"
+    seed: int = 0
+    train_batch: int = 32         # sequences per training step
+    train_steps: int = 10         # timed steps (after 2 warm-up steps)
+    text_len: int = 24            # prompt text tokens besides the image's visual tokens
+    gen_length: int = 16          # answer canvas
+    block_length: int = 8         # semi-autoregressive blocks (caches refresh at each block start)
+    steps: int = 16               # exact sampler steps
+    threshold: float = 0.9        # confidence threshold of the threshold modes
+    sample_batch: int = 1         # prompts decoded together
+    repeats: int = 5              # timed sampling runs per mode (median reported)
+    modes: str = ",".join(MODES)
+    skip_train: bool = False
+
+
+def parse(argv) -> BenchConfig:
+    bc = BenchConfig()
+    for a in argv:
+        if a in ("-h", "--help"):
+            print(__doc__ + "\noptions:\n" + "\n".join(f"  --{f.name}={getattr(bc, f.name)}" for f in fields(bc)))
+            sys.exit(0)
+        key, eq, val = a[2:].partition("=")
+        if not a.startswith("--") or not eq or key not in {f.name for f in fields(bc)}:
+            sys.exit(f"bad argument {a!r}; use --key=value with key one of "
+                     + ", ".join(f.name for f in fields(bc)))
+        old = getattr(bc, key)
+        try:
+            setattr(bc, key, (val.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(val))
+        except ValueError:
+            sys.exit(f"--{key}={val!r} is not a valid {type(old).__name__}")
+    return bc
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype=torch.float32, sizes=(256, 512, 1024, 2048)):
+    """Best measured matmul rate (FLOP/s) over a few square sizes, ~1 s in all."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        sync(device)
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.25:
+            a @ b
+            reps += 1
+        sync(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops(device):
+    """(peak FLOP/s, where it comes from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"{name}: data-sheet dense bf16 peak"
+        return matmul_peak(device, torch.bfloat16, (4096, 8192)), f"{name}: measured bf16 matmul"
+    return matmul_peak(device), f"measured fp32 matmul, {torch.get_num_threads()} thread(s)"
+
+
+def fake_batch(cfg, B, bc, device, gen=None):
+    """Random ids: [visual placeholders, text_len text tokens, gen_length answer tokens]; labels on the answer."""
+    N, V = cfg.vision.n_patches, cfg.lm.vocab_size
+    text = torch.randint(0, V - 8, (B, bc.text_len), generator=gen)
+    ans = torch.randint(0, V - 8, (B, bc.gen_length), generator=gen)
+    ids = torch.cat([torch.full((B, N), IMAGE_TOKEN_INDEX), text, ans], 1)
+    labels = torch.cat([torch.full((B, N + bc.text_len), -100), ans], 1)
+    pixels = torch.rand(B, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen) * 2 - 1
+    return ids.to(device), labels.to(device), pixels.to(device)
+
+
+def bench_train(model, bc, device, peak):
+    cfg = model.cfg
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(bc.seed)
+    ids, labels, pixels = fake_batch(cfg, bc.train_batch, bc, device, g)
+    mask_id = cfg.lm.vocab_size - 1
+
+    def step():
+        xt, masked, p_mask = forward_process(ids, labels, mask_id)
+        with autocast(device):
+            logits = model(xt, pixels, output_positions=masked)
+        loss = diffusion_loss(logits, labels, masked, p_mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    model.train()
+    with FlopCounterMode(display=False) as fc:
+        step()
+    flops = fc.get_total_flops()
+    step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(bc.train_steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / bc.train_steps
+    model.eval()
+    tokens = ids.numel()
+    mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return dict(seconds=dt, tokens=tokens, flops=flops, mfu=flops / dt / peak, mem=mem)
+
+
+def sampling_inputs(model, bc, device):
+    """(prompt ids, attention mask, pixels, mask/eos/eot ids). The toy model gets real held-out synthetic
+    questions (a trained model is confident only on its own kind of input); a preset whose tokenizer is
+    not available gets random ids, with the last three vocabulary ids standing in for mask / EOS / EoT."""
+    cfg = model.cfg
+    try:
+        tok = get_tokenizer(cfg.tokenizer)
+    except ValueError:
+        V = cfg.lm.vocab_size
+        ids, _, pixels = fake_batch(cfg, bc.sample_batch, bc, device, torch.Generator().manual_seed(bc.seed + 1))
+        return ids[:, :-bc.gen_length], None, pixels, (V - 1, V - 2, V - 3)
+    samples = SyntheticVQA(tok, cfg.vision.image_size, cfg.vision.n_patches, bc.gen_length).heldout(bc.sample_batch)
+    ids, attn = prompt_batch(tok, [q for _, q, _, _ in samples], cfg.vision.n_patches, default_system(cfg.tokenizer))
+    pixels = torch.stack([preprocess(img, cfg.vision.image_size) for img, *_ in samples])
+    return ids.to(device), attn.to(device), pixels.to(device), (tok.mask_id, tok.eos_id, tok.eot_id)
+
+
+@torch.no_grad()
+def bench_sampling(model, bc, device):
+    prompt, attn, pixels, (mask_id, eos_id, eot_id) = sampling_inputs(model, bc, device)
+    with autocast(device):
+        feats = model.encode_images(pixels)
+    kw = dict(steps=bc.steps, gen_length=bc.gen_length, block_length=bc.block_length, mask_id=mask_id,
+              eos_id=eos_id, eot_id=eot_id, image_features=feats, attention_mask=attn)
+    rows, ref = [], None
+    for mode in bc.modes.split(","):
+        fk = mode_kwargs(mode, bc.threshold)
+
+        def run():
+            st = {}
+            with autocast(device):
+                if mode == "exact":
+                    cm = CountingModel(model)
+                    out = generate(cm, prompt, **kw)
+                    st = {"nfe": cm.nfe, "full_nfe": cm.nfe, "cache_bytes": 0}
+                else:
+                    out = generate_fast(model, prompt, stats=st, **fk, **kw)
+            sync(device)
+            return out, st
+        out, st = run()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(bc.repeats):
+            t0 = time.perf_counter()
+            out, st = run()
+            times.append(time.perf_counter() - t0)
+        lat = sorted(times)[len(times) // 2]
+        ans = out[:, -bc.gen_length:]
+        ref = ans if ref is None else ref
+        rows.append(dict(mode=mode, latency=lat, tps=bc.sample_batch * bc.gen_length / lat, nfe=st["nfe"],
+                         full=st["full_nfe"], cache=st["cache_bytes"],
+                         agree=float((ans == ref).float().mean()),
+                         mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None))
+    return rows
+
+
+def main(argv):
+    bc = parse(argv)
+    device = pick_device(bc.device)
+    torch.manual_seed(bc.seed)
+    if bc.checkpoint:
+        try:
+            model, _ = load_checkpoint(bc.checkpoint, device)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(str(e))
+        source = bc.checkpoint
+    else:
+        try:
+            cfg = get_config(bc.preset)
+        except ValueError as e:
+            sys.exit(str(e))
+        model = LLaDAV(cfg).to(device)
+        model.init_weights()
+        source = f"preset {bc.preset}, random weights"
+    if bc.gen_length % bc.block_length or bc.steps % (bc.gen_length // bc.block_length):
+        sys.exit(f"gen_length={bc.gen_length} must be a multiple of block_length={bc.block_length} and steps="
+                 f"{bc.steps} a multiple of the number of blocks; fix the three options")
+    n_params = sum(p.numel() for p in model.parameters())
+    L = model.cfg.vision.n_patches + bc.text_len + bc.gen_length
+    print(f"{source}: {n_params / 1e6:.2f}M parameters on {device} ({torch.get_num_threads()} CPU threads), "
+          f"training sequences of {L} tokens ({model.cfg.vision.n_patches} visual + {bc.text_len} text + {bc.gen_length} answer)")
+    if not bc.skip_train:
+        peak, peak_src = peak_flops(device)
+        tr = bench_train(model, bc, device, peak)
+        print(f"\ntraining step (batch {bc.train_batch}, mean of {bc.train_steps}):")
+        print(f"  {tr['seconds'] * 1e3:.1f} ms/step | {tr['tokens'] / tr['seconds']:,.0f} tokens/s | "
+              f"{tr['flops'] / 1e9:.2f} GFLOP/step (counted) | {tr['flops'] / tr['seconds'] / 1e9:.1f} GFLOP/s | "
+              f"MFU {100 * tr['mfu']:.1f}% of {peak / 1e9:,.1f} GFLOP/s ({peak_src})"
+              + (f" | peak memory {tr['mem'] / 2**20:,.0f} MiB" if tr["mem"] is not None else ""))
+    print(f"\nsampling (batch {bc.sample_batch}, gen_length {bc.gen_length}, block_length {bc.block_length}, "
+          f"exact steps {bc.steps}, threshold {bc.threshold}; median of {bc.repeats}):")
+    try:
+        rows = bench_sampling(model, bc, device)
+    except ValueError as e:
+        sys.exit(str(e))
+    ex = rows[0]
+    print("| mode | latency | tokens/s | model calls (full passes) | speed-up vs first | KV cache | "
+          "same tokens as first |" + (" peak memory |" if device.type == "cuda" else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else ""))
+    for r in rows:
+        print(f"| {r['mode']} | {r['latency'] * 1e3:.1f} ms | {r['tps']:,.1f} | {r['nfe']} ({r['full']}) | "
+              f"{ex['latency'] / r['latency']:.2f}x | {r['cache'] / 2**20:.2f} MiB | {100 * r['agree']:.0f}% |"
+              + (f" {r['mem'] / 2**20:,.0f} MiB |" if r["mem"] is not None else ""))
+    print(f"\nprocess peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

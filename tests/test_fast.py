@@ -1,0 +1,292 @@
+"""Tests for fast.py and model.KVCache: the approximate KV caches (prefix, dual) and confidence-threshold
+parallel decoding. Tiny random models, CPU only."""
+import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # tiny tensors: one thread is fastest on a shared 2-core machine
+
+from diffusion import generate
+from fast import CountingModel, MODES, generate_fast, mode_kwargs
+from model import KVCache, LLaDA
+from test_diffusion import GEN, MASK, PAD, V, fixed_logits_model, prompt, tiny_cfg, tiny_vlm_and_prompt
+
+
+def tiny_llm(seed=0, n_layers=2):
+    torch.manual_seed(seed)
+    cfg = tiny_cfg().lm
+    cfg.n_layers = n_layers
+    llm = LLaDA(cfg)
+    llm.init_weights()
+    return llm.eval()
+
+
+def lm_fn(llm):
+    """The sampler's model interface for a bare LLaDA: model(x, attention_mask=..., cache=...)."""
+    return lambda x, attention_mask=None, cache=None: llm(llm.embed_tokens(x), attention_mask, cache=cache)
+
+
+def left_padded(prompts):
+    P = max(len(q) for q in prompts)
+    batch = torch.stack([torch.cat([torch.full((P - len(q),), PAD), q]) for q in prompts])
+    am = torch.stack([torch.cat([torch.zeros(P - len(q)), torch.ones(len(q))]) for q in prompts]).bool()
+    return batch, am, P
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache itself
+
+@pytest.mark.parametrize("span", [(6, 14), (6, 20), (0, 20), (19, 20)])
+def test_cached_span_equals_full_pass(span):
+    """Keys/values recorded from x, then only x[:, s:e] recomputed: the span's logits equal the full pass's
+    (RoPE offsets, padding mask, every layer), with left padding in the batch too."""
+    llm = tiny_llm(n_layers=3)
+    x, am, P = left_padded([prompt(12, seed=1)[0], prompt(20, seed=2)[0]])
+    full = llm(llm.embed_tokens(x), am)
+    kv = KVCache()
+    rec = llm(llm.embed_tokens(x), am, cache=kv)
+    torch.testing.assert_close(rec, full, rtol=0, atol=0)  # recording does not change the pass
+    assert len(kv.k) == 3 and kv.k[0].shape == (2, 4, 20, 8)
+    kv.span = span
+    part = llm(llm.embed_tokens(x), am, cache=kv)
+    assert part.shape == (2, span[1] - span[0], V)
+    torch.testing.assert_close(part, full[:, span[0]:span[1]], rtol=1e-5, atol=1e-5)
+
+
+def test_stale_cache_is_approximate_and_refresh_fixes_it():
+    """Change a token outside the span: the cached keys are stale, so the span's logits differ from a fresh
+    full pass (the cache is an approximation); re-recording makes them equal again."""
+    llm = tiny_llm()
+    x = prompt(16, seed=3)
+    kv = KVCache()
+    llm(llm.embed_tokens(x), cache=kv)
+    x2 = x.clone()
+    x2[0, 2] = (x2[0, 2] + 1) % 60
+    kv.span = (8, 16)
+    stale = llm(llm.embed_tokens(x2), cache=kv)
+    fresh = llm(llm.embed_tokens(x2))[:, 8:16]
+    assert (stale - fresh).abs().max() > 1e-4
+    kv = KVCache()
+    llm(llm.embed_tokens(x2), cache=kv)
+    kv.span = (8, 16)
+    torch.testing.assert_close(llm(llm.embed_tokens(x2), cache=kv), fresh, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 1: exactness limits
+
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+def test_fast_path_with_refresh_every_step_is_token_identical_to_exact(cache):
+    """One token per step (steps = gen_length) and the cache re-recorded every step: generate_fast gives the
+    exact sampler's tokens, step by step, over several semi-autoregressive blocks and several prompts."""
+    m = lm_fn(tiny_llm(1))
+    for seed in range(3):
+        p = prompt(6, seed=seed)
+        kw = dict(steps=12, gen_length=12, block_length=4, **GEN)
+        ref, fast = [], []
+        a = generate(m, p, callback=lambda x, s, b: ref.append(x.clone()), **kw)
+        b = generate_fast(m, p, cache=cache, refresh_every=1, callback=lambda x, s, b: fast.append(x.clone()), **kw)
+        assert torch.equal(a, b)
+        assert len(ref) == len(fast) == 12 and all(torch.equal(u, v) for u, v in zip(ref, fast))
+
+
+def test_threshold_above_one_is_one_token_per_step():
+    """A threshold no confidence can pass (> 1) reveals exactly one token per step: the exact sampler with
+    steps = gen_length, and NFE = gen_length."""
+    m = lm_fn(tiny_llm(2))
+    p = prompt(5, seed=4)
+    kw = dict(gen_length=8, block_length=4, **GEN)
+    st = {}
+    out = generate_fast(m, p, threshold=1.01, stats=st, **kw)
+    assert torch.equal(out, generate(m, p, steps=8, **kw))
+    assert st["nfe"] == 8 == st["full_nfe"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Threshold decoding
+
+def test_threshold_reveals_every_confident_position_at_once():
+    """Positions with confidence > tau are revealed together in one step, the rest one per step, most
+    confident first; tau = 0 fills a block in a single call."""
+    def row(top, c):
+        return [c if v == top else 0.0 for v in range(V)]
+    rows = [row(10, 20.0), row(11, 1.0), row(12, 20.0), row(13, 2.0)]  # two sure, two unsure positions
+    snaps, st = [], {}
+    out = generate_fast(fixed_logits_model(rows), prompt(3), gen_length=4, block_length=4, threshold=0.9,
+                        callback=lambda x, s, b: snaps.append(x[0, 3:].clone()), stats=st, **GEN)
+    assert out[0, 3:].tolist() == [10, 11, 12, 13]
+    revealed = [(s != MASK).nonzero()[:, 0].tolist() for s in snaps]
+    assert revealed == [[0, 2], [0, 2, 3], [0, 1, 2, 3]] and st["nfe"] == 3
+    st = {}
+    generate_fast(fixed_logits_model(rows), prompt(3), gen_length=4, block_length=2, threshold=0.0, stats=st, **GEN)
+    assert st["nfe"] == 2  # one call per block
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_fills_the_canvas_block_by_block_and_never_remasks(mode):
+    """Each mode keeps the prompt, never changes a revealed token, never writes past the current block,
+    and leaves no mask; cached modes make full passes only at block starts."""
+    m = lm_fn(tiny_llm(3))
+    p = prompt(5, seed=5)
+    snaps, st = [], {}
+    kw = dict(steps=8, gen_length=8, block_length=4, **GEN, **mode_kwargs(mode, threshold=0.3))
+    out = generate_fast(m, p, callback=lambda x, s, b: snaps.append((x.clone(), b)), stats=st, **kw)
+    assert torch.equal(out[:, :5], p) and not (out == MASK).any()
+    prev = torch.cat([p, torch.full((1, 8), MASK)], 1)
+    for x, b in snaps:
+        assert torch.equal(x[prev != MASK], prev[prev != MASK])
+        assert (x[:, 5 + 4 * (b + 1):] == MASK).all()
+        prev = x
+    assert st["nfe"] == len(snaps)
+    if MODES[mode]["cache"]:
+        assert st["full_nfe"] == 2 and st["positions"] < st["nfe"] * 13 and st["cache_bytes"] > 0
+    else:
+        assert st["full_nfe"] == st["nfe"] and st["positions"] == st["nfe"] * 13
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual", "threshold+dual"])
+def test_fast_batched_left_padding_matches_single(mode):
+    """A left-padded batch at T = 0 gives the same answers (and for threshold, the same tokens) as one
+    prompt at a time, with the caches too."""
+    m = lm_fn(tiny_llm(4))
+    prompts = [prompt(3, seed=1)[0], prompt(7, seed=2)[0], prompt(5, seed=3)[0]]
+    batch, am, P = left_padded(prompts)
+    kw = dict(steps=8, gen_length=8, block_length=4, **GEN, **mode_kwargs(mode, threshold=0.2))
+    out = generate_fast(m, batch, attention_mask=am, **kw)
+    for q, o in zip(prompts, out):
+        assert torch.equal(o[P:], generate_fast(m, q[None], **kw)[0, len(q):])
+
+
+def test_fast_with_cfg_and_image_features():
+    """LLaDA-V with an image and CFG through the dual cache: with refresh every step it equals the exact
+    sampler; with block-start refresh it still fills the canvas, with fewer full passes."""
+    m, p = tiny_vlm_and_prompt()
+    with torch.no_grad():
+        f = m.encode_images(torch.rand(1, 3, 16, 16) * 2 - 1)
+    kw = dict(steps=6, gen_length=6, block_length=3, cfg_scale=1.0, image_features=f, **GEN)
+    assert torch.equal(generate(m, p, **kw), generate_fast(m, p, cache="dual", refresh_every=1, **kw))
+    st = {}
+    out = generate_fast(m, p, cache="dual", stats=st, **kw)
+    assert not (out == MASK).any() and st["full_nfe"] == 2 and st["nfe"] == 6
+
+
+def test_counting_model_and_bad_arguments():
+    """CountingModel counts the exact sampler's calls; bad cache/mode names get clear errors."""
+    cm = CountingModel(lm_fn(tiny_llm()))
+    generate(cm, prompt(), steps=6, gen_length=6, block_length=3, **GEN)
+    assert cm.nfe == 6
+    with pytest.raises(ValueError, match="prefix"):
+        generate_fast(cm, prompt(), gen_length=4, block_length=4, steps=4, cache="kv", **GEN)
+    with pytest.raises(ValueError, match="threshold\\+dual"):
+        mode_kwargs("turbo")
+
+
+# ----------------------------------------------------------------------------------------------
+# sample.py --eval / --gif, the animation, bench.py
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from test_train import run_train
+    out = tmp_path_factory.mktemp("ckpt")
+    run_train(out, "--max_steps=2")
+    return str(out / "ckpt.pt")
+
+
+def test_sample_eval_prints_a_row_per_mode(checkpoint, capsys):
+    """--eval: one table row per mode; the exact sampler makes `steps` calls per batch, a cached mode two full
+    passes per batch (one per block)."""
+    import sample
+    sample.main([f"--checkpoint={checkpoint}", "--eval", "--n=4", "--batch_size=2", "--block_length=6",
+                 "--modes=exact,dual"])
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| exact") or l.startswith("| dual")]
+    assert len(rows) == 2
+    assert "| 12.00 (12.00) |" in rows[0] and "(2.00) |" in rows[1]
+    with pytest.raises(SystemExit, match="unknown decoding mode"):
+        sample.main([f"--checkpoint={checkpoint}", "--eval", "--n=2", "--modes=exact,warp"])
+
+
+def test_sample_gif(checkpoint, tmp_path, capsys):
+    """--gif writes an animation with one frame per step plus the all-mask start; in the last frame every
+    cell is coloured by its reveal step (no grey mask cell left), in the first every cell is grey."""
+    import animate
+    import sample
+    path = tmp_path / "d.gif"
+    sample.main([f"--checkpoint={checkpoint}", f"--gif={path}", "--mode=threshold"])
+    assert "wrote" in capsys.readouterr().out
+    from PIL import Image
+    im = Image.open(path)
+    assert im.format == "GIF" and 2 <= im.n_frames <= 13 and path.stat().st_size < 300_000
+
+    def cell(frame, i):  # centre-left pixel of canvas cell i (behind the text start)
+        im.seek(frame)
+        x = animate.IMG + 28 + (i % animate.COLS) * (animate.CELL_W + 4) + 2
+        y = 44 + (i // animate.COLS) * (animate.CELL_H + 4) + 2
+        return im.convert("RGB").getpixel((x, y))
+    assert all(cell(0, i) == animate.MASK_FILL for i in range(12))
+    assert all(cell(im.n_frames - 1, i) != animate.MASK_FILL for i in range(12))
+
+
+def test_step_colours_run_blue_to_red():
+    import animate
+    first, last = animate.step_colour(1, 10), animate.step_colour(10, 10)
+    assert first[2] > first[0] and last[0] > last[2]
+    assert len({animate.step_colour(s, 10) for s in range(1, 11)}) == 10
+
+
+def test_bench_runs_and_prints_every_mode(capsys):
+    """bench.py on the toy preset: a training line with counted FLOPs and MFU against a measured matmul peak,
+    and one sampling row per mode; the exact sampler makes `steps` full passes."""
+    import bench
+    bench.main(["--train_batch=2", "--train_steps=1", "--repeats=1", "--gen_length=8", "--block_length=4",
+                "--steps=8"])
+    out = capsys.readouterr().out
+    assert "GFLOP/step (counted)" in out and "MFU" in out and "measured fp32 matmul" in out
+    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| mode")]
+    assert [r.split("|")[1].strip() for r in rows] == list(MODES)
+    assert "| 8 (8) |" in rows[0] and "(2) |" in rows[1]
+    with pytest.raises(SystemExit, match="key one of"):
+        bench.main(["--nope=1"])
+
+
+def test_flop_counter_sees_the_model():
+    """The counted FLOPs of one training step are ~ 6 x parameters x tokens (language-model layers over the
+    whole sequence, vision layers over the patches) plus attention and the head on masked rows: a sanity
+    band that catches a counter that sees nothing, or counts the step twice."""
+    import bench
+    from model import LLaDAV, get_config
+    m = LLaDAV(get_config("toy"))
+    bc = bench.BenchConfig(train_batch=2, train_steps=1)
+    tr = bench.bench_train(m, bc, torch.device("cpu"), peak=1e9)
+    lm_body = sum(p.numel() for p in m.llm.layers.parameters())
+    vit = sum(p.numel() for p in m.vision.parameters()) + sum(p.numel() for p in m.projector.parameters())
+    approx = 6 * (lm_body * tr["tokens"] + vit * 2 * m.cfg.vision.n_patches)
+    assert 0.9 * approx < tr["flops"] < 1.6 * approx, (tr["flops"], approx)
+
+
+def test_eval_choice_scores_every_candidate_canvas(checkpoint, monkeypatch):
+    """evaluate_choice hands diffusion.choose the chat prompt with the image placeholders and one answer
+    canvas per candidate (answer, <|eot_id|>, EOS padding); the pick is scored against the truth."""
+    import sample
+    from data import chat_prompt
+    from model import load_checkpoint
+    from synthetic import SyntheticVQA
+    from tokenizer import get_tokenizer
+    model, _ = load_checkpoint(checkpoint)
+    tok = get_tokenizer("toy")
+    n_img = model.cfg.vision.n_patches
+    samples = SyntheticVQA(tok, model.cfg.vision.image_size, n_img, 12).heldout(10)
+    closed = [s for s in samples if s[3] != "describe"]  # the kinds with a fixed candidate list
+    seen = []
+
+    def fake_choose(m, prompt, choices, **kw):
+        img, q, truth, kind = closed[len(seen)]
+        seen.append(q)
+        assert prompt.tolist() == tok.encode_with_image(chat_prompt(q, None), n_img)
+        texts = [sample.answer_text(tok, c) for c in choices]
+        assert texts == sample.CHOICES[kind] and all(len(c) == 12 and int(c[-1]) == tok.eos_id for c in choices)
+        assert kw["image_features"].shape == (kw["batch_size"], n_img, model.cfg.lm.d_model)
+        return texts.index(truth), []
+    monkeypatch.setattr(sample, "choose", fake_choose)
+    res = sample.evaluate_choice(model, tok, samples, gen_length=12)
+    assert res["n"] == 8 == len(seen) and res["all"] == 1.0 and "describe" not in res

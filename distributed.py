@@ -24,9 +24,11 @@ renames the folder to step_NNNNNN (an atomic rename) and atomically rewrites <ou
 SIGKILL at any moment leaves `latest` pointing at a complete checkpoint. DCP stores tensors by their
 full names and shapes, so a checkpoint written by W processes loads on any other number (resharding).
 """
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +156,14 @@ def _fsync_tree(path: str):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _one_process_ok():
+    """DCP warns when it runs without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, keep: int = 2):
     """Every rank writes its shards; rank 0 publishes the checkpoint atomically and prunes old ones."""
     import torch.distributed.checkpoint as dcp
@@ -168,7 +178,8 @@ def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, k
     barrier()
     msd, osd = get_state_dict(model, opt)
     # `extra` (step, config, counters) travels as one JSON string: DCP flattens nested dicts into keys
-    dcp.save({"model": msd, "optim": osd, "extra": json.dumps(extra)}, checkpoint_id=tmp)  # collective
+    with _one_process_ok():
+        dcp.save({"model": msd, "optim": osd, "extra": json.dumps(extra)}, checkpoint_id=tmp)  # collective
     if info.main:
         _fsync_tree(tmp)
         final = os.path.join(root, name)
@@ -188,7 +199,8 @@ def load_dcp(path: str, model, opt) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd, "extra": ""}
-    dcp.load(state, checkpoint_id=path)
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads(state["extra"])
 

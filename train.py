@@ -168,21 +168,29 @@ def pick_device(name):
     return torch.device("cpu")
 
 
+def component_scales(model, tc: TrainConfig):
+    return ((model.llm, tc.llm_lr_scale), (model.vision, tc.vision_lr_scale), (model.projector, tc.projector_lr_scale))
+
+
 def make_groups(model, tc: TrainConfig):
     """One parameter group per component, each with its own lr multiplier (LLaDA-V trains the vision
     tower at a fifth of the LLM's lr); decay only matrices (LLaDA-V uses weight_decay 0 anyway). A zero
-    multiplier freezes the component (call before wrapping, so DDP / FSDP2 see the frozen parameters)."""
+    multiplier freezes the component: call freeze() before wrapping (DDP and FSDP2 must see which
+    parameters train) and make_groups() after (FSDP2 replaces the parameters by their shards)."""
     groups = []
-    for part, scale in ((model.llm, tc.llm_lr_scale), (model.vision, tc.vision_lr_scale),
-                        (model.projector, tc.projector_lr_scale)):
+    for part, scale in component_scales(model, tc):
         params = [p for p in part.parameters() if p.requires_grad]
         if scale == 0:
-            for p in params:
-                p.requires_grad_(False)  # a zero lr freezes the component
             continue
         groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_scale": scale},
                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     return groups
+
+
+def freeze(model, tc: TrainConfig):
+    for part, scale in component_scales(model, tc):
+        if scale == 0:
+            part.requires_grad_(False)  # a zero lr freezes the component
 
 
 def init_from(model, tc: TrainConfig, log):
@@ -233,11 +241,11 @@ def train(tc: TrainConfig, mc, quiet=False):
         init_from(model, tc, log)
     model.to(device)
     model.llm.checkpointing = tc.checkpointing
-    groups = make_groups(model, tc)
+    freeze(model, tc)
     n = count_params(model)
     parallel = resolve_parallel(tc.parallel, n["total"], info)
     fwd = wrap(model, parallel, info, bf16=device.type == "cuda")
-    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, tc.beta2), eps=1e-8,
+    opt = torch.optim.AdamW(make_groups(model, tc), lr=tc.lr, betas=(0.9, tc.beta2), eps=1e-8,
                             fused=device.type == "cuda" and parallel != "fsdp")
     fmt = tc.ckpt_format if tc.ckpt_format != "auto" else "dcp" if (info.on or tc.data) else "pt"
     if fmt not in ("pt", "dcp") or (fmt == "pt" and parallel == "fsdp"):
@@ -262,7 +270,8 @@ def train(tc: TrainConfig, mc, quiet=False):
     if tc.resume:
         dcp_path = latest_checkpoint(tc.out_dir)
         if dcp_path is None and not os.path.exists(ckpt_path):
-            sys.exit(f"--resume=1 but {tc.out_dir} holds no checkpoint; drop --resume or point --out_dir at a run")
+            sys.exit(f"--resume=1 but {ckpt_path} does not exist (nor {tc.out_dir}/dcp/latest); drop --resume "
+                     f"or point --out_dir at a run")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False) if dcp_path is None else None
         if ckpt is not None and "optimizer" not in ckpt:
             sys.exit(f"{ckpt_path} is a final export without optimizer state; resume from {tc.out_dir}/dcp")

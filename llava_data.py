@@ -106,6 +106,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         if not isinstance(conv, list) or not conv or not all(
                 isinstance(m, dict) and isinstance(m.get("value"), str) and m.get("from") in ROLES for m in conv):
             raise _BadSample("malformed record")
+        answers = [m["value"] for m in conv if ROLES[m["from"]] == "assistant"]
+        if not answers or not all(a.strip() for a in answers):
+            raise _BadSample("empty answer")
         files = _image_list(r)
         n_slots = sum(m["value"].count("<image>") for m in conv)
         if self.fmt == "plain":

@@ -260,7 +260,7 @@ def train(tc: TrainConfig, mc, quiet=False):
         except (OSError, ValueError) as e:
             sys.exit(str(e))
         batches = MicroBatches(ds, tc.batch_size, micro, info.world, info.rank, tc.seed, tc.workers, tc.pad_labels)
-        bad = BadSampleCounter(tc.max_bad_frac)
+        bad = BadSampleCounter(tc.max_bad_frac, min_seen=min(50, len(ds)))
         if tc.epochs > 0:
             tc.max_steps = max(1, math.ceil(tc.epochs * batches.steps_per_epoch))
     if tc.warmup_ratio > 0:

@@ -6,8 +6,8 @@ that the interrupted run ends exactly where an uninterrupted one does.
     python tests/kill_resume.py --kills=10 --format=pt     # the single-file ckpt.pt
 
 Each round starts `train.py --resume=1` (once a checkpoint exists), waits until the run has logged a
-new step, sleeps a random 0-0.4 s (a checkpoint is written every step, so many kills land inside a
-save) and sends SIGKILL. After every kill the newest checkpoint must be complete and loadable. A kill
+new step, sleeps a random 0-1.5 s (a checkpoint is written every step and takes about half of it, so
+many kills land inside a save) and sends SIGKILL. After every kill the newest checkpoint must be complete and loadable. A kill
 that leaves a temporary `.tmp` file or folder behind happened during a save. At the end, the loss of
 every step (the last one logged for a step wins: a resumed run redoes the steps after its checkpoint)
 and the final weights must equal the uninterrupted run's bit for bit.
@@ -94,7 +94,7 @@ def run(base, kills=10, steps=30, fmt="dcp", seed=0, say=print):
             time.sleep(0.01)
         if p.poll() is not None:
             break  # it finished before we could kill it: raise --steps
-        time.sleep(rng.uniform(0, 0.4))
+        time.sleep(rng.uniform(0, 1.5))
         p.send_signal(signal.SIGKILL)
         p.wait()
         kills_done += 1

@@ -152,10 +152,12 @@ class LLaDA(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
         self.checkpointing = False  # True: recompute each block's activations in backward (saves memory)
+        self.head_chunk = 0         # > 0: forward(targets=...) runs the head + loss on this many rows at a time
 
-    def forward(self, embeds, attention_mask=None, output_positions=None):
+    def forward(self, embeds, attention_mask=None, output_positions=None, targets=None):
         """embeds (B, L, d) -> logits (B, L, V), or (N, V) for the N True entries of the bool
-        `output_positions` (B, L): the head is the biggest matmul, and the loss needs masked rows only."""
+        `output_positions` (B, L): the head is the biggest matmul, and the loss needs masked rows only.
+        With targets (N,) it returns the per-row cross-entropy (N,) instead (see chunked_head_ce)."""
         B, L, _ = embeds.shape
         cos, sin = rope_cos_sin(L, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, embeds.device)
         # padding mask -> (B, 1, 1, L) bool, broadcast over heads and queries; skip it when nothing is padded
@@ -169,6 +171,8 @@ class LLaDA(nn.Module):
         x = self.norm(x)
         if output_positions is not None:
             x = x[output_positions]  # (N, d)
+        if targets is not None:
+            return chunked_head_ce(x.reshape(-1, x.shape[-1]), self.lm_head, targets.reshape(-1), self.head_chunk)
         return self.lm_head(x)
 
     def init_weights(self):
@@ -187,6 +191,19 @@ class LLaDA(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+
+
+def chunked_head_ce(h, head: nn.Linear, targets, chunk: int = 0):
+    """Per-row CE(head(h_i).float(), target_i) for h (N, d), targets (N,) -> (N,). With chunk > 0 the rows
+    go through head + cross-entropy `chunk` at a time under activation checkpointing: only h is kept
+    for backward and at most chunk x V logits exist at once (N x V fp32 logits, their log-softmax and
+    two gradients of that size are what dominates the loss's memory at a 126k vocabulary)."""
+    def ce(h_rows, t_rows):
+        return F.cross_entropy(head(h_rows).float(), t_rows, reduction="none")
+    if chunk <= 0 or not torch.is_grad_enabled():
+        return ce(h, targets)
+    return torch.cat([torch.utils.checkpoint.checkpoint(ce, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+                      for i in range(0, h.shape[0], chunk)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +255,7 @@ class LLaDAV(nn.Module):
             x = x.masked_scatter(is_img[..., None], image_features.reshape(-1, x.shape[-1]).to(x.dtype))
         return x
 
-    def forward(self, ids, pixels=None, attention_mask=None, image_features=None, output_positions=None):
+    def forward(self, ids, pixels=None, attention_mask=None, image_features=None, output_positions=None, targets=None):
         """ids (B, L) -> logits (B, L, V) (or (N, V) at output_positions). Images come either as pixels
         (n_images, 3, S, S) or as image_features already encoded (the sampler encodes them once)."""
         if ids.shape[1] > self.cfg.lm.max_seq_len:
@@ -246,7 +263,7 @@ class LLaDAV(nn.Module):
                              f"max_seq_len={self.cfg.lm.max_seq_len}; shorten the prompt or lower gen_length")
         if pixels is not None:
             image_features = self.encode_images(pixels)
-        return self.llm(self.embed(ids, image_features), attention_mask, output_positions)
+        return self.llm(self.embed(ids, image_features), attention_mask, output_positions, targets)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ Per process, for P parameters of which T train, W processes, FSDP2 shards s = W 
                  while it is recomputed. The ViT: 9 D + 2 M per patch per layer when it trains (0 when frozen:
                  nothing below it needs gradients).
     head         the output head at the N masked positions only: logits, log-softmax and two gradient buffers
-                 of N x V fp32 each (the full-sequence head of the official code holds 2 L x V more)
+                 of R x V fp32 each, R = N, or R = min(N, head_chunk) when the head runs in chunks
+                 (the official code also keeps the fp32 logits of all L positions: L x V x 4 bytes more)
     peak = parameters + AdamW + max(activations + head, gradients + optimizer transient)
 The peak is a max because activations are freed in backward while the gradients fill up.
 
@@ -63,7 +64,7 @@ def counts(preset: str, overrides: dict | None = None):
 
 def estimate(preset: str, world: int = 1, seq: int = 8192, batch: int = 1, stage: int = 2, parallel: str = "fsdp",
              checkpointing: bool = True, bf16: bool = True, masked_frac: float = 0.25, n_images: int = 1,
-             foreach: bool = True, overrides: dict | None = None) -> dict:
+             foreach: bool = True, head_chunk: int = 512, overrides: dict | None = None) -> dict:
     """Bytes per process for one training step (see the module docstring). masked_frac: share of the
     sequence's positions that are masked (the head runs there): t ~ U(0,1) over the answer part."""
     mc, c = counts(preset, overrides)
@@ -94,7 +95,8 @@ def estimate(preset: str, world: int = 1, seq: int = 8192, batch: int = 1, stage
     if train["vision"]:
         acts += n_images * batch * (vc.n_layers - 1) * vc.n_patches * (9 * vc.d_model + 2 * vc.mlp_hidden) * e
     N = masked_frac * tokens
-    head = 4 * N * lm.vocab_size * 4 + (2 * N * lm.vocab_size if bf16 else 0)
+    rows = min(N, head_chunk) if head_chunk else N  # logits rows alive at once
+    head = 4 * rows * lm.vocab_size * 4 + (2 * rows * lm.vocab_size if bf16 else 0)
     out["activations"], out["head"], out["optimizer step transient"] = acts, head, transient
     out["peak"] = out["parameters"] + out["optimizer"] + max(acts + head, out["gradients"] + transient)
     return out
@@ -187,7 +189,7 @@ def validate(cases=None, say=print) -> list:
         got = measure(preset, batch, text_len, ckpt)
         P = get_config(preset).vision.n_patches
         est = estimate(preset, 1, P + text_len, batch, 2, "none", ckpt, bf16=False,
-                       masked_frac=got["masked"] / got["tokens"], foreach=True)["peak"]
+                       masked_frac=got["masked"] / got["tokens"], foreach=True, head_chunk=0)["peak"]
         err = est / got["peak"] - 1
         say(f"{preset:6s} batch {batch} x {P + text_len} tokens, checkpointing {str(ckpt):5s}: "
             f"estimate {est / 2**20:8.1f} MiB, measured {got['peak'] / 2**20:8.1f} MiB ({100 * err:+.1f}%)")
@@ -198,45 +200,60 @@ def validate(cases=None, say=print) -> list:
 # ----------------------------------------------------------------------------------------------
 # The output head: masked positions only vs the official full-sequence logits
 
-def _head_loss_peak(tokens, vocab, d, n_masked, full):
-    """(runs in a child) peak bytes of loss forward + backward from the final hidden states."""
+def _head_loss_peak(tokens, vocab, d, n_masked, variant, chunk=512):
+    """(runs in a child) peak bytes of the loss's forward + backward, from the final hidden states on.
+    official: fp32 logits for every position (kept: the model returns them), loss at the masked rows;
+    masked: the head at the masked rows only; chunked: that, `chunk` rows at a time (model.chunked_head_ce)."""
     import torch
-    import torch.nn.functional as F
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(tokens, d, generator=g, requires_grad=True)
+
+    from model import chunked_head_ce
+    torch.manual_seed(0)
+    h = torch.randn(tokens, d, requires_grad=True)
     head = torch.nn.Linear(d, vocab, bias=False)
     masked = torch.zeros(tokens, dtype=torch.bool)
-    masked[torch.randperm(tokens, generator=g)[:n_masked]] = True
-    target = torch.randint(0, vocab, (tokens,), generator=g)
+    masked[torch.randperm(tokens)[:n_masked]] = True
+    target = torch.randint(0, vocab, (tokens,))
+    def run(rows):
+        if variant == "official":
+            logits = head(h[rows]).float()  # (L, V), held until the step ends like the official model output
+            ce = torch.nn.functional.cross_entropy(logits[masked[rows]], target[rows][masked[rows]], reduction="none")
+        else:
+            ce = chunked_head_ce(h[rows][masked[rows]], head, target[rows][masked[rows]], chunk if variant == "chunked" else 0)
+        loss = ce.sum() / tokens
+        loss.backward()
+        return loss
+
+    run(slice(0, 64))  # warm-up on a few rows: pages in the kernels' code, which is not the loss's memory
+    h.grad = head.weight.grad = None
+    gc.collect()
     _reset_peak()
     base = _rss()
-    if full:  # official: logits for every position, then the loss at the masked ones
-        logits = head(h).float()[masked]
-    else:
-        logits = head(h[masked]).float()
-    loss = F.cross_entropy(logits, target[masked], reduction="sum") / tokens
-    loss.backward()
+    loss = run(slice(None))
     return {"peak": _rss("VmHWM") - base, "loss": loss.item()}
 
 
-def head_bench(tokens=8192, vocab=126464, d=256, fracs=(0.5, 0.25, 0.1), say=print):
+def head_bench(tokens=8192, vocab=126464, d=256, fracs=(0.5, 0.25, 0.1), chunk=512, say=print):
+    """-> rows (masked fraction, {variant: peak bytes}, {variant: loss})."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     rows = []
     for f in fracs:
         n = int(f * tokens)
-        res = {}
-        for full in (True, False):
-            code = f"import json, plan; print(json.dumps(plan._head_loss_peak({tokens}, {vocab}, {d}, {n}, {full})))"
+        peak, loss = {}, {}
+        for v in ("official", "masked", "chunked"):
+            code = (f"import json, plan; print(json.dumps(plan._head_loss_peak({tokens}, {vocab}, {d}, {n}, "
+                    f"{v!r}, {chunk})))")
             r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                cwd=os.path.dirname(os.path.abspath(__file__)))
             if r.returncode:
                 raise RuntimeError(r.stderr[-2000:])
-            res[full] = json.loads(r.stdout.strip().splitlines()[-1])
-        ratio = res[True]["peak"] / res[False]["peak"]
-        say(f"{tokens} tokens, V={vocab}, {n} masked ({100 * f:.0f}%): full head {res[True]['peak'] / GB:.2f} GiB, "
-            f"masked-only {res[False]['peak'] / GB:.2f} GiB -> {ratio:.1f}x lower; "
-            f"loss {res[True]['loss']:.6f} vs {res[False]['loss']:.6f}")
-        rows.append((f, res[True]["peak"], res[False]["peak"], ratio))
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            peak[v], loss[v] = res["peak"], res["loss"]
+        say(f"{tokens} tokens, V={vocab}, {n} masked ({100 * f:.0f}%): official full-sequence head "
+            f"{peak['official'] / GB:.2f} GiB | masked-only {peak['masked'] / GB:.2f} GiB "
+            f"({peak['official'] / peak['masked']:.1f}x lower) | masked-only, chunks of {chunk} "
+            f"{peak['chunked'] / GB:.2f} GiB ({peak['official'] / peak['chunked']:.1f}x lower) | loss "
+            f"{loss['official']:.7f} / {loss['masked']:.7f} / {loss['chunked']:.7f}")
+        rows.append((f, peak, loss))
     return rows
 
 

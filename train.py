@@ -88,12 +88,14 @@ class TrainConfig:
     init_parts: str = "all"      # which of them: all, or a comma list of llm, vision, projector
     jsonl: str = ""              # append one JSON line per logged step here (and draw loss.png beside it)
     final_eval: bool = True      # held-out report at the end (synthetic data, one process or DDP)
+    head_chunk: int = 0          # > 0: output head + loss on this many masked rows at a time, recomputed in
+                                 # backward (model.chunked_head_ce): the loss's memory no longer grows with N x V
 
 
 # LLaDA-V's recipe (REFERENCE 7): AdamW (0.9, 0.999), weight decay 0, 3% warmup, cosine to 0, clip 1.0,
 # one epoch; the global batch is reached with gradient accumulation. Stage 1 trains the projector only.
 _COMMON = dict(beta2=0.999, weight_decay=0.0, min_lr=0.0, warmup_ratio=0.03, grad_clip=1.0, epochs=1.0,
-               stratified_t=False, exact_count=False, weighting="elbo", loss_mode="sft", max_len=8192)
+               stratified_t=False, exact_count=False, weighting="elbo", loss_mode="sft", max_len=8192, head_chunk=512)
 STAGES = {
     1: dict(_COMMON, lr=1e-3, llm_lr_scale=0.0, vision_lr_scale=0.0, projector_lr_scale=1.0, batch_size=64,
             data_format="plain"),
@@ -240,7 +242,7 @@ def train(tc: TrainConfig, mc, quiet=False):
     if tc.init_from:
         init_from(model, tc, log)
     model.to(device)
-    model.llm.checkpointing = tc.checkpointing
+    model.llm.checkpointing, model.llm.head_chunk = tc.checkpointing, tc.head_chunk
     freeze(model, tc)
     n = count_params(model)
     parallel = resolve_parallel(tc.parallel, n["total"], info)
@@ -332,8 +334,9 @@ def train(tc: TrainConfig, mc, quiet=False):
         while len(out) < accum:
             b = next(stream)
             bad.update(b["errors"], b["n_seen"])
-            if b["ids"] is None:
-                continue  # every sample of this micro-batch was bad: take the next one
+            if b["ids"] is None:  # every sample of this micro-batch was bad: take the next one, unless
+                bad.check(bad.bad, bad.seen)  # this process's data is mostly broken (then stop here)
+                continue
             ids, labels, attn = b["ids"].to(device), b["labels"].to(device), b["attn"].to(device)
             pixels = None if b["pixels"] is None else b["pixels"].to(device)
             g = torch.Generator(device=device).manual_seed(((tc.seed * 1_000_003 + step) * 64 + len(out)) * 4096 + info.rank)
@@ -365,13 +368,17 @@ def train(tc: TrainConfig, mc, quiet=False):
                 fwd.set_requires_gradient_sync(sync)
             with ctx:
                 with autocast(device):
-                    logits = fwd(xt, pixels, attn, output_positions=masked)  # (N_masked, V): head on masked rows only
+                    if tc.head_chunk:  # per-row CE (N_masked,): the head runs in chunks inside the model
+                        ce, logits = fwd(xt, pixels, attn, output_positions=masked, targets=labels[masked]), None
+                    else:              # (N_masked, V): the head runs on the masked rows only
+                        ce, logits = None, fwd(xt, pixels, attn, output_positions=masked)
                     if pixels is None and info.on and (trains["vision"] or trains["projector"]):
                         # text-only micro-batch: run the vision path on a blank image with weight 0, so every
                         # process uses every trainable parameter and the gradient collectives line up
                         blank = torch.zeros(1, 3, mc.vision.image_size, mc.vision.image_size, device=device)
-                        logits = logits + 0 * model.encode_images(blank).sum()
-                loss = diffusion_loss(logits, labels, masked, p_mask, mode=tc.loss_mode, weighting=tc.weighting)
+                        zero = 0 * model.encode_images(blank).sum()
+                        ce, logits = (ce + zero, None) if tc.head_chunk else (None, logits + zero)
+                loss = diffusion_loss(logits, labels, masked, p_mask, mode=tc.loss_mode, weighting=tc.weighting, ce=ce)
                 if n_samples * info.world != tc.batch_size:  # scale so the sum over micro-batches and the
                     loss = loss * (n_samples * info.world / tc.batch_size)  # mean over processes = batch loss
                 loss.backward()

@@ -1,5 +1,5 @@
 """Data parallelism on the CPU (gloo, 2 processes): DDP and FSDP2 follow the single-process trajectory,
-gradient accumulation too, and a DCP checkpoint written by 2 FSDP2 processes resumes on 1 process."""
+gradient accumulation, activation checkpointing and the chunked head too, and a DCP checkpoint written by 2 FSDP2 processes resumes on 1 process."""
 import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import socket
 
@@ -44,17 +44,19 @@ def runs(tmp_path_factory):
     """One spawn of 2 processes runs DDP, FSDP2 and FSDP2-with-accumulation (spawning costs seconds)."""
     d = tmp_path_factory.mktemp("dist")
     jobs = [(str(d / "ddp"), ["--parallel=ddp"]), (str(d / "fsdp"), ["--parallel=fsdp"]),
-            (str(d / "fsdp_acc"), ["--parallel=fsdp", "--micro_batch_size=2"])]
+            (str(d / "fsdp_acc"), ["--parallel=fsdp", "--micro_batch_size=2"]),
+            (str(d / "fsdp_ckpt_chunk"), ["--parallel=fsdp", "--checkpointing=1", "--head_chunk=16"])]
     mp.spawn(_worker, args=(2, free_port(), jobs), nprocs=2, join=True)
     torch.set_num_threads(1)
     single = run(d / "single", "--ckpt_format=dcp")
     return d, single
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_acc"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_acc", "fsdp_ckpt_chunk"])
 def test_two_processes_follow_one_process(runs, name):
-    """Same global batch of 8: 2 processes x 4 (DDP, FSDP2) or 2 x 2 x 2 accumulation steps (FSDP2) give
-    the single-process losses at every step to 1e-5, and the same final weights."""
+    """Same global batch of 8: 2 processes x 4 (DDP, FSDP2; FSDP2 with activation checkpointing and the
+    head in chunks) or 2 x 2 x 2 accumulation steps (FSDP2) give the single-process losses at every step
+    to 1e-5, and the same final weights."""
     d, single = runs
     curve = read_curve(f"{d / name}/log.jsonl")
     assert list(curve) == list(single) == [1, 2, 3, 4]

@@ -150,8 +150,8 @@ def test_stage1_then_stage2(data_dir, tmp_path):
     assert max((w2[k] - w1[k]).abs().max().item() for k in proj) < 1e-4
     assert max((w1[k] - w0[k]).abs().max().item() for k in proj) > 5e-4
     assert all(not torch.equal(w2[k], w1[k]) for k in w0 if k.endswith("q_proj.weight"))  # LLM and ViT train
-    assert sum(rep2["bad_samples"].values()) >= 1 and set(rep2["bad_samples"]) <= {
-        "unreadable image (UnidentifiedImageError)", "malformed record", "empty answer"}
+    assert sum(rep2["bad_samples"].values()) >= 1
+    assert all(r.startswith("unreadable image") or r in ("malformed record", "empty answer") for r in rep2["bad_samples"])
     # the exported ckpt.pt is what sample.py loads
     assert torch.load(tmp_path / "s2" / "ckpt.pt", weights_only=False)["config"]["lm"]["d_model"] == 64
 

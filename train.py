@@ -444,4 +444,7 @@ if __name__ == "__main__":
     tc, mc = parse_args(sys.argv[1:], TrainConfig())
     t = time.time()
     train(tc, mc)
-    print(f"total wall time {time.time() - t:.0f}s")
+    from distributed import teardown
+    teardown()
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per process
+        print(f"total wall time {time.time() - t:.0f}s")

@@ -15,6 +15,14 @@ question kind, and the same evaluation with blank images (a model that really lo
     python train.py --max_steps=200             # any TrainConfig field: --key=value
     python train.py --lm.n_layers=6             # model fields: --lm.* and --vision.*
     python train.py --resume=1                  # continue from out/ckpt.pt (same config required)
+
+At scale (README "Training at scale"): LLaDA-V's stages on LLaVA-format data (llava_data.py), under
+torchrun with DDP or FSDP2 and resharding DCP checkpoints (distributed.py), MFU logs (metrics.py):
+    python train.py --stage=1 --data=captions.json --image_root=images/ --out_dir=out/s1
+    torchrun --standalone --nproc_per_node=8 train.py --stage=2 --data=conv.json --image_root=images/
+        --init_from=out/s1/model.safetensors --micro_batch_size=1          (one command line)
+Each step: loss = sum over micro-batches m and processes of (n_m W / B) * loss_m, averaged over the W
+processes by DDP / FSDP2, which is the loss of the global batch of B sequences.
 """
 import contextlib
 import json

@@ -200,8 +200,8 @@ def chunked_head_ce(h, head: nn.Linear, targets, chunk: int = 0):
     two gradients of that size are what dominates the loss's memory at a 126k vocabulary)."""
     def ce(h_rows, t_rows):
         return F.cross_entropy(head(h_rows).float(), t_rows, reduction="none")
-    if chunk <= 0 or not torch.is_grad_enabled():
-        return ce(h, targets)
+    if chunk <= 0 or not torch.is_grad_enabled() or h.shape[0] <= chunk:  # N = 0 included: the head stays
+        return ce(h, targets)                                               # in the graph (DDP, FSDP2 need it)
     return torch.cat([torch.utils.checkpoint.checkpoint(ce, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
                       for i in range(0, h.shape[0], chunk)])
 

@@ -38,7 +38,7 @@ from diffusion import diffusion_loss, forward_process
 from model import LLaDAV, count_params, get_config, load_state, save_checkpoint
 from sample import autocast, evaluate, format_eval
 from synthetic import SyntheticVQA
-from tokenizer import get_tokenizer
+from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
 from vision import preprocess
 
 
@@ -320,6 +320,17 @@ def train(tc: TrainConfig, mc, quiet=False):
             save_checkpoint(ckpt_path, {"config": mc.to_dict(), "train_config": asdict(tc), "model": model.state_dict(),
                                         "optimizer": opt.state_dict(), "step": step})
 
+    def blank_image(ids, labels, attn):
+        """A text-only micro-batch under DDP / FSDP2 gets one blank image appended to row 0, hidden from
+        attention (mask 0) and from the loss (label -100): the vision tower and projector then run on every
+        process in the same order, so the gradient collectives line up (and DDP sees every parameter used)."""
+        B, n = ids.shape[0], mc.vision.n_patches
+        extra = torch.full((B, n), tok.pad_id, dtype=ids.dtype, device=device)
+        extra[0] = IMAGE_TOKEN_INDEX
+        pixels = torch.zeros(1, 3, mc.vision.image_size, mc.vision.image_size, device=device)
+        return (torch.cat([ids, extra], 1), torch.cat([labels, torch.full_like(extra, -100)], 1),
+                torch.cat([attn, torch.zeros_like(extra, dtype=torch.bool)], 1), pixels)
+
     def micro_batches(step):
         """-> accum tuples (ids, labels, attn, pixels, xt, masked, p_mask, n_samples) for this process."""
         if not tc.data:
@@ -347,6 +358,8 @@ def train(tc: TrainConfig, mc, quiet=False):
                 continue
             ids, labels, attn = b["ids"].to(device), b["labels"].to(device), b["attn"].to(device)
             pixels = None if b["pixels"] is None else b["pixels"].to(device)
+            if pixels is None and info.on and (trains["vision"] or trains["projector"]):
+                ids, labels, attn, pixels = blank_image(ids, labels, attn)
             g = torch.Generator(device=device).manual_seed(((tc.seed * 1_000_003 + step) * 64 + len(out)) * 4096 + info.rank)
             xt, masked, p_mask = forward_process(ids, labels, tok.mask_id, generator=g, stratified=tc.stratified_t,
                                                  exact_count=tc.exact_count)
@@ -380,12 +393,6 @@ def train(tc: TrainConfig, mc, quiet=False):
                         ce, logits = fwd(xt, pixels, attn, output_positions=masked, targets=labels[masked]), None
                     else:              # (N_masked, V): the head runs on the masked rows only
                         ce, logits = None, fwd(xt, pixels, attn, output_positions=masked)
-                    if pixels is None and info.on and (trains["vision"] or trains["projector"]):
-                        # text-only micro-batch: run the vision path on a blank image with weight 0, so every
-                        # process uses every trainable parameter and the gradient collectives line up
-                        blank = torch.zeros(1, 3, mc.vision.image_size, mc.vision.image_size, device=device)
-                        zero = 0 * model.encode_images(blank).sum()
-                        ce, logits = (ce + zero, None) if tc.head_chunk else (None, logits + zero)
                 loss = diffusion_loss(logits, labels, masked, p_mask, mode=tc.loss_mode, weighting=tc.weighting, ce=ce)
                 if n_samples * info.world != tc.batch_size:  # scale so the sum over micro-batches and the
                     loss = loss * (n_samples * info.world / tc.batch_size)  # mean over processes = batch loss

@@ -192,6 +192,15 @@ def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, k
     barrier()
 
 
+def read_extra(path: str) -> dict:
+    """The `extra` dict (step, config, counters) of a DCP checkpoint, without touching any tensor."""
+    import torch.distributed.checkpoint as dcp
+    state = {"extra": ""}
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=path)
+    return json.loads(state["extra"])
+
+
 def load_dcp(path: str, model, opt) -> dict:
     """Load a DCP checkpoint written by any number of processes into this run's (sharded) model and
     optimizer. -> the `extra` dict saved with it."""

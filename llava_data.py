@@ -17,6 +17,8 @@ Two formats (REFERENCE 3.3):
       <|startoftext|>, <|start_header_id|>, <|end_header_id|>, <|eot_id|> in *any* turn is a target too.
       With one image, "<image>" is moved to the front of its turn: "<image>\n" + text; with several, each
       "<image>" stays where it is and takes the next image.
+(LLaDA-V pads each image of a multi-image record to a square and adds a newline token, 730 tokens; here
+every image goes through the one image_mode, square by default: IMAGE_MODES is where that plugs in.)
 Each "<image>" becomes n_image_tokens IMAGE_TOKEN_INDEX placeholders (729 for SigLIP2 at 384 px), and only
 then is the sequence cut to max_len (official: after the features are inserted). A cut never splits an
 image: the cut moves to just before it and the images after it are dropped.

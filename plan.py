@@ -213,7 +213,7 @@ def _head_loss_peak(tokens, vocab, d, n_masked, variant, chunk=512):
     masked = torch.zeros(tokens, dtype=torch.bool)
     masked[torch.randperm(tokens)[:n_masked]] = True
     target = torch.randint(0, vocab, (tokens,))
-    def run(rows):
+    def run(rows, chunk):
         if variant == "official":
             logits = head(h[rows]).float()  # (L, V), held until the step ends like the official model output
             ce = torch.nn.functional.cross_entropy(logits[masked[rows]], target[rows][masked[rows]], reduction="none")
@@ -223,12 +223,12 @@ def _head_loss_peak(tokens, vocab, d, n_masked, variant, chunk=512):
         loss.backward()
         return loss
 
-    run(slice(0, 64))  # warm-up on a few rows: pages in the kernels' code, which is not the loss's memory
+    run(slice(0, 256), 2)  # warm-up on a few rows, chunked too: pages in the kernels' code (not loss memory)
     h.grad = head.weight.grad = None
     gc.collect()
     _reset_peak()
     base = _rss()
-    loss = run(slice(None))
+    loss = run(slice(None), chunk)
     return {"peak": _rss("VmHWM") - base, "loss": loss.item()}
 
 

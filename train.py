@@ -223,7 +223,7 @@ def init_from(model, tc: TrainConfig, log):
 
 
 def train(tc: TrainConfig, mc, quiet=False):
-    from distributed import (DistInfo, all_sum, barrier, export, latest_checkpoint, load_dcp, resolve_parallel,
+    from distributed import (all_sum, barrier, export, latest_checkpoint, load_dcp, read_extra, resolve_parallel,
                              save_dcp, setup, wrap)
     from metrics import JsonlLog, device_peak, peak_memory, plot_curve, read_curve, step_flops
     info = setup(pick_device(tc.device))
@@ -285,7 +285,7 @@ def train(tc: TrainConfig, mc, quiet=False):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False) if dcp_path is None else None
         if ckpt is not None and "optimizer" not in ckpt:
             sys.exit(f"{ckpt_path} is a final export without optimizer state; resume from {tc.out_dir}/dcp")
-        saved_cfg = ckpt["config"] if ckpt is not None else load_dcp(dcp_path, model, opt)["config"]
+        saved_cfg = ckpt["config"] if ckpt is not None else read_extra(dcp_path)["config"]
         if saved_cfg != mc.to_dict():
             diff = [k for k in ("lm", "vision", "tokenizer") if saved_cfg[k] != mc.to_dict()[k]]
             sys.exit(f"{dcp_path or ckpt_path} was trained with another model config (differs in {', '.join(diff)}); "

@@ -53,19 +53,12 @@ def leftovers(out):
 
 
 def checkpoint_step(out, fmt):
-    """Load the newest checkpoint the way a resume does; -> its step (fails loudly if it is torn)."""
+    """-> step of the newest complete checkpoint (the next round's resume then loads it in full)."""
     import torch
     if fmt == "pt":
         return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"]
-    import json
-
-    import torch.distributed.checkpoint as dcp
-
-    from distributed import _one_process_ok, latest_checkpoint
-    state = {"extra": ""}
-    with _one_process_ok():
-        dcp.load(state, checkpoint_id=latest_checkpoint(out))
-    return json.loads(state["extra"])["step"]
+    from distributed import latest_checkpoint, read_extra
+    return read_extra(latest_checkpoint(out))["step"]
 
 
 def logged_steps(path):

@@ -111,7 +111,10 @@ def wrap(model: nn.Module, mode: str, info: DistInfo, bf16: bool):
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch 2.4 / 2.5 kept FSDP2 under its pre-release path
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for block in list(model.llm.layers) + list(model.vision.layers):
         fully_shard(block, mp_policy=mp)  # one all-gather / reduce-scatter unit per block

@@ -79,13 +79,16 @@ def forward_process(x0, labels, mask_id: int, eps: float = EPS, generator=None, 
     return xt, masked, p_mask
 
 
-def diffusion_loss(logits_masked, labels, masked, p_mask, mode: str = "sft", weighting: str = "elbo"):
+def diffusion_loss(logits_masked, labels, masked, p_mask, mode: str = "sft", weighting: str = "elbo", ce=None):
     """The likelihood-bound loss. weighting="none" drops the 1/p_mask factor: the masked-diffusion
     analogue of DDPM's L_simple (a re-weighting of the bound's noise levels; no longer a bound).
     logits_masked (N, V): logits at the N masked positions (row-major order of `masked`);
-    labels (B, L): the clean tokens (-100 where not maskable); masked (B, L) bool; p_mask (B,)."""
+    labels (B, L): the clean tokens (-100 where not maskable); masked (B, L) bool; p_mask (B,).
+    ce (N,): the per-position cross-entropy when the model computed it (model(..., targets=...)); then
+    logits_masked is not used."""
     B, L = labels.shape
-    ce = F.cross_entropy(logits_masked.float(), labels[masked], reduction="none")  # (N,)
+    if ce is None:
+        ce = F.cross_entropy(logits_masked.float(), labels[masked], reduction="none")  # (N,)
     w = p_mask[:, None].expand(B, L)[masked]                                       # p_mask of each row
     if weighting == "none":
         w = torch.ones_like(w)

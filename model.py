@@ -162,10 +162,12 @@ class LLaDA(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
         self.checkpointing = False  # True: recompute each block's activations in backward (saves memory)
+        self.head_chunk = 0         # > 0: forward(targets=...) runs the head + loss on this many rows at a time
 
-    def forward(self, embeds, attention_mask=None, output_positions=None, cache=None):
+    def forward(self, embeds, attention_mask=None, output_positions=None, cache=None, targets=None):
         """embeds (B, L, d) -> logits (B, L, V), or (N, V) for the N True entries of the bool
         `output_positions` (B, L): the head is the biggest matmul, and the loss needs masked rows only.
+        With targets (N,) it returns the per-row cross-entropy (N,) instead (see chunked_head_ce).
         cache (KVCache, inference only): if it has no span yet, run everything and record every layer's
         keys/values; if it has a span (s, e), run only positions s..e-1 (RoPE positions s..e-1), attend
         to the cached keys/values elsewhere, and return logits (B, e - s, V)."""
@@ -187,6 +189,8 @@ class LLaDA(nn.Module):
         x = self.norm(x)
         if output_positions is not None:
             x = x[output_positions]  # (N, d)
+        if targets is not None:
+            return chunked_head_ce(x.reshape(-1, x.shape[-1]), self.lm_head, targets.reshape(-1), self.head_chunk)
         return self.lm_head(x)
 
     def init_weights(self):
@@ -205,6 +209,19 @@ class LLaDA(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+
+
+def chunked_head_ce(h, head: nn.Linear, targets, chunk: int = 0):
+    """Per-row CE(head(h_i).float(), target_i) for h (N, d), targets (N,) -> (N,). With chunk > 0 the rows
+    go through head + cross-entropy `chunk` at a time under activation checkpointing: only h is kept
+    for backward and at most chunk x V logits exist at once (N x V fp32 logits, their log-softmax and
+    two gradients of that size are what dominates the loss's memory at a 126k vocabulary)."""
+    def ce(h_rows, t_rows):
+        return F.cross_entropy(head(h_rows).float(), t_rows, reduction="none")
+    if chunk <= 0 or not torch.is_grad_enabled() or h.shape[0] <= chunk:  # N = 0 included: the head stays
+        return ce(h, targets)                                               # in the graph (DDP, FSDP2 need it)
+    return torch.cat([torch.utils.checkpoint.checkpoint(ce, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+                      for i in range(0, h.shape[0], chunk)])
 
 
 class KVCache:
@@ -296,7 +313,7 @@ class LLaDAV(nn.Module):
         return x
 
     def forward(self, ids, pixels=None, attention_mask=None, image_features=None, output_positions=None,
-                cache=None):
+                cache=None, targets=None):
         """ids (B, L) -> logits (B, L, V) (or (N, V) at output_positions). Images come either as pixels
         (n_images, 3, S, S) or as image_features already encoded (the sampler encodes them once).
         cache: see LLaDA.forward and KVCache (ids stay the whole sequence; the cache says what to run)."""
@@ -305,7 +322,7 @@ class LLaDAV(nn.Module):
                              f"max_seq_len={self.cfg.lm.max_seq_len}; shorten the prompt or lower gen_length")
         if pixels is not None:
             image_features = self.encode_images(pixels)
-        return self.llm(self.embed(ids, image_features), attention_mask, output_positions, cache)
+        return self.llm(self.embed(ids, image_features), attention_mask, output_positions, cache=cache, targets=targets)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,16 @@ question kind, and the same evaluation with blank images (a model that really lo
     python train.py --max_steps=200             # any TrainConfig field: --key=value
     python train.py --lm.n_layers=6             # model fields: --lm.* and --vision.*
     python train.py --resume=1                  # continue from out/ckpt.pt (same config required)
+
+At scale (README "Training at scale"): LLaDA-V's stages on LLaVA-format data (llava_data.py), under
+torchrun with DDP or FSDP2 and resharding DCP checkpoints (distributed.py), MFU logs (metrics.py):
+    python train.py --stage=1 --data=captions.json --image_root=images/ --out_dir=out/s1
+    torchrun --standalone --nproc_per_node=8 train.py --stage=2 --data=conv.json --image_root=images/
+        --init_from=out/s1/model.safetensors --micro_batch_size=1          (one command line)
+Each step: loss = sum over micro-batches m and processes of (n_m W / B) * loss_m, averaged over the W
+processes by DDP / FSDP2, which is the loss of the global batch of B sequences.
 """
+import contextlib
 import json
 import math
 import os
@@ -29,7 +38,7 @@ from diffusion import diffusion_loss, forward_process
 from model import LLaDAV, count_params, get_config, load_state, save_checkpoint
 from sample import autocast, evaluate, format_eval
 from synthetic import SyntheticVQA
-from tokenizer import get_tokenizer
+from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
 from vision import preprocess
 
 
@@ -64,6 +73,45 @@ class TrainConfig:
     eval_final: int = 500        # held-out questions in the final report
     ckpt_every: int = 250        # atomic checkpoint every N steps (and at the end)
     compile: bool = False        # torch.compile the model (CUDA)
+    # --- training at scale: LLaVA-format data, stages, torchrun (see README "Training at scale") ---
+    stage: int = 0               # 0 = the toy recipe above; 1 | 2 | 3 = LLaDA-V's stage presets (STAGES)
+    data: str = ""               # LLaVA-format .json / .jsonl; empty = the embedded synthetic data
+    image_root: str = ""         # folder the records' "image" paths are relative to
+    data_format: str = "conv"    # plain (stage-1 "<image>caption") | conv (multi-turn conversations)
+    max_len: int = 8192          # tokens per sequence, image tokens included (longer samples are cut)
+    unignore_special: bool = True  # LLaDA-V: prompt BOS/header/eot tokens are targets too (REFERENCE 3.3)
+    pad_labels: bool = True      # padding EOS are targets (LLaDA-V's collator); 0: ignored
+    workers: int = 2             # DataLoader worker processes for --data
+    max_bad_frac: float = 0.1    # stop when more than this fraction of samples is broken
+    epochs: float = 0.0          # > 0 with --data: max_steps = epochs * (records / batch_size)
+    warmup_ratio: float = 0.0    # > 0: warmup_steps = warmup_ratio * max_steps (LLaDA-V: 0.03)
+    llm_lr_scale: float = 1.0    # language model lr = lr * this (0 freezes it, as stage 1 does)
+    micro_batch_size: int = 0    # sequences per process per forward; 0 = batch_size / processes.
+                                 # batch_size / (processes * micro) steps of gradient accumulation
+    parallel: str = "auto"       # none | ddp | fsdp | auto (ddp under 1B parameters, else fsdp)
+    checkpointing: bool = False  # recompute each LLM block in backward: much less activation memory
+    ckpt_format: str = "auto"    # pt (out_dir/ckpt.pt) | dcp (out_dir/dcp/, resumes on any number of
+                                 # processes) | auto (dcp under torchrun or with --data)
+    init_from: str = ""          # start from these weights (a ckpt.pt or model.safetensors), e.g. stage 1's
+    init_parts: str = "all"      # which of them: all, or a comma list of llm, vision, projector
+    jsonl: str = ""              # append one JSON line per logged step here (and draw loss.png beside it)
+    final_eval: bool = True      # held-out report at the end (synthetic data, one process or DDP)
+    head_chunk: int = 0          # > 0: output head + loss on this many masked rows at a time, recomputed in
+                                 # backward (model.chunked_head_ce): the loss's memory no longer grows with N x V
+
+
+# LLaDA-V's recipe (REFERENCE 7): AdamW (0.9, 0.999), weight decay 0, 3% warmup, cosine to 0, clip 1.0,
+# one epoch; the global batch is reached with gradient accumulation. Stage 1 trains the projector only.
+_COMMON = dict(beta2=0.999, weight_decay=0.0, min_lr=0.0, warmup_ratio=0.03, grad_clip=1.0, epochs=1.0,
+               stratified_t=False, exact_count=False, weighting="elbo", loss_mode="sft", max_len=8192, head_chunk=512)
+STAGES = {
+    1: dict(_COMMON, lr=1e-3, llm_lr_scale=0.0, vision_lr_scale=0.0, projector_lr_scale=1.0, batch_size=64,
+            data_format="plain"),
+    2: dict(_COMMON, lr=1e-5, llm_lr_scale=1.0, vision_lr_scale=0.2, projector_lr_scale=1.0, batch_size=256,
+            data_format="conv", checkpointing=True),
+    3: dict(_COMMON, lr=1e-5, llm_lr_scale=1.0, vision_lr_scale=0.2, projector_lr_scale=1.0, batch_size=256,
+            data_format="conv", checkpointing=True),
+}
 
 
 def parse_args(argv, tc: TrainConfig):
@@ -85,6 +133,14 @@ def parse_args(argv, tc: TrainConfig):
         overrides[key] = val
     if "preset" in overrides:
         tc.preset = overrides.pop("preset")
+    if "stage" in overrides:  # a stage preset first, so that explicit options override it
+        try:
+            tc.stage = int(overrides.pop("stage"))
+            for k, v in STAGES.get(tc.stage, {}).items() if tc.stage else ():
+                setattr(tc, k, v)
+            assert tc.stage == 0 or tc.stage in STAGES
+        except (ValueError, AssertionError):
+            sys.exit(f"--stage must be 0 (toy recipe) or one of {', '.join(map(str, STAGES))}")
     try:
         mc = get_config(tc.preset)
     except ValueError as e:
@@ -122,9 +178,57 @@ def pick_device(name):
     return torch.device("cpu")
 
 
+def component_scales(model, tc: TrainConfig):
+    return ((model.llm, tc.llm_lr_scale), (model.vision, tc.vision_lr_scale), (model.projector, tc.projector_lr_scale))
+
+
+def make_groups(model, tc: TrainConfig):
+    """One parameter group per component, each with its own lr multiplier (LLaDA-V trains the vision
+    tower at a fifth of the LLM's lr); decay only matrices (LLaDA-V uses weight_decay 0 anyway). A zero
+    multiplier freezes the component: call freeze() before wrapping (DDP and FSDP2 must see which
+    parameters train) and make_groups() after (FSDP2 replaces the parameters by their shards)."""
+    groups = []
+    for part, scale in component_scales(model, tc):
+        params = [p for p in part.parameters() if p.requires_grad]
+        if scale == 0:
+            continue
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    return groups
+
+
+def freeze(model, tc: TrainConfig):
+    for part, scale in component_scales(model, tc):
+        if scale == 0:
+            part.requires_grad_(False)  # a zero lr freezes the component
+
+
+def init_from(model, tc: TrainConfig, log):
+    """Copy weights from tc.init_from (ckpt.pt or .safetensors) into the chosen components."""
+    path = tc.init_from
+    if not os.path.exists(path):
+        sys.exit(f"--init_from={path} does not exist; point it at a ckpt.pt or model.safetensors (e.g. stage 1's)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    parts = ["llm", "vision", "projector"] if tc.init_parts == "all" else tc.init_parts.split(",")
+    if not set(parts) <= {"llm", "vision", "projector"}:
+        sys.exit(f"--init_parts={tc.init_parts!r}: use all or a comma list of llm, vision, projector")
+    for part in parts:
+        sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+        load_state(getattr(model, part), sub, f"{path} ({part})")
+    log(f"initialised {', '.join(parts)} from {path}")
+
+
 def train(tc: TrainConfig, mc, quiet=False):
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    device = pick_device(tc.device)
+    from distributed import (all_sum, barrier, export, latest_checkpoint, load_dcp, read_extra, resolve_parallel,
+                             save_dcp, setup, wrap)
+    from metrics import JsonlLog, device_peak, peak_memory, plot_curve, read_curve, step_flops
+    info = setup(pick_device(tc.device))
+    device = info.device
+    log = (lambda *a: None) if quiet or not info.main else (lambda *a: print(*a, flush=True))
     torch.manual_seed(tc.seed)
     try:
         tok = get_tokenizer(mc.tokenizer)
@@ -135,95 +239,220 @@ def train(tc: TrainConfig, mc, quiet=False):
     if tc.gen_length % tc.block_length or tc.sample_steps % (tc.gen_length // tc.block_length):
         sys.exit(f"gen_length={tc.gen_length} must be divisible by block_length={tc.block_length}, and "
                  f"sample_steps={tc.sample_steps} by the number of blocks; fix the three options")
+    micro = tc.micro_batch_size or tc.batch_size // info.world
+    if micro < 1 or tc.batch_size % (micro * info.world):
+        sys.exit(f"batch_size={tc.batch_size} must be a multiple of micro_batch_size={micro} x {info.world} "
+                 f"processes; change --batch_size or --micro_batch_size")
+    accum = tc.batch_size // (micro * info.world)
     data = SyntheticVQA(tok, mc.vision.image_size, mc.vision.n_patches, tc.gen_length, seed=tc.seed)
     model = LLaDAV(mc)
     model.init_weights()
+    if tc.init_from:
+        init_from(model, tc, log)
     model.to(device)
-    # One parameter group per component, each with its own lr multiplier (LLaDA-V trains the vision
-    # tower at a fifth of the LLM's lr); decay only matrices (LLaDA-V uses weight_decay 0 anyway).
-    groups = []
-    for part, scale in ((model.llm, 1.0), (model.vision, tc.vision_lr_scale), (model.projector, tc.projector_lr_scale)):
-        params = [p for p in part.parameters() if p.requires_grad]
-        if scale == 0:
-            for p in params:
-                p.requires_grad_(False)  # a zero lr freezes the component
-            continue
-        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_scale": scale},
-                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
-    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, tc.beta2), eps=1e-8,
-                            fused=device.type == "cuda")
-    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
-    step = 0
-    if tc.resume:
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"--resume=1 but {ckpt_path} does not exist; drop --resume or point --out_dir at a run")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        ckpt["config"] = type(mc).from_dict(ckpt["config"]).to_dict()  # fields added since it was written get defaults
-        if ckpt["config"] != mc.to_dict():
-            diff = [k for k in ("lm", "vision", "tokenizer") if ckpt["config"][k] != mc.to_dict()[k]]
-            sys.exit(f"{ckpt_path} was trained with another model config (differs in {', '.join(diff)}); "
-                     f"use the same --preset and overrides, or a new --out_dir")
-        load_state(model, ckpt["model"], ckpt_path)
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        log(f"resumed from {ckpt_path} at step {step}")
-    fwd = torch.compile(model) if tc.compile else model
+    model.llm.checkpointing, model.llm.head_chunk = tc.checkpointing, tc.head_chunk
+    freeze(model, tc)
     n = count_params(model)
+    parallel = resolve_parallel(tc.parallel, n["total"], info)
+    fwd = wrap(model, parallel, info, bf16=device.type == "cuda")
+    opt = torch.optim.AdamW(make_groups(model, tc), lr=tc.lr, betas=(0.9, tc.beta2), eps=1e-8,
+                            fused=device.type == "cuda" and parallel != "fsdp")
+    fmt = tc.ckpt_format if tc.ckpt_format != "auto" else "dcp" if (info.on or tc.data) else "pt"
+    if fmt not in ("pt", "dcp") or (fmt == "pt" and parallel == "fsdp"):
+        sys.exit(f"--ckpt_format={tc.ckpt_format}: use pt, dcp or auto (FSDP2 needs dcp)")
+    stream = None
+    if tc.data:
+        from llava_data import BadSampleCounter, LlavaDataset, MicroBatches
+        try:
+            ds = LlavaDataset(tc.data, tc.image_root, tok, mc.vision.image_size, mc.vision.n_patches,
+                              fmt=tc.data_format, max_len=min(tc.max_len, mc.lm.max_seq_len),
+                              unignore_special=tc.unignore_special)
+        except (OSError, ValueError) as e:
+            sys.exit(str(e))
+        batches = MicroBatches(ds, tc.batch_size, micro, info.world, info.rank, tc.seed, tc.workers, tc.pad_labels)
+        bad = BadSampleCounter(tc.max_bad_frac, min_seen=min(50, len(ds)))
+        if tc.epochs > 0:
+            tc.max_steps = max(1, math.ceil(tc.epochs * batches.steps_per_epoch))
+    if tc.warmup_ratio > 0:
+        tc.warmup_steps = max(1, round(tc.warmup_ratio * tc.max_steps))
+    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+    step, bad_prev = 0, {}
+    if tc.resume:
+        dcp_path = latest_checkpoint(tc.out_dir)
+        if dcp_path is None and not os.path.exists(ckpt_path):
+            sys.exit(f"--resume=1 but {ckpt_path} does not exist (nor {tc.out_dir}/dcp/latest); drop --resume "
+                     f"or point --out_dir at a run")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False) if dcp_path is None else None
+        if ckpt is not None and "optimizer" not in ckpt:
+            sys.exit(f"{ckpt_path} is a final export without optimizer state; resume from {tc.out_dir}/dcp")
+        saved_cfg = ckpt["config"] if ckpt is not None else read_extra(dcp_path)["config"]
+        saved_cfg = type(mc).from_dict(saved_cfg).to_dict()  # fields added since it was written get defaults
+        if saved_cfg != mc.to_dict():
+            diff = [k for k in ("lm", "vision", "tokenizer") if saved_cfg[k] != mc.to_dict()[k]]
+            sys.exit(f"{dcp_path or ckpt_path} was trained with another model config (differs in {', '.join(diff)}); "
+                     f"use the same --preset and overrides, or a new --out_dir")
+        if ckpt is not None:
+            load_state(model, ckpt["model"], ckpt_path)
+            opt.load_state_dict(ckpt["optimizer"])
+            step = ckpt["step"]
+        else:
+            extra = load_dcp(dcp_path, model, opt)
+            step, bad_prev = extra["step"], extra.get("bad", {})
+        log(f"resumed from {dcp_path or ckpt_path} at step {step}")
+    if tc.compile:
+        fwd = torch.compile(fwd)
     log(f"preset {tc.preset}: {n['total'] / 1e6:.2f}M parameters (language model {n['language model'] / 1e6:.2f}M, "
         f"vision {n['vision tower'] / 1e6:.2f}M, projector {n['projector'] / 1e6:.3f}M) on {device}")
-    heldout = data.heldout(max(tc.eval_quick, tc.eval_final))
+    if info.on or accum > 1 or tc.stage:
+        log(f"stage {tc.stage} | {info.world} process(es), {parallel} | global batch {tc.batch_size} = {micro} x "
+            f"{info.world} x {accum} accumulation | checkpoints: {fmt} | activation checkpointing {tc.checkpointing}")
+    heldout = data.heldout(max(tc.eval_quick, tc.eval_final)) if not tc.data else []
     gen = dict(gen_length=tc.gen_length, steps=tc.sample_steps, block_length=tc.block_length)
+    trains = {k: any(p.requires_grad for p in getattr(model, k).parameters()) for k in ("llm", "vision", "projector")}
+    peak, peak_src = device_peak(device)
+    jlog = JsonlLog(tc.jsonl if info.main else None)
+    can_eval = not tc.data and parallel != "fsdp"
 
     def save(step):
-        save_checkpoint(ckpt_path, {"config": mc.to_dict(), "train_config": asdict(tc), "model": model.state_dict(),
-                                    "optimizer": opt.state_dict(), "step": step})
+        if fmt == "dcp":
+            save_dcp(tc.out_dir, step, model, opt, {"step": step, "config": mc.to_dict(), "bad": dict(bad.errors)
+                                                    if tc.data else {}}, info)
+        elif info.main:
+            save_checkpoint(ckpt_path, {"config": mc.to_dict(), "train_config": asdict(tc), "model": model.state_dict(),
+                                        "optimizer": opt.state_dict(), "step": step})
 
+    def blank_image(ids, labels, attn):
+        """A text-only micro-batch under DDP / FSDP2 gets one blank image appended to row 0, hidden from
+        attention (mask 0) and from the loss (label -100): the vision tower and projector then run on every
+        process in the same order, so the gradient collectives line up (and DDP sees every parameter used)."""
+        B, n = ids.shape[0], mc.vision.n_patches
+        extra = torch.full((B, n), tok.pad_id, dtype=ids.dtype, device=device)
+        extra[0] = IMAGE_TOKEN_INDEX
+        pixels = torch.zeros(1, 3, mc.vision.image_size, mc.vision.image_size, device=device)
+        return (torch.cat([ids, extra], 1), torch.cat([labels, torch.full_like(extra, -100)], 1),
+                torch.cat([attn, torch.zeros_like(extra, dtype=torch.bool)], 1), pixels)
+
+    def micro_batches(step):
+        """-> accum tuples (ids, labels, attn, pixels, xt, masked, p_mask, n_samples) for this process."""
+        if not tc.data:
+            # The batch and the masks depend only on (seed, step): a resumed run sees exactly the same data.
+            # Every process draws the whole global batch and its masks, then keeps its rows, so any number
+            # of processes trains on exactly what one process would.
+            ids, labels, attn, pixels = data.train_batch(step, tc.batch_size, lambda im: preprocess(im, mc.vision.image_size))
+            ids, labels, attn, pixels = ids.to(device), labels.to(device), attn.to(device), pixels.to(device)
+            gen_rng = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
+            xt, masked, p_mask = forward_process(ids, labels, tok.mask_id, generator=gen_rng,
+                                                 stratified=tc.stratified_t, exact_count=tc.exact_count)
+            if accum == 1 and not info.on:
+                return [(ids, labels, attn, pixels, xt, masked, p_mask, tc.batch_size)]
+            out = []
+            for a in range(accum):
+                r = slice((a * info.world + info.rank) * micro, (a * info.world + info.rank + 1) * micro)
+                out.append((ids[r], labels[r], attn[r], pixels[r], xt[r], masked[r], p_mask[r], micro))
+            return out
+        out = []
+        while len(out) < accum:
+            b = next(stream)
+            bad.update(b["errors"], b["n_seen"])
+            if b["ids"] is None:  # every sample of this micro-batch was bad: take the next one, unless
+                bad.check(bad.bad, bad.seen)  # this process's data is mostly broken (then stop here)
+                continue
+            ids, labels, attn = b["ids"].to(device), b["labels"].to(device), b["attn"].to(device)
+            pixels = None if b["pixels"] is None else b["pixels"].to(device)
+            if pixels is None and info.on and (trains["vision"] or trains["projector"]):
+                ids, labels, attn, pixels = blank_image(ids, labels, attn)
+            g = torch.Generator(device=device).manual_seed(((tc.seed * 1_000_003 + step) * 64 + len(out)) * 4096 + info.rank)
+            xt, masked, p_mask = forward_process(ids, labels, tok.mask_id, generator=g, stratified=tc.stratified_t,
+                                                 exact_count=tc.exact_count)
+            out.append((ids, labels, attn, pixels, xt, masked, p_mask, b["n_samples"]))
+        return out
+
+    if tc.data:
+        stream = iter(batches.iterate(step))
+        bad.errors.update(bad_prev)
     model.train()
-    t_start, tokens_seen, t_log = time.time(), 0, time.time()
+    t_start, tokens_seen, t_log, flops_since = time.time(), 0, time.time(), 0.0
     first_step = step
     while step < tc.max_steps:
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        # The batch and the masks depend only on (seed, step): a resumed run sees exactly the same data.
-        ids, labels, attn, pixels = data.train_batch(step, tc.batch_size, lambda im: preprocess(im, mc.vision.image_size))
-        n_tokens = int(attn.sum())  # counted on the CPU copy: no device sync in the step
-        ids, labels, attn, pixels = ids.to(device), labels.to(device), attn.to(device), pixels.to(device)
-        gen_rng = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
-        xt, masked, p_mask = forward_process(ids, labels, tok.mask_id, generator=gen_rng, stratified=tc.stratified_t,
-                                             exact_count=tc.exact_count)
-        with autocast(device):
-            logits = fwd(xt, pixels, attn, output_positions=masked)  # (N_masked, V): head on masked rows only
-        loss = diffusion_loss(logits, labels, masked, p_mask, mode=tc.loss_mode, weighting=tc.weighting)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss, n_tok, n_masked, n_img, seq = 0.0, 0, 0, 0, 0
+        mbs = micro_batches(step)
+        for a, (ids, labels, attn, pixels, xt, masked, p_mask, n_samples) in enumerate(mbs):
+            sync = a == accum - 1
+            if parallel == "ddp" and not sync:
+                ctx = fwd.no_sync()  # all-reduce the gradients once, after the last micro-batch
+            else:
+                ctx = contextlib.nullcontext()
+            if parallel == "fsdp":
+                fwd.set_requires_gradient_sync(sync)
+            with ctx:
+                with autocast(device):
+                    if tc.head_chunk:  # per-row CE (N_masked,): the head runs in chunks inside the model
+                        ce, logits = fwd(xt, pixels, attn, output_positions=masked, targets=labels[masked]), None
+                    else:              # (N_masked, V): the head runs on the masked rows only
+                        ce, logits = None, fwd(xt, pixels, attn, output_positions=masked)
+                loss = diffusion_loss(logits, labels, masked, p_mask, mode=tc.loss_mode, weighting=tc.weighting, ce=ce)
+                if n_samples * info.world != tc.batch_size:  # scale so the sum over micro-batches and the
+                    loss = loss * (n_samples * info.world / tc.batch_size)  # mean over processes = batch loss
+                loss.backward()
+            step_loss += loss.item() if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps else 0.0
+            n_tok += int(attn.sum())
+            n_masked += int(masked.sum())
+            n_img += 0 if pixels is None else pixels.shape[0]
+            seq = max(seq, ids.shape[1])
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         step += 1
-        tokens_seen += n_tokens
+        tokens_seen += n_tok
+        flops_since += step_flops(mc, n_tok, seq, n_masked, n_img, trains["llm"], trains["vision"], trains["projector"])
         if step % tc.log_every == 0 or step == tc.max_steps:
+            loss_g, tok_g, flops_g = all_sum([step_loss, tokens_seen, flops_since], info)
+            loss_g /= info.world
             dt = time.time() - t_start
-            tps = tokens_seen / dt
+            tps = tok_g / dt
             eta = (tc.max_steps - step) * dt / (step - first_step)
-            log(f"step {step:5d}/{tc.max_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                f"{tps:,.0f} tok/s | {(time.time() - t_log) * 1000 / tc.log_every:.0f} ms/step | ETA {eta:.0f}s")
-            t_log = time.time()
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+            mfu = flops_g / (time.time() - t_log) / (peak * info.world) if flops_since else 0.0
+            mem = peak_memory(device) / 2 ** 30
+            line = (f"step {step:5d}/{tc.max_steps} | loss {loss_g:.4f} | lr {lr:.2e} | "
+                    f"{tps:,.0f} tok/s | {(time.time() - t_log) * 1000 / tc.log_every:.0f} ms/step | ETA {eta:.0f}s")
+            log(line + f" | MFU {100 * mfu:.1f}% | peak mem {mem:.2f} GiB")
+            jlog.write({"step": step, "loss": loss_g, "lr": lr, "tok_per_s": tps, "mfu": mfu, "peak_mem_gib": mem,
+                        "eta_s": eta, "time": time.time()})
+            if tc.data:
+                n_bad, n_seen = all_sum([bad.bad, bad.seen], info)
+                bad.check(n_bad, n_seen)
+                if n_bad:
+                    log(f"  skipped {n_bad:.0f} of {n_seen:.0f} samples so far (this process: {bad.summary()})")
+            t_log, flops_since = time.time(), 0.0
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and can_eval and info.main:
             log(f"  held-out ({tc.eval_quick}): " + format_eval(evaluate(model, tok, heldout[:tc.eval_quick], **gen)))
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
             save(step)
     train_time = time.time() - t_start
-    log(f"trained {step - first_step} steps in {train_time:.0f}s; checkpoint {ckpt_path}")
-
-    t0 = time.time()
-    final = evaluate(model, tok, heldout[:tc.eval_final], **gen)
-    blank = evaluate(model, tok, heldout[:tc.eval_final], blank=True, **gen)
-    log(f"held-out report ({time.time() - t0:.0f}s of sampling):")
-    log(f"  images:       {format_eval(final)}")
-    log(f"  blank images: {format_eval(blank)}   <- near chance: the answers come from the image")
-    report = {"heldout": final, "blank_images": blank, "train_seconds": train_time, "steps": step}
-    with open(os.path.join(tc.out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    log(f"trained {step - first_step} steps in {train_time:.0f}s; checkpoint "
+        f"{ckpt_path if fmt == 'pt' else os.path.join(tc.out_dir, 'dcp')}")
+    export(model, tc.out_dir, mc.to_dict(), info, write_pt=fmt == "dcp")
+    if tc.jsonl and info.main:
+        plot_curve(read_curve(tc.jsonl), os.path.join(os.path.dirname(tc.jsonl) or ".", "loss.png"))
+    report = {"train_seconds": train_time, "steps": step}
+    if tc.data:
+        report["bad_samples"] = dict(bad.errors)
+        log(f"bad samples skipped: {bad.summary()}")
+    if tc.final_eval and can_eval and info.main:
+        t0 = time.time()
+        final = evaluate(model, tok, heldout[:tc.eval_final], **gen)
+        blank = evaluate(model, tok, heldout[:tc.eval_final], blank=True, **gen)
+        log(f"held-out report ({time.time() - t0:.0f}s of sampling):")
+        log(f"  images:       {format_eval(final)}")
+        log(f"  blank images: {format_eval(blank)}   <- near chance: the answers come from the image")
+        report = {"heldout": final, "blank_images": blank, "train_seconds": train_time, "steps": step}
+    if info.main:
+        with open(os.path.join(tc.out_dir, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    barrier()
     return model, report
 
 
@@ -231,4 +460,7 @@ if __name__ == "__main__":
     tc, mc = parse_args(sys.argv[1:], TrainConfig())
     t = time.time()
     train(tc, mc)
-    print(f"total wall time {time.time() - t:.0f}s")
+    from distributed import teardown
+    teardown()
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per process
+        print(f"total wall time {time.time() - t:.0f}s")

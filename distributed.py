@@ -1,0 +1,242 @@
+"""
+Distributed training plumbing, all of it PyTorch's own: torchrun's process group, DDP, FSDP2 and
+torch.distributed.checkpoint (DCP).
+
+Where this sits in the flow: around the whole model; it changes where tensors live, never the maths.
+
+Data parallelism with W processes, a global batch of B sequences, micro-batches of b, accumulation
+A = B / (W b). Each process computes the loss of its micro-batch, scaled so that the gradients summed
+over A micro-batches and *averaged* over W processes (what DDP and FSDP2 do) equal the gradient of the
+global-batch loss:
+    L = 1/B sum_{samples}  l_s          grad L = 1/W sum_ranks sum_micro (W / B) sum_{s in micro} grad l_s
+so the micro-batch loss is multiplied by (samples in it) * W / B, and one process with the same global
+batch follows the same trajectory (test_distributed.py checks it to 1e-5).
+
+  DDP:   every process holds the whole model; gradients are all-reduced (averaged) in backward.
+  FSDP2: `fully_shard` each transformer block (LLM and ViT) and then the root: every parameter is split
+         in W shards (DTensor). A block's full parameters exist only while it runs (all-gather before
+         forward and backward, reduce-scatter of gradients after), so per-GPU memory for parameters,
+         gradients and AdamW state falls as 1/W (plan.py prints the budget). With MixedPrecisionPolicy the
+         gathered copies are bf16 and gradients are reduced in fp32; the sharded masters stay fp32.
+
+Checkpoints (DCP): every rank writes its shards into <out_dir>/dcp/step_NNNNNN.tmp; then rank 0 fsyncs,
+renames the folder to step_NNNNNN (an atomic rename) and atomically rewrites <out_dir>/dcp/latest. A
+SIGKILL at any moment leaves `latest` pointing at a complete checkpoint. DCP stores tensors by their
+full names and shapes, so a checkpoint written by W processes loads on any other number (resharding).
+"""
+import contextlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: torch.device) -> DistInfo:
+    """Join torchrun's process group if RANK / WORLD_SIZE are set (torchrun sets them), else one process.
+    NCCL on CUDA, gloo on the CPU; each process takes GPU LOCAL_RANK."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return DistInfo(device=device)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, local_rank, world, device)
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_mean(x: float, info: DistInfo) -> float:
+    """Average a Python number over the ranks (for logging)."""
+    if not info.on:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device="cpu" if info.device.type == "cpu" else info.device)
+    dist.all_reduce(t)
+    return t.item() / info.world
+
+
+def all_sum(values: list, info: DistInfo) -> list:
+    if not info.on:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cpu" if info.device.type == "cpu" else info.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def resolve_parallel(mode: str, n_params: int, info: DistInfo) -> str:
+    """auto: one process -> none; several -> DDP below 1B parameters (a full replica fits and DDP is
+    simplest and fastest), FSDP2 above (an 8B replica with AdamW needs ~128 GB: it must be sharded)."""
+    if mode not in ("auto", "none", "ddp", "fsdp"):
+        raise SystemExit(f"--parallel={mode!r}: use auto, none, ddp or fsdp")
+    if mode == "auto":
+        return "none" if not info.on else ("fsdp" if n_params > 1e9 else "ddp")
+    return mode
+
+
+def wrap(model: nn.Module, mode: str, info: DistInfo, bf16: bool):
+    """-> the module to call for forward/backward. `model` itself stays the handle for state dicts and
+    optimizer groups (with FSDP2 its parameters become DTensor shards in place)."""
+    if mode == "none":
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch 2.4 / 2.5 kept FSDP2 under its pre-release path
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in list(model.llm.layers) + list(model.vision.layers):
+        fully_shard(block, mp_policy=mp)  # one all-gather / reduce-scatter unit per block
+    fully_shard(model, mp_policy=mp)      # the rest: embeddings, head, norms, projector, patch embedding
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints (torch.distributed.checkpoint)
+
+def latest_checkpoint(out_dir: str):
+    """-> path of the newest complete DCP checkpoint, or None."""
+    p = os.path.join(out_dir, "dcp", "latest")
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        name = f.read().strip()
+    path = os.path.join(out_dir, "dcp", name)
+    return path if os.path.exists(os.path.join(path, ".metadata")) else None
+
+
+def _write_atomic(path: str, text: str):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(path: str):
+    for name in os.listdir(path):
+        fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY)  # the directory entry itself
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _one_process_ok():
+    """DCP warns when it runs without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, keep: int = 2):
+    """Every rank writes its shards; rank 0 publishes the checkpoint atomically and prunes old ones."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    root = os.path.join(out_dir, "dcp")
+    name = f"step_{step:06d}"
+    tmp = os.path.join(root, name + ".tmp")
+    if info.main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed while saving
+        os.makedirs(tmp)
+    barrier()
+    msd, osd = get_state_dict(model, opt)
+    # `extra` (step, config, counters) travels as one JSON string: DCP flattens nested dicts into keys
+    with _one_process_ok():
+        dcp.save({"model": msd, "optim": osd, "extra": json.dumps(extra)}, checkpoint_id=tmp)  # collective
+    if info.main:
+        _fsync_tree(tmp)
+        final = os.path.join(root, name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)           # atomic: the folder appears complete or not at all
+        _write_atomic(os.path.join(root, "latest"), name)
+        old = sorted(d for d in os.listdir(root) if d.startswith("step_") and d != name)
+        for d in old[:max(0, len(old) - keep + 1)]:  # keep the `keep` newest, this one included
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    barrier()
+
+
+def read_extra(path: str) -> dict:
+    """The `extra` dict (step, config, counters) of a DCP checkpoint, without touching any tensor."""
+    import torch.distributed.checkpoint as dcp
+    state = {"extra": ""}
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=path)
+    return json.loads(state["extra"])
+
+
+def load_dcp(path: str, model, opt) -> dict:
+    """Load a DCP checkpoint written by any number of processes into this run's (sharded) model and
+    optimizer. -> the `extra` dict saved with it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd, "extra": ""}
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads(state["extra"])
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's weights on the CPU of rank 0 (a collective under FSDP2; every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export(model, out_dir: str, config: dict, info: DistInfo, write_pt: bool = True):
+    """Final export: model.safetensors (full weights) + config.json, and (write_pt) a weights-only
+    ckpt.pt, the file sample.py loads (a pt-format run has written its own, with optimizer state)."""
+    from safetensors.torch import save_file
+
+    from model import save_checkpoint
+    sd = full_state_dict(model)
+    if info.main:
+        tmp = os.path.join(out_dir, f"model.safetensors.tmp.{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+        _write_atomic(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1))
+        if write_pt:
+            save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {"config": config, "model": sd})
+    barrier()

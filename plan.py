@@ -1,0 +1,280 @@
+"""
+Memory planner: how much memory one process needs to train a preset, before renting the GPUs.
+
+Where this sits in the flow: outside it; it reads the model config and counts bytes.
+
+    python plan.py --preset=llada_v_8b --world=8 --seq=8192 --stage=2     # the 8B plan (prints a table)
+    python plan.py --preset=small --world=1 --seq=2048 --parallel=none
+    python plan.py --validate                                            # estimate vs measured, CPU
+    python plan.py --head                                                # masked-only head vs full head
+
+Per process, for P parameters of which T train, W processes, FSDP2 shards s = W (DDP / none: s = 1):
+    parameters   4P/s fp32 masters; + under FSDP2 bf16 the gathered bf16 copies of the units in flight
+                 (the root unit's embedding + head, kept for the whole step, and two blocks at a time)
+    gradients    4T/s fp32 (+ 4T DDP's separate bucket copy)
+    AdamW        8T/s (exp_avg, exp_avg_sq), + 4T/s transient in a foreach step (sqrt(v) buffer)
+    activations  what autograd keeps per LLM block for b sequences of L tokens (e = bytes per element;
+                 the fp32 statistics of RMSNorm add the "n" terms under bf16):
+                    11 d + 4 m  elements per token per block: block input, RMSNorm in/normalised/out (x2),
+                    rotated q, k and v, attention output and its contiguous copy, gate, silu(gate), up, product
+                 with checkpointing only the block input (d) is kept per block, plus one block's full set
+                 while it is recomputed. The ViT: 9 D + 2 M per patch per layer when it trains (0 when frozen:
+                 nothing below it needs gradients).
+    head         the output head at the N masked positions only: logits, log-softmax and two gradient buffers
+                 of R x V fp32 each, R = N, or R = min(N, head_chunk) when the head runs in chunks
+                 (the official code also keeps the fp32 logits of all L positions: L x V x 4 bytes more)
+    peak = parameters + AdamW + max(activations + head, gradients + optimizer transient)
+The peak is a max because activations are freed in backward while the gradients fill up.
+
+The CPU check (--validate) builds the toy and small presets in fp32 in a fresh process, runs a warm-up
+step (it creates AdamW's state and pages in the kernels' code), then measures a second step:
+    measured peak = bytes of the parameter and AdamW tensors (summed from the tensors themselves)
+                  + rise of the process's peak resident memory during the step (Linux VmHWM, reset
+                    through /proc/self/clear_refs just before it, minus the resident set at that moment) MALLOC_MMAP_THRESHOLD_ makes every large
+tensor its own mmap, so freed tensors leave the resident set at once and the peak is the peak of live
+tensors (plus the allocator's small-object heap).
+"""
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+
+GB = 2 ** 30
+
+
+def counts(preset: str, overrides: dict | None = None):
+    """Parameter counts per part, from the meta device (no memory)."""
+    import torch
+
+    from model import LLaDAV, get_config
+    mc = get_config(preset)
+    for k, v in (overrides or {}).items():
+        sec, name = k.split(".")
+        setattr(getattr(mc, sec), name, v)
+    with torch.device("meta"):
+        m = LLaDAV(mc)
+    n = lambda mod: sum(p.numel() for p in mod.parameters())
+    lm = mc.lm
+    return mc, {"llm": n(m.llm), "vision": n(m.vision), "projector": n(m.projector), "total": n(m),
+                "block": n(m.llm.layers[0]), "root": 2 * lm.vocab_size * lm.d_model + lm.d_model + n(m.projector)
+                + (n(m.vision) - (mc.vision.n_layers - 1) * n(m.vision.layers[0]))}
+
+
+def estimate(preset: str, world: int = 1, seq: int = 8192, batch: int = 1, stage: int = 2, parallel: str = "fsdp",
+             checkpointing: bool = True, bf16: bool = True, masked_frac: float = 0.25, n_images: int = 1,
+             foreach: bool = True, head_chunk: int = 512, overrides: dict | None = None) -> dict:
+    """Bytes per process for one training step (see the module docstring). masked_frac: share of the
+    sequence's positions that are masked (the head runs there): t ~ U(0,1) over the answer part."""
+    mc, c = counts(preset, overrides)
+    lm, vc = mc.lm, mc.vision
+    train = {"llm": stage != 1, "vision": stage != 1, "projector": True}
+    T = sum(c[k] for k in train if train[k])
+    s = world if parallel == "fsdp" else 1
+    e = 2 if bf16 else 4
+    out = {"parameters": 4 * c["total"] / s}
+    if parallel == "fsdp" and bf16:
+        out["parameters"] += 2 * (c["root"] + 2 * c["block"])  # gathered bf16 working copies
+    elif bf16:
+        out["parameters"] += 2 * T  # autocast's cache of bf16 weight copies
+    out["gradients"] = 4 * T / s + (4 * T if parallel == "ddp" else 0)
+    out["optimizer"] = 8 * T / s
+    transient = 4 * T / s if foreach else 0
+    tokens = batch * seq
+    d, m = lm.d_model, lm.mlp_hidden
+    norm_extra = 0 if not bf16 else 2 * 4 * d  # fp32 x and normalised x of the two RMSNorms
+    per_block = tokens * ((11 * d + 4 * m) * e + norm_extra)
+    if not train["llm"] and not train["projector"] and not train["vision"]:
+        per_block = 0
+    if checkpointing:
+        acts = lm.n_layers * tokens * d * e + per_block
+    else:
+        acts = lm.n_layers * per_block
+    acts += 2 * tokens * d * e  # the embeddings and the final norm's output
+    if train["vision"]:
+        acts += n_images * batch * (vc.n_layers - 1) * vc.n_patches * (9 * vc.d_model + 2 * vc.mlp_hidden) * e
+    N = masked_frac * tokens
+    rows = min(N, head_chunk) if head_chunk else N  # logits rows alive at once
+    head = 4 * rows * lm.vocab_size * 4 + (2 * rows * lm.vocab_size if bf16 else 0)
+    out["activations"], out["head"], out["optimizer step transient"] = acts, head, transient
+    out["peak"] = out["parameters"] + out["optimizer"] + max(acts + head, out["gradients"] + transient)
+    return out
+
+
+def print_plan(preset, world, seq, batch, stage, parallel, gpu_gb=80.0):
+    print(f"preset {preset}, stage {stage}, {world} process(es), {parallel}, {batch} x {seq} tokens per process")
+    rows = {}
+    for ckpt in (False, True):
+        rows[ckpt] = estimate(preset, world, seq, batch, stage, parallel, ckpt, bf16=True)
+    print(f"  {'GiB per GPU':28s} {'no checkpointing':>18s} {'checkpointing':>15s}")
+    for k in rows[False]:
+        print(f"  {k:28s} {rows[False][k] / GB:18.1f} {rows[True][k] / GB:15.1f}")
+    for ckpt in (False, True):
+        gib = rows[ckpt]["peak"] / GB
+        print(f"  -> checkpointing {'on ' if ckpt else 'off'}: {gib:.1f} GiB per GPU: "
+              f"{'fits' if gib < 0.9 * gpu_gb else 'does NOT fit'} {world} x {gpu_gb:.0f} GB (10% kept for the allocator and NCCL)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement on the CPU (fresh process per case)
+
+def _reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+
+
+def _rss(key="VmRSS"):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+
+def _measure_step(preset, batch, text_len, checkpointing, overrides):
+    """(runs in a child) one steady-state training step of `preset` in fp32 on the CPU -> bytes."""
+    import torch
+
+    from diffusion import diffusion_loss, forward_process
+    from model import LLaDAV, get_config
+    from tokenizer import IMAGE_TOKEN_INDEX
+    torch.manual_seed(0)
+    mc = get_config(preset)
+    for k, v in overrides.items():
+        sec, name = k.split(".")
+        setattr(getattr(mc, sec), name, v)
+    model = LLaDAV(mc)
+    model.llm.checkpointing = checkpointing
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    P = mc.vision.n_patches
+    ids = torch.cat([torch.full((batch, P), IMAGE_TOKEN_INDEX), torch.randint(0, 500, (batch, text_len))], 1)
+    labels = torch.cat([torch.full((batch, P), -100), ids[:, P:]], 1)
+    pixels = torch.randn(batch, 3, mc.vision.image_size, mc.vision.image_size)
+    xt, masked, p_mask = forward_process(ids, labels, 7, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        loss = diffusion_loss(model(xt, pixels, output_positions=masked), labels, masked, p_mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: creates AdamW's state and pages in the code of every kernel (not training memory)
+    gc.collect()
+    resident = sum(p.nbytes for p in model.parameters()) + sum(
+        t.nbytes for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+    _reset_peak()
+    rss0 = _rss()
+    step()  # the measured, steady-state step
+    return {"peak": resident + _rss("VmHWM") - rss0, "resident": resident, "masked": int(masked.sum()),
+            "tokens": ids.numel()}
+
+
+def measure(preset, batch, text_len, checkpointing=False, overrides=None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    code = (f"import json, plan; print(json.dumps(plan._measure_step({preset!r}, {batch}, {text_len}, "
+            f"{checkpointing}, {overrides or {}!r})))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def validate(cases=None, say=print) -> list:
+    """Estimate vs measured peak for CPU fp32 steps of the toy and small presets."""
+    from model import get_config
+    cases = cases or [("toy", 8, 64, False), ("toy", 8, 64, True), ("small", 1, 64, False), ("small", 1, 64, True)]
+    out = []
+    for preset, batch, text_len, ckpt in cases:
+        got = measure(preset, batch, text_len, ckpt)
+        P = get_config(preset).vision.n_patches
+        est = estimate(preset, 1, P + text_len, batch, 2, "none", ckpt, bf16=False,
+                       masked_frac=got["masked"] / got["tokens"], foreach=True, head_chunk=0)["peak"]
+        err = est / got["peak"] - 1
+        say(f"{preset:6s} batch {batch} x {P + text_len} tokens, checkpointing {str(ckpt):5s}: "
+            f"estimate {est / 2**20:8.1f} MiB, measured {got['peak'] / 2**20:8.1f} MiB ({100 * err:+.1f}%)")
+        out.append((preset, ckpt, est, got["peak"], err))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The output head: masked positions only vs the official full-sequence logits
+
+def _head_loss_peak(tokens, vocab, d, n_masked, variant, chunk=512):
+    """(runs in a child) peak bytes of the loss's forward + backward, from the final hidden states on.
+    official: fp32 logits for every position (kept: the model returns them), loss at the masked rows;
+    masked: the head at the masked rows only; chunked: that, `chunk` rows at a time (model.chunked_head_ce)."""
+    import torch
+
+    from model import chunked_head_ce
+    torch.manual_seed(0)
+    h = torch.randn(tokens, d, requires_grad=True)
+    head = torch.nn.Linear(d, vocab, bias=False)
+    masked = torch.zeros(tokens, dtype=torch.bool)
+    masked[torch.randperm(tokens)[:n_masked]] = True
+    target = torch.randint(0, vocab, (tokens,))
+    def run(rows, chunk):
+        if variant == "official":
+            logits = head(h[rows]).float()  # (L, V), held until the step ends like the official model output
+            ce = torch.nn.functional.cross_entropy(logits[masked[rows]], target[rows][masked[rows]], reduction="none")
+        else:
+            ce = chunked_head_ce(h[rows][masked[rows]], head, target[rows][masked[rows]], chunk if variant == "chunked" else 0)
+        loss = ce.sum() / tokens
+        loss.backward()
+        return loss
+
+    run(slice(0, 256), 2)  # warm-up on a few rows, chunked too: pages in the kernels' code (not loss memory)
+    h.grad = head.weight.grad = None
+    gc.collect()
+    _reset_peak()
+    base = _rss()
+    loss = run(slice(None), chunk)
+    return {"peak": _rss("VmHWM") - base, "loss": loss.item()}
+
+
+def head_bench(tokens=8192, vocab=126464, d=256, fracs=(0.5, 0.25, 0.1), chunk=512, say=print):
+    """-> rows (masked fraction, {variant: peak bytes}, {variant: loss})."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    rows = []
+    for f in fracs:
+        n = int(f * tokens)
+        peak, loss = {}, {}
+        for v in ("official", "masked", "chunked"):
+            code = (f"import json, plan; print(json.dumps(plan._head_loss_peak({tokens}, {vocab}, {d}, {n}, "
+                    f"{v!r}, {chunk})))")
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)))
+            if r.returncode:
+                raise RuntimeError(r.stderr[-2000:])
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            peak[v], loss[v] = res["peak"], res["loss"]
+        say(f"{tokens} tokens, V={vocab}, {n} masked ({100 * f:.0f}%): official full-sequence head "
+            f"{peak['official'] / GB:.2f} GiB | masked-only {peak['masked'] / GB:.2f} GiB "
+            f"({peak['official'] / peak['masked']:.1f}x lower) | masked-only, chunks of {chunk} "
+            f"{peak['chunked'] / GB:.2f} GiB ({peak['official'] / peak['chunked']:.1f}x lower) | loss "
+            f"{loss['official']:.7f} / {loss['masked']:.7f} / {loss['chunked']:.7f}")
+        rows.append((f, peak, loss))
+    return rows
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llada_v_8b")
+    ap.add_argument("--world", type=int, default=8, help="processes (GPUs) in all")
+    ap.add_argument("--seq", type=int, default=8192, help="tokens per sequence, image tokens included")
+    ap.add_argument("--batch", type=int, default=1, help="micro-batch per process")
+    ap.add_argument("--stage", type=int, default=2, choices=[1, 2, 3])
+    ap.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp", "none"])
+    ap.add_argument("--gpu-gb", type=float, default=80.0)
+    ap.add_argument("--validate", action="store_true", help="compare with measured CPU peaks (toy, small)")
+    ap.add_argument("--head", action="store_true", help="measure the masked-only vs full output head")
+    a = ap.parse_args()
+    if a.validate:
+        validate()
+    elif a.head:
+        head_bench()
+    else:
+        from model import PRESETS
+        if a.preset not in PRESETS:
+            sys.exit(f"unknown preset {a.preset!r}; choose one of {', '.join(PRESETS)}")
+        print_plan(a.preset, a.world, a.seq, a.batch, a.stage, a.parallel, a.gpu_gb)

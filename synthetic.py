@@ -142,8 +142,10 @@ DEMO_OFFSET = 2 * 10**9
 class SyntheticVQA:
     """The endless training stream (`train_batch(step)`) and a fixed held-out split (`heldout(n)`)."""
 
-    def __init__(self, tok: Tokenizer, image_size: int, n_image_tokens: int, gen_length: int, seed: int = 0):
+    def __init__(self, tok: Tokenizer, image_size: int, n_image_tokens: int, gen_length: int, seed: int = 0,
+                 system: str | None = None):
         self.tok, self.size, self.n_img, self.G, self.seed = tok, image_size, n_image_tokens, gen_length, seed
+        self.system = system  # the system turn of every prompt: data.default_system(tokenizer name), as sampling uses
 
     def sample(self, index: int, kind: str | None = None):
         return make_sample(self.seed * 10**10 + index, self.size, kind)
@@ -155,7 +157,7 @@ class SyntheticVQA:
 
     def batch(self, samples, preprocess):
         """Tensors for a list of (image, question, answer, kind): ids, labels, attention mask, pixels."""
-        ex = [sft_example(self.tok, q, a, self.G, self.n_img) for _, q, a, _ in samples]
+        ex = [sft_example(self.tok, q, a, self.G, self.n_img, self.system) for _, q, a, _ in samples]
         ids, labels, attn = collate(ex, self.tok.pad_id)
         pixels = torch.stack([preprocess(img) for img, *_ in samples])
         return ids, labels, attn, pixels

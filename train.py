@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from data import default_system
 from diffusion import diffusion_loss, forward_process
 from model import LLaDAV, count_params, get_config, load_state, save_checkpoint
 from sample import autocast, evaluate, format_eval
@@ -46,14 +47,18 @@ from vision import preprocess
 class TrainConfig:
     preset: str = "toy"          # model preset: toy | small | llada_v_8b (see model.py)
     out_dir: str = "out"         # checkpoint (ckpt.pt) and final report (report.json) go here
+    tokenizer: str = ""          # presets with the official vocabulary: a tokenizer.json or a model dir holding one
     resume: bool = False         # continue from out_dir/ckpt.pt
     device: str = "auto"         # auto = cuda > mps > cpu
     seed: int = 0
     batch_size: int = 32         # sequences per step
     max_steps: int = 3500
     lr: float = 1.5e-3           # peak learning rate of the language model; lower it (e.g. 1e-4) for big models
-    vision_lr_scale: float = 1.0     # vision tower lr = lr * this (LLaDA-V: 2e-6 / 1e-5 = 0.2; 0 freezes it)
-    projector_lr_scale: float = 1.0  # projector lr = lr * this
+    vision_lr_scale: float = 0.2     # vision tower lr = lr * this (LLaDA-V: 2e-6 / 1e-5 = 0.2; 0 freezes it).
+                                     # From scratch it matters too: until the language model reads the image,
+                                     # the vision path's gradient is noise, Adam turns noise into full-size steps,
+                                     # and at the full lr its features blow up (x15 norm in 50 steps) and stall
+    projector_lr_scale: float = 0.2  # projector lr = lr * this
     min_lr: float = 1e-4         # cosine decays to this
     warmup_steps: int = 100
     weight_decay: float = 0.0    # LLaDA-V uses 0
@@ -230,10 +235,13 @@ def train(tc: TrainConfig, mc, quiet=False):
     device = info.device
     log = (lambda *a: None) if quiet or not info.main else (lambda *a: print(*a, flush=True))
     torch.manual_seed(tc.seed)
+    if tc.tokenizer:
+        mc.tokenizer = tc.tokenizer  # recorded in the checkpoint's config, so sample.py finds it again
     try:
         tok = get_tokenizer(mc.tokenizer)
     except ValueError as e:
-        sys.exit(f"preset {tc.preset!r} needs the {mc.tokenizer!r} tokenizer: {e}")
+        sys.exit(f"preset {tc.preset!r} needs the {mc.tokenizer!r} tokenizer; pass --tokenizer=<tokenizer.json or "
+                 f"model dir> ({e})")
     if tok.vocab_size > mc.lm.vocab_size:
         sys.exit(f"tokenizer has {tok.vocab_size} tokens but lm.vocab_size={mc.lm.vocab_size}; raise --lm.vocab_size")
     if tc.gen_length % tc.block_length or tc.sample_steps % (tc.gen_length // tc.block_length):
@@ -244,7 +252,8 @@ def train(tc: TrainConfig, mc, quiet=False):
         sys.exit(f"batch_size={tc.batch_size} must be a multiple of micro_batch_size={micro} x {info.world} "
                  f"processes; change --batch_size or --micro_batch_size")
     accum = tc.batch_size // (micro * info.world)
-    data = SyntheticVQA(tok, mc.vision.image_size, mc.vision.n_patches, tc.gen_length, seed=tc.seed)
+    data = SyntheticVQA(tok, mc.vision.image_size, mc.vision.n_patches, tc.gen_length, seed=tc.seed,
+                        system=default_system(mc.tokenizer))
     model = LLaDAV(mc)
     model.init_weights()
     if tc.init_from:

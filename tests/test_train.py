@@ -68,6 +68,23 @@ def test_train_writes_checkpoint_and_report(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp." in p]  # no temporary file left behind
 
 
+def test_train_with_a_converted_tokenizer_json(tmp_path):
+    """--tokenizer=<tokenizer.json>: the run uses the converted vocabulary (as the small and 8B presets do
+    with the official file), records its path in the checkpoint, and sample.py finds it again."""
+    from test_tokenizer import build_tokenizer_json  # skips without the `tokenizers` package
+    ref = build_tokenizer_json(tmp_path / "tokenizer.json", split_regex=True)
+    path = str(tmp_path / "tokenizer.json")
+    model, report = run_train(tmp_path, "--max_steps=2", f"--tokenizer={path}", "--lm.vocab_size=768",
+                              "--gen_length=48", "--block_length=48", "--sample_steps=48", "--lm.max_seq_len=512")  # long
+    # answers (a small BPE) and LLaDA-V's system prompt (a non-toy tokenizer trains and samples with it)
+    tok = get_tokenizer(path)
+    assert tok.vocab_size == ref.get_vocab_size() != get_tokenizer("toy").vocab_size
+    assert model.cfg.tokenizer == path
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]["tokenizer"] == path
+    assert report["heldout"]["n"] == 10
+    sample.main([f"--checkpoint={tmp_path / 'ckpt.pt'}", "--seed=1"])
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     """Training 6 steps straight gives bit-identical weights to training 3, stopping, and resuming to 6:
     batches and masks depend only on (seed, step), and the optimizer state is restored."""

@@ -169,15 +169,18 @@ def _measure_step(preset, batch, text_len, checkpointing, overrides):
             "tokens": ids.numel()}
 
 
-def measure(preset, batch, text_len, checkpointing=False, overrides=None) -> dict:
+def _in_fresh_process(call: str) -> dict:
+    """Run `plan.<call>` in a new one-thread Python process (its own peak-memory counter) -> its JSON result."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-    code = (f"import json, plan; print(json.dumps(plan._measure_step({preset!r}, {batch}, {text_len}, "
-            f"{checkpointing}, {overrides or {}!r})))")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", f"import json, plan; print(json.dumps(plan.{call}))"], env=env,
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def measure(preset, batch, text_len, checkpointing=False, overrides=None) -> dict:
+    return _in_fresh_process(f"_measure_step({preset!r}, {batch}, {text_len}, {checkpointing}, {overrides or {}!r})")
 
 
 def validate(cases=None, say=print) -> list:
@@ -234,19 +237,12 @@ def _head_loss_peak(tokens, vocab, d, n_masked, variant, chunk=512):
 
 def head_bench(tokens=8192, vocab=126464, d=256, fracs=(0.5, 0.25, 0.1), chunk=512, say=print):
     """-> rows (masked fraction, {variant: peak bytes}, {variant: loss})."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     rows = []
     for f in fracs:
         n = int(f * tokens)
         peak, loss = {}, {}
         for v in ("official", "masked", "chunked"):
-            code = (f"import json, plan; print(json.dumps(plan._head_loss_peak({tokens}, {vocab}, {d}, {n}, "
-                    f"{v!r}, {chunk})))")
-            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                               cwd=os.path.dirname(os.path.abspath(__file__)))
-            if r.returncode:
-                raise RuntimeError(r.stderr[-2000:])
-            res = json.loads(r.stdout.strip().splitlines()[-1])
+            res = _in_fresh_process(f"_head_loss_peak({tokens}, {vocab}, {d}, {n}, {v!r}, {chunk})")
             peak[v], loss[v] = res["peak"], res["loss"]
         say(f"{tokens} tokens, V={vocab}, {n} masked ({100 * f:.0f}%): official full-sequence head "
             f"{peak['official'] / GB:.2f} GiB | masked-only {peak['masked'] / GB:.2f} GiB "

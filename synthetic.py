@@ -81,18 +81,15 @@ def draw(objs: list[Obj], size: int, blank: bool = False) -> Image.Image:
 
 def _question(rng: random.Random, objs: list[Obj], kind: str):
     """(question, answer) of `kind` about the scene, or None when the scene cannot support it."""
-    if kind == "color":
-        uniq = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+    if kind in ("color", "shape"):
+        # name the object by its other attribute, which must be unique in the scene
+        key = "shape" if kind == "color" else "color"
+        uniq = [o for o in objs if sum(getattr(p, key) == getattr(o, key) for p in objs) == 1]
         if not uniq:
             return None
         o = rng.choice(uniq)
-        return f"What color is the {o.shape}?", o.color
-    if kind == "shape":
-        uniq = [o for o in objs if sum(p.color == o.color for p in objs) == 1]
-        if not uniq:
-            return None
-        o = rng.choice(uniq)
-        return f"What shape is the {o.color} object?", o.shape
+        return ((f"What color is the {o.shape}?", o.color) if kind == "color"
+                else (f"What shape is the {o.color} object?", o.shape))
     if kind == "count":
         return "How many objects are there?", NUMBERS[len(objs)]
     if kind == "relation":

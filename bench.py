@@ -17,6 +17,9 @@ close the step gets to what this machine's matmul can do), and on a GPU the vend
     python bench.py --checkpoint=out/ckpt.pt          # a trained model (threshold decoding needs one:
                                                       # random weights are never confident)
     python bench.py --preset=small --device=cuda      # any preset; --key=value overrides (see --help)
+    python bench.py --preset=llada_v_8b --lm.n_layers=2    # --lm.* / --vision.* change the preset's model
+    python bench.py --preset=llada_v_8b --layer_only=1 --seq_len=8192 --train_batch=1   # one LLaDA block,
+        bf16: forward + backward ms, TFLOP/s and MFU (FLOPs counted as above), peak memory on a GPU
 Training inputs are random token ids with one image's placeholders and random pixels; sampling uses
 held-out synthetic questions where the tokenizer exists (toy) and random ids otherwise, so the `small`
 preset runs without the official tokenizer.
@@ -31,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion import diffusion_loss, forward_process, generate
 from fast import MODES, CountingModel, generate_fast, mode_kwargs
-from model import LLaDAV, get_config, load_checkpoint
+from model import Block, LLaDAV, get_config, load_checkpoint, rope_cos_sin
 from data import default_system, prompt_batch
 from sample import autocast
 from synthetic import SyntheticVQA
@@ -61,24 +64,48 @@ class BenchConfig:
     repeats: int = 5              # timed sampling runs per mode (median reported)
     modes: str = ",".join(MODES)
     skip_train: bool = False
+    layer_only: bool = False      # time one LLaDA block (bf16) instead: forward + backward of ...
+    seq_len: int = 2048           # ... train_batch x seq_len tokens
 
 
-def parse(argv) -> BenchConfig:
-    bc = BenchConfig()
+def convert(key, old, val):
+    try:
+        return (val.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(val)
+    except ValueError:
+        sys.exit(f"--{key}={val!r} is not a valid {type(old).__name__}")
+
+
+def parse(argv):
+    """-> (BenchConfig, model-config overrides such as {"lm.n_layers": "2"})."""
+    bc, overrides = BenchConfig(), {}
     for a in argv:
         if a in ("-h", "--help"):
-            print(__doc__ + "\noptions:\n" + "\n".join(f"  --{f.name}={getattr(bc, f.name)}" for f in fields(bc)))
+            print(__doc__ + "\noptions:\n" + "\n".join(f"  --{f.name}={getattr(bc, f.name)}" for f in fields(bc))
+                  + "\n  --lm.<field>=..., --vision.<field>=...: the preset's LLaDAConfig, VisionConfig fields")
             sys.exit(0)
         key, eq, val = a[2:].partition("=")
-        if not a.startswith("--") or not eq or key not in {f.name for f in fields(bc)}:
+        if a.startswith("--") and eq and key.split(".")[0] in ("lm", "vision"):
+            overrides[key] = val
+        elif not a.startswith("--") or not eq or key not in {f.name for f in fields(bc)}:
             sys.exit(f"bad argument {a!r}; use --key=value with key one of "
-                     + ", ".join(f.name for f in fields(bc)))
-        old = getattr(bc, key)
-        try:
-            setattr(bc, key, (val.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(val))
-        except ValueError:
-            sys.exit(f"--{key}={val!r} is not a valid {type(old).__name__}")
-    return bc
+                     + ", ".join(f.name for f in fields(bc)) + ", lm.<field>, vision.<field>")
+        else:
+            setattr(bc, key, convert(key, getattr(bc, key), val))
+    return bc, overrides
+
+
+def model_config(preset, overrides):
+    """The preset's LLaDAVConfig with the --lm.* / --vision.* overrides applied (as in train.py)."""
+    try:
+        cfg = get_config(preset)
+    except ValueError as e:
+        sys.exit(str(e))
+    for key, val in overrides.items():
+        (section, name), part = key.split(".", 1), getattr(cfg, key.split(".")[0])
+        if name not in {f.name for f in fields(part)}:
+            sys.exit(f"unknown option --{key}; valid: " + ", ".join(f"--{section}.{f.name}" for f in fields(part)))
+        setattr(part, name, convert(key, getattr(part, name), val))
+    return cfg
 
 
 def sync(device):
@@ -160,6 +187,38 @@ def bench_train(model, bc, device, peak):
     return dict(seconds=dt, tokens=tokens, flops=flops, mfu=flops / dt / peak, mem=mem)
 
 
+def bench_layer(lm, bc, device):
+    """One LLaDA block, bf16 weights: forward + backward of a random bf16 (train_batch, seq_len, d_model) input
+    and a random output gradient. FLOPs counted on a first step, then a warm-up and the mean of train_steps.
+    CUDA memory: allocated before a step (weights, input, output gradient) and the peak during the steps."""
+    torch.manual_seed(bc.seed)
+    block, (B, L, d) = Block(lm).to(device, torch.bfloat16), (bc.train_batch, bc.seq_len, lm.d_model)
+    x = torch.randn(B, L, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    cos, sin = rope_cos_sin(L, d // lm.n_heads, lm.rope_theta, device)
+    cuda, params = device.type == "cuda", list(block.parameters())
+
+    def step():  # the input's and every weight's gradient are dropped after each step
+        block(x, cos, sin, None).backward(dy)
+        for t in [x] + params:
+            t.grad = None
+    with FlopCounterMode(display=False) as fc:
+        step()
+    step()
+    sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    static, t0 = torch.cuda.memory_allocated(device) if cuda else None, time.perf_counter()
+    for _ in range(bc.train_steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / bc.train_steps
+    n_matrix = sum(p.numel() for p in params if p.dim() == 2)
+    return dict(seconds=dt, tokens=B * L, flops=fc.get_total_flops(), params=sum(p.numel() for p in params),
+                analytic=6 * n_matrix * B * L + 12 * B * L * L * d, static=static,
+                mem=torch.cuda.max_memory_allocated(device) if cuda else None)
+
+
 def sampling_inputs(model, bc, device):
     """(prompt ids, attention mask, pixels, mask/eos/eot ids). The toy model gets real held-out synthetic
     questions (a trained model is confident only on its own kind of input); a preset whose tokenizer is
@@ -217,10 +276,27 @@ def bench_sampling(model, bc, device):
     return rows
 
 
+def main_layer(bc, overrides, device):
+    lm, (peak, peak_src) = model_config(bc.preset, overrides).lm, peak_flops(device)
+    r = bench_layer(lm, bc, device)
+    print(f"one LLaDA block of preset {bc.preset} (d_model {lm.d_model}, {lm.n_heads} heads, mlp_hidden {lm.mlp_hidden}): "
+          f"{r['params'] / 1e6:.2f}M parameters, bf16, on {device}; forward + backward of ({bc.train_batch}, "
+          f"{bc.seq_len}, {lm.d_model}), mean of {bc.train_steps} after a warm-up:")
+    print(f"  {r['seconds'] * 1e3:.2f} ms | {r['tokens'] / r['seconds']:,.0f} tokens/s | {r['flops'] / 1e9:,.2f} GFLOP "
+          f"(counted; 6 x params x tokens + 12 B L^2 d = {r['analytic'] / 1e9:,.2f}) | {r['flops'] / r['seconds'] / 1e12:.2f}"
+          f" TFLOP/s | MFU {100 * r['flops'] / r['seconds'] / peak:.1f}% of {peak / 1e12:,.2f} TFLOP/s ({peak_src})"
+          + (f"\n  peak memory {r['mem'] / 2**20:,.0f} MiB = {r['static'] / 2**20:,.0f} MiB before the step (weights, input, "
+             f"output gradient) + {(r['mem'] - r['static']) / 2**20:,.0f} MiB during it" if r["mem"] is not None else ""))
+
+
 def main(argv):
-    bc = parse(argv)
+    bc, overrides = parse(argv)
     device = pick_device(bc.device)
     torch.manual_seed(bc.seed)
+    if (overrides or bc.layer_only) and bc.checkpoint:
+        sys.exit("--lm.*, --vision.* and --layer_only=1 apply to a --preset's random-weight model; drop --checkpoint")
+    if bc.layer_only:
+        return main_layer(bc, overrides, device)
     if bc.checkpoint:
         try:
             model, _ = load_checkpoint(bc.checkpoint, device)
@@ -228,11 +304,7 @@ def main(argv):
             sys.exit(str(e))
         source = bc.checkpoint
     else:
-        try:
-            cfg = get_config(bc.preset)
-        except ValueError as e:
-            sys.exit(str(e))
-        model = LLaDAV(cfg).to(device)
+        model = LLaDAV(model_config(bc.preset, overrides)).to(device)
         model.init_weights()
         source = f"preset {bc.preset}, random weights"
     if bc.gen_length % bc.block_length or bc.steps % (bc.gen_length // bc.block_length):

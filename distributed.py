@@ -116,9 +116,14 @@ def wrap(model: nn.Module, mode: str, info: DistInfo, bf16: bool):
     except ImportError:  # torch 2.4 / 2.5 kept FSDP2 under its pre-release path
         from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    # The blocks keep their inputs' dtypes: the root already casts what enters the model, and an LLaDA
+    # block's RoPE cos/sin must stay fp32. (Casting them too would also break activation checkpointing:
+    # FSDP2 does not re-cast in the recomputation, so the recomputed RoPE saves fp32 where the forward
+    # saved bf16, and backward stops with a CheckpointError. Seen on an H100.)
+    block_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, cast_forward_inputs=False)
     for block in list(model.llm.layers) + list(model.vision.layers):
-        fully_shard(block, mp_policy=mp)  # one all-gather / reduce-scatter unit per block
-    fully_shard(model, mp_policy=mp)      # the rest: embeddings, head, norms, projector, patch embedding
+        fully_shard(block, mp_policy=block_mp)  # one all-gather / reduce-scatter unit per block
+    fully_shard(model, mp_policy=mp)            # the rest: embeddings, head, norms, projector, patch embedding
     return model
 
 

@@ -69,6 +69,7 @@ class TrainConfig:
     weighting: str = "elbo"      # elbo: CE / p_mask (the likelihood bound) | none: plain CE ("L_simple")
     grad_clip: float = 1.0
     loss_mode: str = "sft"       # sft (per-sample answer-length normaliser) | pretrain (1 / (B L))
+    single_object_steps: int = 500  # curriculum: the first N steps show one object and ask colour/shape/describe
     gen_length: int = 16         # answer canvas G, in tokens (training and sampling)
     block_length: int = 16       # sampler block length (semi-autoregressive if < gen_length)
     sample_steps: int = 16       # sampler steps
@@ -253,7 +254,7 @@ def train(tc: TrainConfig, mc, quiet=False):
                  f"processes; change --batch_size or --micro_batch_size")
     accum = tc.batch_size // (micro * info.world)
     data = SyntheticVQA(tok, mc.vision.image_size, mc.vision.n_patches, tc.gen_length, seed=tc.seed,
-                        system=default_system(mc.tokenizer))
+                        system=default_system(mc.tokenizer), single_object_steps=tc.single_object_steps)
     model = LLaDAV(mc)
     model.init_weights()
     if tc.init_from:

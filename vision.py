@@ -117,11 +117,27 @@ class VisionTower(nn.Module):
                 fan_in = m.weight[0].numel()
                 nn.init.normal_(m.weight, std=1 / math.sqrt(fan_in))
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):  # position embedding, SigLIP's 1/sqrt(D)
-                nn.init.normal_(m.weight, std=1 / math.sqrt(self.cfg.d_model))
+            elif isinstance(m, nn.Embedding):  # position embedding: 2D sin-cos, see sincos_2d
+                with torch.no_grad():
+                    m.weight.copy_(0.3 * sincos_2d(self.cfg.image_size // self.cfg.patch_size, self.cfg.d_model))
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) 2D sin-cos position codes (MAE), row-major: a quarter of the dims each holds
+    sin(x w_k), cos(x w_k), sin(y w_k), cos(y w_k) with w_k = 10000^(-k / (dim/4)). The position
+    embedding stays learned (SigLIP's); only the from-scratch init uses them, so that a patch's row and
+    column are linear in its token from the first step, which the toy's spatial questions need (README,
+    "What we learnt": with row-major "describe", per-object accuracy 35% -> 52% at step 2,100)."""
+    q = dim // 4
+    w = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / q)                       # (q,)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                            indexing="ij")
+    ox, oy = xs.reshape(-1, 1) * w, ys.reshape(-1, 1) * w                                # (grid^2, q)
+    pe = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1)                     # (grid^2, 4q)
+    return torch.nn.functional.pad(pe, (0, dim - 4 * q))                                # (grid^2, dim)
 
 
 # Image modes pillow can hand us, and how each becomes 8-bit RGB.

@@ -16,7 +16,7 @@ def test_layer_only_prints_time_flops_and_mfu(capsys):
     GFLOP, TFLOP/s and MFU against the measured CPU matmul peak; no model or sampling table."""
     bench.main(["--preset=toy", "--layer_only=1", "--seq_len=32", "--train_batch=2", "--train_steps=2"])
     out = capsys.readouterr().out
-    assert "one LLaDA block of preset toy (d_model 128, 4 heads, mlp_hidden 352): 0.20M parameters, bf16" in out
+    assert "one LLaDA block of preset toy (d_model 128, 8 heads, mlp_hidden 352): 0.20M parameters, bf16" in out
     assert "forward + backward of (2, 32, 128), mean of 2" in out
     m = re.search(r"([\d.]+) ms \| ([\d,]+) tokens/s \| ([\d.,]+) GFLOP \(counted; .* = ([\d.,]+)\) \| ([\d.]+) TFLOP/s "
                   r"\| MFU ([\d.]+)% of [\d.,]+ TFLOP/s \(measured fp32 matmul", out)

@@ -17,11 +17,12 @@ TOK = synthetic.toy_tokenizer()
 SIZE = 64
 
 def parse_scene(img):
-    """Objects read back from the pixels alone: connected regions of one palette colour, with their colour,
-    shape (from how much of the bounding box they fill) and bounding-box centre."""
+    """Objects read back from the pixels alone: connected regions of one palette colour inside their black
+    outlines, with their colour, shape (from how much of the bounding box they fill) and bounding-box
+    centre, listed in reading order (by board row, then left to right)."""
     a = np.asarray(img).astype(int)
     inv = {v: k for k, v in synthetic.COLORS.items()}
-    fg = (a != synthetic.BACKGROUND).any(-1)
+    fg = (a != synthetic.BACKGROUND).any(-1) & (a != synthetic.OUTLINE).any(-1)
     seen = np.zeros_like(fg)
     objs = []
     for y0, x0 in zip(*np.nonzero(fg)):
@@ -41,7 +42,8 @@ def parse_scene(img):
         fill = len(pix) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
         shape = "square" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
         objs.append(dict(color=inv[rgb], shape=shape, x=(xs.min() + xs.max()) / 2, y=(ys.min() + ys.max()) / 2))
-    return sorted(objs, key=lambda o: o["x"])
+    cell = a.shape[0] / synthetic.GRID
+    return sorted(objs, key=lambda o: (o["y"] // cell, o["x"]))
 
 
 def find(objs, **kw):
@@ -56,7 +58,7 @@ def check_answer(img, q, a, kind):
     if kind == "count":
         assert q == "How many objects are there?" and a == synthetic.NUMBERS[len(objs)]
     elif kind == "describe":
-        assert a == ", ".join(f"{o['color']} {o['shape']}" for o in objs)  # left to right
+        assert a == ", ".join(f"{o['color']} {o['shape']}" for o in objs)  # reading order
     elif kind == "color":
         shape = re.fullmatch(r"What color is the (\w+)\?", q).group(1)
         assert a in synthetic.COLORS and find(objs, shape=shape)["color"] == a
@@ -83,7 +85,7 @@ def test_make_sample_is_deterministic():
 
 @pytest.mark.parametrize("kind", synthetic.KINDS)
 def test_answers_agree_with_the_picture(kind):
-    """Answers read off the drawn pixels (count, colours, shapes, left-to-right order, relations) match."""
+    """Answers read off the drawn pixels (count, colours, shapes, reading order, relations) match."""
     for seed in range(40):
         img, q, a, k = synthetic.make_sample(seed, SIZE, kind)
         assert k == kind
@@ -142,3 +144,32 @@ def test_score():
     assert synthetic.score("describe", "blue square", "red circle, blue square") == (False, 0, 2)
     assert synthetic.score("count", "two", "two") == (True, 0, 0)
     assert synthetic.score("color", "red", "blue") == (False, 0, 0)
+
+
+def test_objects_are_outlined_in_black():
+    """Every object is ringed by OUTLINE pixels: the fill colour never touches the background directly."""
+    for seed in range(20):
+        a = np.asarray(synthetic.make_sample(seed, SIZE, "describe")[0]).astype(int)
+        fill = (a != synthetic.BACKGROUND).any(-1) & (a != synthetic.OUTLINE).any(-1)
+        bg = (a == synthetic.BACKGROUND).all(-1)
+        vertical = (fill[1:] & bg[:-1]) | (fill[:-1] & bg[1:])          # (63, 64): neighbours one row apart
+        horizontal = (fill[:, 1:] & bg[:, :-1]) | (fill[:, :-1] & bg[:, 1:])  # (64, 63): one column apart
+        assert (a == synthetic.OUTLINE).all(-1).any() and not vertical.any() and not horizontal.any()
+
+
+def test_single_object_curriculum():
+    """Steps before single_object_steps draw one object and only colour / shape / describe questions; from
+    then on the full mix (all kinds, up to 4 objects); the held-out split is never affected."""
+    ds = synthetic.SyntheticVQA(TOK, SIZE, n_image_tokens=4, gen_length=12, single_object_steps=3)
+    early = [ds.sample(i, single=True) for i in range(60)]
+    assert {k for *_, k in early} == set(synthetic.SINGLE_KINDS)
+    assert all(len(parse_scene(img)) == 1 for img, *_ in early)
+    for img, q, a, k in early:
+        check_answer(img, q, a, k)
+    late = [ds.sample(i) for i in range(60)]
+    assert {k for *_, k in late} == set(synthetic.KINDS) and max(len(parse_scene(img)) for img, *_ in late) == 4
+    pre = lambda im: vision.preprocess(im, 16)
+    assert all(torch.equal(x, y) for x, y in zip(ds.train_batch(2, 4, pre), ds.batch(early[8:12], pre)))
+    assert all(torch.equal(x, y) for x, y in zip(ds.train_batch(3, 4, pre), ds.batch(late[12:16], pre)))
+    plain = synthetic.SyntheticVQA(TOK, SIZE, n_image_tokens=4, gen_length=12)
+    assert [q for _, q, _, _ in ds.heldout(10)] == [q for _, q, _, _ in plain.heldout(10)]

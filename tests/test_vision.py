@@ -281,3 +281,19 @@ def test_valid_conv_drops_the_remainder():
     y[:, :, 16:, :] = 5.0
     y[:, :, :, 16:] = -5.0
     assert torch.equal(t(y), out)
+
+
+def test_sincos_position_init():
+    """The from-scratch position embedding is 2D sin-cos: patches in the same column share the x part,
+    in the same row the y part, every patch has its own code, and init_weights installs it (x 0.3)."""
+    from vision import sincos_2d
+    g, d = 4, 32
+    pe = sincos_2d(g, d).view(g, g, d)  # (row, col, d)
+    q = d // 4
+    assert torch.allclose(pe[0, :, :2 * q], pe[3, :, :2 * q]) and not torch.allclose(pe[:, 0, :2 * q], pe[:, 1, :2 * q])
+    assert torch.allclose(pe[:, 0, 2 * q:], pe[:, 3, 2 * q:]) and not torch.allclose(pe[0, :, 2 * q:], pe[1, :, 2 * q:])
+    assert torch.cdist(pe.view(g * g, d), pe.view(g * g, d)).add(torch.eye(g * g)).min() > 0.1
+    t = VisionTower(CFG)
+    t.init_weights()
+    n = CFG.image_size // CFG.patch_size
+    assert torch.allclose(t.position_embedding.weight, 0.3 * sincos_2d(n, CFG.d_model))

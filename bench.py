@@ -39,7 +39,7 @@ from data import default_system, prompt_batch
 from sample import autocast
 from synthetic import SyntheticVQA
 from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
-from train import pick_device
+from train import parse_value, pick_device
 from vision import preprocess
 
 # Dense bf16 tensor-core peaks (FLOP/s), from the vendors' data sheets (no sparsity).
@@ -68,13 +68,6 @@ class BenchConfig:
     seq_len: int = 2048           # ... train_batch x seq_len tokens
 
 
-def convert(key, old, val):
-    try:
-        return (val.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(val)
-    except ValueError:
-        sys.exit(f"--{key}={val!r} is not a valid {type(old).__name__}")
-
-
 def parse(argv):
     """-> (BenchConfig, model-config overrides such as {"lm.n_layers": "2"})."""
     bc, overrides = BenchConfig(), {}
@@ -90,7 +83,7 @@ def parse(argv):
             sys.exit(f"bad argument {a!r}; use --key=value with key one of "
                      + ", ".join(f.name for f in fields(bc)) + ", lm.<field>, vision.<field>")
         else:
-            setattr(bc, key, convert(key, getattr(bc, key), val))
+            setattr(bc, key, parse_value(key, getattr(bc, key), val))
     return bc, overrides
 
 
@@ -104,7 +97,7 @@ def model_config(preset, overrides):
         (section, name), part = key.split(".", 1), getattr(cfg, key.split(".")[0])
         if name not in {f.name for f in fields(part)}:
             sys.exit(f"unknown option --{key}; valid: " + ", ".join(f"--{section}.{f.name}" for f in fields(part)))
-        setattr(part, name, convert(key, getattr(part, name), val))
+        setattr(part, name, parse_value(key, getattr(part, name), val))
     return cfg
 
 

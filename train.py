@@ -157,13 +157,17 @@ def parse_args(argv, tc: TrainConfig):
         if target is None or name not in {f.name for f in fields(target)}:
             valid = sorted(train_keys) + [f"lm.{f.name}" for f in fields(mc.lm)] + [f"vision.{f.name}" for f in fields(mc.vision)]
             sys.exit(f"unknown option --{key}; valid options: {', '.join('--' + v for v in valid)}")
-        old = getattr(target, name)
-        try:
-            new = (val.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(val)
-        except ValueError:
-            sys.exit(f"--{key}={val!r} is not a valid {type(old).__name__}")
-        setattr(target, name, new)
+        setattr(target, name, parse_value(key, getattr(target, name), val))
     return tc, mc
+
+
+def parse_value(key, old, val: str):
+    """The command-line string `val` for option --key, typed like its current value `old` (bools take
+    1/true/yes); a one-line exit if it does not parse. Shared with bench.py."""
+    try:
+        return (val.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(val)
+    except ValueError:
+        sys.exit(f"--{key}={val!r} is not a valid {type(old).__name__}")
 
 
 def lr_at(step, tc: TrainConfig):

@@ -111,7 +111,8 @@ class VisionTower(nn.Module):
         return x  # (B, N, D)
 
     def init_weights(self):
-        """From-scratch init (only for toy training; real runs load SigLIP2): normal(0, 1/sqrt(fan_in))."""
+        """From-scratch init (only for toy training; real runs load SigLIP2): normal(0, 1/sqrt(fan_in))
+        weights, zero biases, 2D sin-cos position embedding."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 fan_in = m.weight[0].numel()
@@ -137,7 +138,7 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
                             indexing="ij")
     ox, oy = xs.reshape(-1, 1) * w, ys.reshape(-1, 1) * w                                # (grid^2, q)
     pe = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1)                     # (grid^2, 4q)
-    return torch.nn.functional.pad(pe, (0, dim - 4 * q))                                # (grid^2, dim)
+    return F.pad(pe, (0, dim - 4 * q))                                # (grid^2, dim)
 
 
 # Image modes pillow can hand us, and how each becomes 8-bit RGB.

@@ -120,20 +120,24 @@ class VisionTower(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):  # position embedding: 2D sin-cos, see sincos_2d
                 with torch.no_grad():
-                    m.weight.copy_(0.3 * sincos_2d(self.cfg.image_size // self.cfg.patch_size, self.cfg.d_model))
+                    m.weight.copy_(sincos_2d(self.cfg.image_size // self.cfg.patch_size, self.cfg.d_model))
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
 
-def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+def sincos_2d(grid: int, dim: int, base: float = 10.0) -> torch.Tensor:
     """(grid*grid, dim) 2D sin-cos position codes (MAE), row-major: a quarter of the dims each holds
-    sin(x w_k), cos(x w_k), sin(y w_k), cos(y w_k) with w_k = 10000^(-k / (dim/4)). The position
+    sin(x w_k), cos(x w_k), sin(y w_k), cos(y w_k) with w_k = base^(-k / (dim/4)). The position
     embedding stays learned (SigLIP's); only the from-scratch init uses them, so that a patch's row and
-    column are linear in its token from the first step, which the toy's spatial questions need (README,
-    "What we learnt": with row-major "describe", per-object accuracy 35% -> 52% at step 2,100)."""
+    column are linear in its token from the first step, which the toy's spatial questions need.
+    base 10 (not MAE's 10000): the toy board is only 4 patches wide, and with 10000 most w_k are so low
+    that x w_k barely changes across it. init_weights installs the codes at unit scale: at 0.3x the
+    objects' content swamped them, and a linear probe read an object token's row and column after the
+    projector at 44-50% after training; at 1x, 70-73%. Held-out accuracy of the default run rose
+    62.0% -> 66.4% (README, "What we learnt")."""
     q = dim // 4
-    w = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / q)                       # (q,)
+    w = 1.0 / base ** (torch.arange(q, dtype=torch.float32) / q)                       # (q,)
     ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
                             indexing="ij")
     ox, oy = xs.reshape(-1, 1) * w, ys.reshape(-1, 1) * w                                # (grid^2, q)

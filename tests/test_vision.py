@@ -285,7 +285,7 @@ def test_valid_conv_drops_the_remainder():
 
 def test_sincos_position_init():
     """The from-scratch position embedding is 2D sin-cos: patches in the same column share the x part,
-    in the same row the y part, every patch has its own code, and init_weights installs it (x 0.3)."""
+    in the same row the y part, every patch has its own code, and init_weights installs it."""
     from vision import sincos_2d
     g, d = 4, 32
     pe = sincos_2d(g, d).view(g, g, d)  # (row, col, d)
@@ -296,4 +296,15 @@ def test_sincos_position_init():
     t = VisionTower(CFG)
     t.init_weights()
     n = CFG.image_size // CFG.patch_size
-    assert torch.allclose(t.position_embedding.weight, 0.3 * sincos_2d(n, CFG.d_model))
+    assert torch.allclose(t.position_embedding.weight, sincos_2d(n, CFG.d_model))
+
+
+def test_sincos_base_separates_neighbours_on_a_small_board():
+    """On the toy's 4 x 4 board, base 10 keeps neighbouring patches far apart (a third of the code's norm);
+    MAE's base 10000 spends most frequencies on near-constant dims and leaves them at half that."""
+    from vision import sincos_2d
+
+    def nearest(pe):
+        return (torch.cdist(pe, pe) + 1e9 * torch.eye(len(pe))).min() / pe.norm(dim=1).mean()
+
+    assert nearest(sincos_2d(4, 128)) > 0.3 > 0.2 > nearest(sincos_2d(4, 128, base=10000))

@@ -66,7 +66,7 @@ class LLaDAVConfig:
 
 
 PRESETS = {
-    # Trains on a 2-core CPU in minutes on the synthetic shapes data (about 2M parameters).
+    # Trains on a 2-core CPU in minutes on the synthetic shapes data (1.47M parameters).
     "toy": LLaDAVConfig(
         lm=LLaDAConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=8, mlp_hidden=352, max_seq_len=256),
         vision=VisionConfig(image_size=64, patch_size=16, d_model=128, n_layers=3, n_heads=4, mlp_hidden=512),

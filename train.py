@@ -75,8 +75,8 @@ class TrainConfig:
     sample_steps: int = 16       # sampler steps
     log_every: int = 25
     eval_every: int = 1000       # quick held-out check (eval_quick questions) every N steps; 0 = never
-    eval_quick: int = 100
-    eval_final: int = 500        # held-out questions in the final report
+    eval_quick: int = 100        # questions per quick check; 0 = no quick checks
+    eval_final: int = 500        # held-out questions in the final report; 0 = no report
     ckpt_every: int = 250        # atomic checkpoint every N steps (and at the end)
     compile: bool = False        # torch.compile the model (CUDA)
     # --- training at scale: LLaVA-format data, stages, torchrun (see README "Training at scale") ---
@@ -441,7 +441,7 @@ def train(tc: TrainConfig, mc, quiet=False):
                 if n_bad:
                     log(f"  skipped {n_bad:.0f} of {n_seen:.0f} samples so far (this process: {bad.summary()})")
             t_log, flops_since = time.time(), 0.0
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and can_eval and info.main:
+        if tc.eval_every and tc.eval_quick and step % tc.eval_every == 0 and step < tc.max_steps and can_eval and info.main:
             log(f"  held-out ({tc.eval_quick}): " + format_eval(evaluate(model, tok, heldout[:tc.eval_quick], **gen)))
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
             save(step)
@@ -455,7 +455,7 @@ def train(tc: TrainConfig, mc, quiet=False):
     if tc.data:
         report["bad_samples"] = dict(bad.errors)
         log(f"bad samples skipped: {bad.summary()}")
-    if tc.final_eval and can_eval and info.main:
+    if tc.final_eval and tc.eval_final and can_eval and info.main:
         t0 = time.time()
         final = evaluate(model, tok, heldout[:tc.eval_final], **gen)
         blank = evaluate(model, tok, heldout[:tc.eval_final], blank=True, **gen)

@@ -68,6 +68,14 @@ def test_train_writes_checkpoint_and_report(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp." in p]  # no temporary file left behind
 
 
+def test_zero_eval_questions_means_no_evaluation(tmp_path):
+    """--eval_final=0 / --eval_quick=0 skip the report and the quick checks (they used to crash on an
+    empty held-out list)."""
+    model, report = run_train(tmp_path, "--max_steps=2", "--eval_final=0", "--eval_every=1", "--eval_quick=0")
+    assert report["steps"] == 2 and "heldout" not in report
+    assert "heldout" not in json.loads((tmp_path / "report.json").read_text())
+
+
 def test_train_with_a_converted_tokenizer_json(tmp_path):
     """--tokenizer=<tokenizer.json>: the run uses the converted vocabulary (as the small and 8B presets do
     with the official file), records its path in the checkpoint, and sample.py finds it again."""

@@ -25,6 +25,7 @@ train.py uses for its reports.
 """
 import math
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -215,8 +216,15 @@ def eval_modes(model, tok, samples, modes, batch_size=1, **gen):
     return rows
 
 
-# The candidate answers of each closed question kind, for multiple choice by likelihood.
-CHOICES = {"color": list(COLORS), "shape": SHAPES, "count": NUMBERS[1:], "relation": ["left", "right", "above", "below"]}
+# The candidate answers of each closed question kind, for multiple choice by likelihood: a fixed list, or
+# for relation the two objects the question names.
+CHOICES = {"color": list(COLORS), "shape": SHAPES, "count": NUMBERS[1:], "relation": None}
+
+
+def candidates(kind: str, question: str) -> list:
+    if kind == "relation":
+        return list(re.fullmatch(r"Which is .+, the (\w+ \w+) or the (\w+ \w+)\?", question).groups())
+    return CHOICES[kind]
 
 
 @torch.no_grad()
@@ -232,15 +240,16 @@ def evaluate_choice(model, tok, samples, gen_length=16, mc_num=16, batch_size=16
             continue
         with autocast(device):
             feats = model.encode_images(preprocess(img, model.cfg.vision.image_size)[None].to(device))
+        cands = candidates(kind, q)
         seqs = [sft_example(tok, q, c, gen_length, feats.shape[1], default_system(model.cfg.tokenizer))
-                for c in CHOICES[kind]]
+                for c in cands]
         P = seqs[0][1].count(-100)
         prompt = torch.tensor(seqs[0][0][:P], device=device)
         with autocast(device):
             best, _ = choose(model, prompt, [torch.tensor(ids[P:], device=device) for ids, _ in seqs],
                              mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, mask_id=tok.mask_id,
                              generator=g, image_features=feats.expand(batch_size, -1, -1))
-        hits[kind] += CHOICES[kind][best] == truth
+        hits[kind] += cands[best] == truth
         n[kind] += 1
     res = {k: hits[k] / n[k] for k in n}
     res["all"], res["n"] = sum(hits.values()) / max(1, sum(n.values())), sum(n.values())

@@ -52,7 +52,7 @@ class TrainConfig:
     device: str = "auto"         # auto = cuda > mps > cpu
     seed: int = 0
     batch_size: int = 32         # sequences per step
-    max_steps: int = 3500
+    max_steps: int = 4000
     lr: float = 1.5e-3           # peak learning rate of the language model; lower it (e.g. 1e-4) for big models
     vision_lr_scale: float = 0.2     # vision tower lr = lr * this (LLaDA-V: 2e-6 / 1e-5 = 0.2; 0 freezes it).
                                      # From scratch it matters too: until the language model reads the image,
@@ -70,9 +70,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     loss_mode: str = "sft"       # sft (per-sample answer-length normaliser) | pretrain (1 / (B L))
     single_object_steps: int = 500  # curriculum: the first N steps show one object and ask colour/shape/describe
-    gen_length: int = 16         # answer canvas G, in tokens (training and sampling)
-    block_length: int = 16       # sampler block length (semi-autoregressive if < gen_length)
-    sample_steps: int = 16       # sampler steps
+    gen_length: int = 12         # answer canvas G, in tokens (training and sampling): the toy's longest
+                                 # answer, 4 objects described, is 11 tokens + <|eot_id|>
+    block_length: int = 12       # sampler block length (semi-autoregressive if < gen_length)
+    sample_steps: int = 12       # sampler steps
     log_every: int = 25
     eval_every: int = 1000       # quick held-out check (eval_quick questions) every N steps; 0 = never
     eval_quick: int = 100        # questions per quick check; 0 = no quick checks

@@ -276,7 +276,7 @@ def test_eval_choice_scores_every_candidate_canvas(checkpoint, monkeypatch):
     tok = get_tokenizer("toy")
     n_img = model.cfg.vision.n_patches
     samples = SyntheticVQA(tok, model.cfg.vision.image_size, n_img, 12).heldout(10)
-    closed = [s for s in samples if s[3] != "describe"]  # the kinds with a fixed candidate list
+    closed = [s for s in samples if s[3] != "describe"]  # the closed kinds
     seen = []
 
     def fake_choose(m, prompt, choices, **kw):
@@ -284,7 +284,9 @@ def test_eval_choice_scores_every_candidate_canvas(checkpoint, monkeypatch):
         seen.append(q)
         assert prompt.tolist() == tok.encode_with_image(chat_prompt(q, None), n_img)
         texts = [sample.answer_text(tok, c) for c in choices]
-        assert texts == sample.CHOICES[kind] and all(len(c) == 12 and int(c[-1]) == tok.eos_id for c in choices)
+        # a fixed list per kind; for relation the two objects the question names, the truth among them
+        assert texts == (sample.CHOICES[kind] or [n for n in q[:-1].split(", the ")[1].split(" or the ")])
+        assert truth in texts and all(len(c) == 12 and int(c[-1]) == tok.eos_id for c in choices)
         assert kw["image_features"].shape == (kw["batch_size"], n_img, model.cfg.lm.d_model)
         return texts.index(truth), []
     monkeypatch.setattr(sample, "choose", fake_choose)

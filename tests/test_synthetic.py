@@ -66,10 +66,15 @@ def check_answer(img, q, a, kind):
         color = re.fullmatch(r"What shape is the (\w+) object\?", q).group(1)
         assert a in synthetic.SHAPES and find(objs, color=color)["shape"] == a
     elif kind == "relation":
-        c1, s1, c2, s2 = re.fullmatch(r"Where is the (\w+) (\w+) relative to the (\w+) (\w+)\?", q).groups()
+        word, c1, s1, c2, s2 = re.fullmatch(r"Which is (further left|further right|higher|lower), the (\w+) "
+                                            r"(\w+) or the (\w+) (\w+)\?", q).groups()
         A, B = find(objs, color=c1, shape=s1), find(objs, color=c2, shape=s2)
         dx, dy = A["x"] - B["x"], A["y"] - B["y"]
-        assert a == (("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below"))
+        # the two share a row (asked left/right) or a column (asked higher/lower): one offset is ~0
+        assert (abs(dy) < 4 and word.startswith("further")) or (abs(dx) < 4 and word in ("higher", "lower"))
+        d = dx if word.startswith("further") else dy
+        A_wins = d < 0 if word in ("further left", "higher") else d > 0
+        assert a == (f"{c1} {s1}" if A_wins else f"{c2} {s2}")
     return objs
 
 

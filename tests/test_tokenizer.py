@@ -15,7 +15,7 @@ import tokenizer
 from tokenizer import IMAGE_TOKEN_INDEX, SPECIAL_TOKENS
 
 TOK = synthetic.toy_tokenizer()
-WORDS = list(synthetic.COLORS) + synthetic.SHAPES + synthetic.NUMBERS + ["left", "right", "above", "below"]
+WORDS = list(synthetic.COLORS) + synthetic.SHAPES + synthetic.NUMBERS
 SIZE = 64
 
 def test_special_tokens():
@@ -43,7 +43,7 @@ def test_roundtrip(text):
 
 
 def test_dataset_words_are_single_tokens():
-    """Every colour/shape/number/relation is one token at string start (where answers sit); colours and
+    """Every colour/shape/number is one token at string start (where answers sit); colours and
     shapes, which the questions use after a space, are one token after a space too."""
     for w in WORDS:
         assert len(TOK.encode(w)) == 1, w

@@ -52,7 +52,7 @@ class TrainConfig:
     device: str = "auto"         # auto = cuda > mps > cpu
     seed: int = 0
     batch_size: int = 32         # sequences per step
-    max_steps: int = 4000
+    max_steps: int = 5500
     lr: float = 1.5e-3           # peak learning rate of the language model; lower it (e.g. 1e-4) for big models
     vision_lr_scale: float = 0.2     # vision tower lr = lr * this (LLaDA-V: 2e-6 / 1e-5 = 0.2; 0 freezes it).
                                      # From scratch it matters too: until the language model reads the image,

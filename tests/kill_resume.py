@@ -23,7 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-TINY = ["--lm.d_model=64", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32", "--vision.n_heads=2",
+TINY = ["--lm.d_model=64", "--lm.n_heads=8", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32", "--vision.n_heads=2",
         "--vision.mlp_hidden=64", "--vision.n_layers=2", "--batch_size=8", "--log_every=1", "--eval_every=0",
         "--final_eval=0", "--gen_length=12", "--block_length=12", "--sample_steps=12", "--warmup_steps=2",
         "--ckpt_every=1", "--lr=3e-3"]

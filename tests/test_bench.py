@@ -16,8 +16,8 @@ def test_layer_only_prints_time_flops_and_mfu(capsys):
     GFLOP, TFLOP/s and MFU against the measured CPU matmul peak; no model or sampling table."""
     bench.main(["--preset=toy", "--layer_only=1", "--seq_len=32", "--train_batch=2", "--train_steps=2"])
     out = capsys.readouterr().out
-    assert "one LLaDA block of preset toy (d_model 128, 8 heads, mlp_hidden 352): 0.20M parameters, bf16" in out
-    assert "forward + backward of (2, 32, 128), mean of 2" in out
+    assert "one LLaDA block of preset toy (d_model 96, 6 heads, mlp_hidden 256): 0.11M parameters, bf16" in out
+    assert "forward + backward of (2, 32, 96), mean of 2" in out
     m = re.search(r"([\d.]+) ms \| ([\d,]+) tokens/s \| ([\d.,]+) GFLOP \(counted; .* = ([\d.,]+)\) \| ([\d.]+) TFLOP/s "
                   r"\| MFU ([\d.]+)% of [\d.,]+ TFLOP/s \(measured fp32 matmul", out)
     assert m, out
@@ -32,7 +32,8 @@ def test_layer_flops_are_six_n_t_plus_attention():
     (q k^T and attn @ v: 4 B L^2 d forward, twice that backward). The math attention backend is forced: the
     counter sees it as matmuls (it has formulas for the CUDA flash / efficient / cuDNN kernels, but not for
     the CPU flash kernel, which it then misses: only the 6 N T part is counted)."""
-    bc, ov = bench.parse(["--layer_only=1", "--seq_len=128", "--train_batch=2", "--train_steps=1", "--lm.d_model=256"])
+    bc, ov = bench.parse(["--layer_only=1", "--seq_len=128", "--train_batch=2", "--train_steps=1", "--lm.d_model=256",
+                          "--lm.n_heads=8"])
     lm = bench.model_config("toy", ov).lm
     n_matrix = 4 * 256 * 256 + 3 * 256 * lm.mlp_hidden
     with sdpa_kernel(SDPBackend.MATH):
@@ -69,5 +70,5 @@ def test_overrides_reach_the_whole_model_benchmark(capsys):
     bench.main(args + ["--lm.n_layers=1"])
     out = capsys.readouterr().out
     one = float(re.search(r"([\d.]+)M parameters", out)[1])
-    assert full - one == pytest.approx(3 * (4 * 128 ** 2 + 3 * 128 * 352 + 2 * 128) / 1e6, abs=0.011)
+    assert full - one == pytest.approx(3 * (4 * 96 ** 2 + 3 * 96 * 256 + 2 * 96) / 1e6, abs=0.011)
     assert "| exact |" in out

@@ -113,7 +113,7 @@ def test_length_grouped_batches_are_deterministic_and_grouped():
     assert spread < 20  # random batches of 4 from 0..99 spread ~60
 
 
-TINY = ["--lm.d_model=64", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32", "--vision.n_heads=2",
+TINY = ["--lm.d_model=64", "--lm.n_heads=8", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32", "--vision.n_heads=2",
         "--vision.mlp_hidden=64", "--vision.n_layers=2", "--log_every=1", "--eval_every=0", "--batch_size=4"]
 
 
@@ -128,7 +128,7 @@ def test_stage1_then_stage2(data_dir, tmp_path):
     from safetensors.torch import load_file, save_file
     from model import LLaDAV, get_config
     mc = get_config("toy")
-    mc.lm.d_model, mc.lm.n_layers, mc.lm.mlp_hidden = 64, 2, 128
+    mc.lm.d_model, mc.lm.n_heads, mc.lm.n_layers, mc.lm.mlp_hidden = 64, 8, 2, 128
     mc.vision.d_model, mc.vision.n_heads, mc.vision.mlp_hidden, mc.vision.n_layers = 32, 2, 64, 2
     torch.manual_seed(1)
     base = LLaDAV(mc)

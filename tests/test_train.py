@@ -17,7 +17,7 @@ from vision import preprocess
 torch.set_num_threads(1)
 
 # A tiny model and a short run: a few seconds on one CPU core.
-TINY = ["--lm.d_model=64", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32", "--vision.n_heads=2",
+TINY = ["--lm.d_model=64", "--lm.n_heads=8", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32", "--vision.n_heads=2",
         "--vision.mlp_hidden=64", "--batch_size=8", "--log_every=1000", "--eval_every=0", "--eval_final=10",
         "--gen_length=12", "--block_length=12", "--sample_steps=12", "--warmup_steps=2"]
 

@@ -25,7 +25,6 @@ train.py uses for its reports.
 """
 import math
 import os
-import re
 import sys
 import time
 from collections import defaultdict
@@ -37,7 +36,7 @@ from data import SYSTEM_PROMPT, answer_text, chat_template, default_system, llad
 from diffusion import choose, generate, generate_llada_v
 from fast import CountingModel, generate_fast, mode_kwargs
 from model import LLaDAV, load_checkpoint
-from synthetic import COLORS, DEMO_OFFSET, KINDS, NUMBERS, SHAPES, SyntheticVQA, draw, make_sample, score
+from synthetic import CHOICES, DEMO_OFFSET, KINDS, SyntheticVQA, candidates, draw, make_sample, score
 from tokenizer import get_tokenizer
 from vision import load_image, preprocess
 
@@ -214,17 +213,6 @@ def eval_modes(model, tok, samples, modes, batch_size=1, **gen):
         rows.append(res)
         print(f"  {mode:17s} {format_eval(res)} | {res['nfe']:.2f} calls per batch | {res['seconds']:.1f}s", flush=True)
     return rows
-
-
-# The candidate answers of each closed question kind, for multiple choice by likelihood: a fixed list, or
-# for relation the two objects the question names.
-CHOICES = {"color": list(COLORS), "shape": SHAPES, "count": NUMBERS[1:], "relation": None}
-
-
-def candidates(kind: str, question: str) -> list:
-    if kind == "relation":
-        return list(re.fullmatch(r"Which is .+, the (\w+ \w+) or the (\w+ \w+)\?", question).groups())
-    return CHOICES[kind]
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ per image, with colour, shape and describe questions only, for the first `single
 The toy tokenizer is a byte-level BPE learnt from every sentence this dataset can produce.
 """
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -123,6 +124,17 @@ def _question(rng: random.Random, objs: list[Obj], kind: str):
     if kind == "describe":
         return "Describe the image.", ", ".join(f"{o.color} {o.shape}" for o in objs)
     raise ValueError(kind)
+
+
+# The candidate answers of each closed kind, for multiple choice by likelihood (sample.evaluate_choice): a
+# fixed list, or None where they depend on the question (relation: the two objects it names).
+CHOICES = {"color": list(COLORS), "shape": SHAPES, "count": NUMBERS[1:], "relation": None}
+
+
+def candidates(kind: str, question: str) -> list:
+    if kind == "relation":  # parses the question _question writes
+        return list(re.fullmatch(r"Which is .+, the (\w+ \w+) or the (\w+ \w+)\?", question).groups())
+    return CHOICES[kind]
 
 
 SINGLE_KINDS = ["color", "shape", "describe"]  # the questions a one-object scene can teach (curriculum)

@@ -4,12 +4,14 @@ The embedded synthetic visual-question dataset: the toy model's training stream 
 pillow draws 1-4 objects (3 shapes x 6 colours, random positions and sizes: each centred in a random
 cell of a 4 x 4 board, outlined in black) on a small grey canvas. Five question kinds: colour of a named
 shape, shape of a named colour, count, a spatial relation between two objects ("Which is further left,
-the red square or the green circle?" -> "green circle"), and "describe the image" (the objects in
+the red square or the green circle?" -> "the green circle"), and "describe the image" (the objects in
 reading order, a multi-token answer the sampler fills in parallel). Sample i of a split is drawn from
 its own seeded RNG, so the stream is endless, indexable (exact resume) and the held-out split is fixed.
 
 A curriculum, as LLaDA-V's stages go from captions to instructions: `train_batch(step)` shows one object
-per image, with colour, shape and describe questions only, for the first `single_object_steps` steps.
+per image, with colour, shape and describe questions only, for the first `single_object_steps` steps;
+then 1-4 objects and every kind in equal shares; from step `kind_weights_from` on, the kinds are drawn
+with `kind_weights` (P(kind) = w_kind / sum w), more of the kinds that are learnt last.
 
 The toy tokenizer is a byte-level BPE learnt from every sentence this dataset can produce.
 """
@@ -111,7 +113,10 @@ def _question(rng: random.Random, objs: list[Obj], kind: str):
         # objects alike cannot tell "left" from "right", so there is no gradient until finding *the named*
         # object and reading *its* position exist together. Here, preferring the earlier (or later) of the
         # named objects in the token order and copying its name pays off by itself for higher / lower (the
-        # rows are 4 visual tokens apart); left / right is still weak (README, "What we learnt").
+        # rows are 4 visual tokens apart); left / right is still weak (README, "What we learnt"). The answer
+        # repeats the question's words, "the green circle": as a bare "green circle" it would start with the
+        # token `green`, not the question's ` green`, and the model often wrote the colour of one object with
+        # the shape of the other.
         pairs = [(a, b) for a in objs for b in objs if a is not b and (a.row == b.row or a.col == b.col)]
         if not pairs:
             return None
@@ -120,7 +125,7 @@ def _question(rng: random.Random, objs: list[Obj], kind: str):
         word = rng.choice(RELATIONS[:2] if same_row else RELATIONS[2:])
         first, last = sorted((a, b), key=lambda o: (o.row, o.col))  # the one further left / higher first
         win = first if word in ("further left", "higher") else last
-        return f"Which is {word}, the {a.color} {a.shape} or the {b.color} {b.shape}?", f"{win.color} {win.shape}"
+        return f"Which is {word}, the {a.color} {a.shape} or the {b.color} {b.shape}?", f"the {win.color} {win.shape}"
     if kind == "describe":
         return "Describe the image.", ", ".join(f"{o.color} {o.shape}" for o in objs)
     raise ValueError(kind)
@@ -133,19 +138,40 @@ CHOICES = {"color": list(COLORS), "shape": SHAPES, "count": NUMBERS[1:], "relati
 
 def candidates(kind: str, question: str) -> list:
     if kind == "relation":  # parses the question _question writes
-        return list(re.fullmatch(r"Which is .+, the (\w+ \w+) or the (\w+ \w+)\?", question).groups())
+        return list(re.fullmatch(r"Which is .+, (the \w+ \w+) or (the \w+ \w+)\?", question).groups())
     return CHOICES[kind]
 
 
 SINGLE_KINDS = ["color", "shape", "describe"]  # the questions a one-object scene can teach (curriculum)
 
 
-def make_sample(seed: int, size: int, kind: str | None = None, single: bool = False):
+def parse_kind_weights(spec: str) -> list[float]:
+    """"color:0.5,relation:2" -> one weight per KINDS entry (kinds not named get 0)."""
+    w = dict.fromkeys(KINDS, 0.0)
+    for item in filter(None, spec.replace(" ", "").split(",")):
+        k, sep, v = item.partition(":")
+        try:
+            if k not in w or not sep:
+                raise ValueError
+            w[k] = float(v)
+        except ValueError:
+            raise ValueError(f"bad kind weight {item!r} in {spec!r}: write kind:weight pairs separated by commas, "
+                             f"kinds from {', '.join(KINDS)}, e.g. 'color:0.5,relation:2'") from None
+        if not w[k] >= 0:
+            raise ValueError(f"kind weight {item!r} is negative; weights must be >= 0")
+    if not sum(w.values()) > 0:
+        raise ValueError(f"kind weights {spec!r} are all zero; give at least one kind a weight > 0")
+    return list(w.values())
+
+
+def make_sample(seed: int, size: int, kind: str | None = None, single: bool = False,
+                weights: list[float] | None = None):
     """One (image, question, answer, kind), drawn deterministically from `seed`. If `kind` is None it is
-    drawn uniformly (from SINGLE_KINDS if `single`, one object per scene); scenes that cannot support
-    the kind are redrawn."""
+    drawn uniformly (from SINGLE_KINDS if `single`, one object per scene), or with `weights` (one per
+    KINDS entry); scenes that cannot support the kind are redrawn."""
     rng = random.Random(seed)
-    kind = kind or rng.choice(SINGLE_KINDS if single else KINDS)
+    if kind is None:
+        kind = rng.choice(SINGLE_KINDS) if single else rng.choices(KINDS, weights)[0] if weights else rng.choice(KINDS)
     while True:
         objs = _scene(rng, size, 1 if single else 4)
         qa = _question(rng, objs, kind)
@@ -162,7 +188,7 @@ def _toy_corpus():
         for s in SHAPES:
             questions += [f"What color is the {s}?", f"What shape is the {c} object?"]
             questions += [f"Which is {w}, the {c} {s} or the {c} {s}?" for w in RELATIONS]
-            answers += [c, s, f"{c} {s}, {c} {s}"]
+            answers += [c, s, f"{c} {s}, {c} {s}", f"the {c} {s}"]
     texts = [chat_prompt(q, system=None) for q in questions] + answers
     return texts + [chat_prompt("", system=SYSTEM_PROMPT), " /think /no_think"]
 
@@ -176,7 +202,8 @@ class SyntheticVQA:
     """The endless training stream (`train_batch(step)`) and a fixed held-out split (`heldout(n)`)."""
 
     def __init__(self, tok: Tokenizer, image_size: int, n_image_tokens: int, gen_length: int, seed: int = 0,
-                 system: str | None = None, single_object_steps: int = 0):
+                 system: str | None = None, single_object_steps: int = 0, kind_weights: str = "",
+                 kind_weights_from: int = 0):
         self.tok, self.size, self.n_img, self.G, self.seed = tok, image_size, n_image_tokens, gen_length, seed
         self.system = system  # the system turn of every prompt: data.default_system(tokenizer name), as sampling uses
         # Curriculum: steps [0, single_object_steps) show one object and ask colour / shape / describe only.
@@ -184,9 +211,15 @@ class SyntheticVQA:
         # the full mix (mostly 2-4 objects, where shape questions also need binding) it is too weak: shape
         # stayed at chance for 7,000 steps. One-object scenes teach seeing shapes first.
         self.single_object_steps = single_object_steps
+        # Then every kind in equal shares until step kind_weights_from, and from there on the kinds drawn with
+        # kind_weights. By then colour and count are learnt, while shape-of-a-named-colour and relation, which
+        # must find objects by description (binding), are still climbing; their share decides how many seeds
+        # get there in the step budget (README, "What we learnt").
+        self.kind_weights = parse_kind_weights(kind_weights) if kind_weights else None
+        self.kind_weights_from = kind_weights_from
 
-    def sample(self, index: int, kind: str | None = None, single: bool = False):
-        return make_sample(self.seed * 10**10 + index, self.size, kind, single)
+    def sample(self, index: int, kind: str | None = None, single: bool = False, weights: list[float] | None = None):
+        return make_sample(self.seed * 10**10 + index, self.size, kind, single, weights)
 
     def heldout(self, n: int):
         """n held-out samples, the kinds in equal shares (cycled)."""
@@ -203,7 +236,9 @@ class SyntheticVQA:
     def train_batch(self, step: int, batch_size: int, preprocess):
         """Batch number `step` of the stream: samples [step*B, (step+1)*B). Depends on step only."""
         single = step < self.single_object_steps
-        return self.batch([self.sample(step * batch_size + i, single=single) for i in range(batch_size)], preprocess)
+        weights = self.kind_weights if step >= self.kind_weights_from else None
+        return self.batch([self.sample(step * batch_size + i, single=single, weights=weights)
+                           for i in range(batch_size)], preprocess)
 
 
 @lru_cache(maxsize=None)

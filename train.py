@@ -70,6 +70,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     loss_mode: str = "sft"       # sft (per-sample answer-length normaliser) | pretrain (1 / (B L))
     single_object_steps: int = 500  # curriculum: the first N steps show one object and ask colour/shape/describe
+    kind_weights_from: int = 2500   # curriculum: from this step on, draw the question kinds with kind_weights
+    kind_weights: str = "color:0.5,shape:1,count:0.5,relation:2,describe:1"  # (before it: equal shares)
     gen_length: int = 12         # answer canvas G, in tokens (training and sampling): the toy's longest
                                  # answer, 4 objects described, is 11 tokens + <|eot_id|>
     block_length: int = 12       # sampler block length (semi-autoregressive if < gen_length)
@@ -258,8 +260,12 @@ def train(tc: TrainConfig, mc, quiet=False):
         sys.exit(f"batch_size={tc.batch_size} must be a multiple of micro_batch_size={micro} x {info.world} "
                  f"processes; change --batch_size or --micro_batch_size")
     accum = tc.batch_size // (micro * info.world)
-    data = SyntheticVQA(tok, mc.vision.image_size, mc.vision.n_patches, tc.gen_length, seed=tc.seed,
-                        system=default_system(mc.tokenizer), single_object_steps=tc.single_object_steps)
+    try:
+        data = SyntheticVQA(tok, mc.vision.image_size, mc.vision.n_patches, tc.gen_length, seed=tc.seed,
+                            system=default_system(mc.tokenizer), single_object_steps=tc.single_object_steps,
+                            kind_weights=tc.kind_weights, kind_weights_from=tc.kind_weights_from)
+    except ValueError as e:
+        sys.exit(f"--kind_weights: {e}")
     model = LLaDAV(mc)
     model.init_weights()
     if tc.init_from:

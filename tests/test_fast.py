@@ -285,7 +285,7 @@ def test_eval_choice_scores_every_candidate_canvas(checkpoint, monkeypatch):
         assert prompt.tolist() == tok.encode_with_image(chat_prompt(q, None), n_img)
         texts = [sample.answer_text(tok, c) for c in choices]
         # a fixed list per kind; for relation the two objects the question names, the truth among them
-        assert texts == (sample.CHOICES[kind] or [n for n in q[:-1].split(", the ")[1].split(" or the ")])
+        assert texts == (sample.CHOICES[kind] or q[:-1].split(", ")[1].split(" or "))
         assert truth in texts and all(len(c) == 12 and int(c[-1]) == tok.eos_id for c in choices)
         assert kw["image_features"].shape == (kw["batch_size"], n_img, model.cfg.lm.d_model)
         return texts.index(truth), []

@@ -74,7 +74,7 @@ def check_answer(img, q, a, kind):
         assert (abs(dy) < 4 and word.startswith("further")) or (abs(dx) < 4 and word in ("higher", "lower"))
         d = dx if word.startswith("further") else dy
         A_wins = d < 0 if word in ("further left", "higher") else d > 0
-        assert a == (f"{c1} {s1}" if A_wins else f"{c2} {s2}")
+        assert a == (f"the {c1} {s1}" if A_wins else f"the {c2} {s2}")
     return objs
 
 
@@ -178,3 +178,36 @@ def test_single_object_curriculum():
     assert all(torch.equal(x, y) for x, y in zip(ds.train_batch(3, 4, pre), ds.batch(late[12:16], pre)))
     plain = synthetic.SyntheticVQA(TOK, SIZE, n_image_tokens=4, gen_length=12)
     assert [q for _, q, _, _ in ds.heldout(10)] == [q for _, q, _, _ in plain.heldout(10)]
+
+
+def test_kind_weights_from_a_step_on():
+    """From kind_weights_from on, train_batch draws the kinds with kind_weights (unnamed kinds never, the
+    named ones in proportion); before it, every kind in equal shares; the held-out split never changes."""
+    ds = synthetic.SyntheticVQA(TOK, SIZE, n_image_tokens=4, gen_length=12, kind_weights="count:1,relation:3",
+                                kind_weights_from=5)
+    w = synthetic.parse_kind_weights("count:1,relation:3")
+    assert w == [0.0, 0.0, 1.0, 3.0, 0.0]
+    late = Counter(k for *_, k in (ds.sample(i, weights=w) for i in range(400)))
+    assert set(late) == {"count", "relation"} and 0.65 < late["relation"] / 400 < 0.85
+    for img, q, a, k in (ds.sample(i, weights=w) for i in range(20)):
+        check_answer(img, q, a, k)
+    early = Counter(k for *_, k in (ds.sample(i) for i in range(400)))
+    assert set(early) == set(synthetic.KINDS) and max(early.values()) < 2 * min(early.values())
+    pre = lambda im: vision.preprocess(im, 16)
+    assert all(torch.equal(x, y) for x, y in zip(ds.train_batch(4, 4, pre), ds.batch([ds.sample(16 + i) for i in range(4)], pre)))
+    assert all(torch.equal(x, y) for x, y in zip(ds.train_batch(5, 4, pre),
+                                                 ds.batch([ds.sample(20 + i, weights=w) for i in range(4)], pre)))
+    plain = synthetic.SyntheticVQA(TOK, SIZE, n_image_tokens=4, gen_length=12)
+    assert [q for _, q, _, _ in ds.heldout(10)] == [q for _, q, _, _ in plain.heldout(10)]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("colour:1", "bad kind weight 'colour:1'.*kinds from color, shape"),
+    ("relation=2", "bad kind weight 'relation=2'"),
+    ("relation:lots", "bad kind weight 'relation:lots'"),
+    ("relation:-1", "is negative"),
+    ("color:0,shape:0", "all zero"),
+])
+def test_bad_kind_weights_are_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        synthetic.parse_kind_weights(spec)

@@ -123,6 +123,11 @@ def test_bad_options_get_one_line_errors(args, message):
         train.parse_args(args, train.TrainConfig())
 
 
+def test_bad_kind_weights_stop_training_with_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--kind_weights: bad kind weight 'colour:1'"):
+        run_train(tmp_path, "--kind_weights=colour:1,relation:2")
+
+
 def test_overrides_reach_both_configs():
     tc, mc = train.parse_args(["--max_steps=7", "--lm.n_layers=3", "--vision.image_size=32", "--resume=true"],
                               train.TrainConfig())

@@ -70,7 +70,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     loss_mode: str = "sft"       # sft (per-sample answer-length normaliser) | pretrain (1 / (B L))
     single_object_steps: int = 500  # curriculum: the first N steps show one object and ask colour/shape/describe
-    kind_weights_from: int = 2500   # curriculum: from this step on, draw the question kinds with kind_weights
+    kind_weights_from: int = 2500   # curriculum: from this step on (once past single_object_steps), draw the kinds with kind_weights
     kind_weights: str = "color:0.5,shape:1,count:0.5,relation:2,describe:1"  # (before it: equal shares)
     gen_length: int = 12         # answer canvas G, in tokens (training and sampling): the toy's longest
                                  # answer, 4 objects described, is 11 tokens + <|eot_id|>

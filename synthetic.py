@@ -170,8 +170,10 @@ def make_sample(seed: int, size: int, kind: str | None = None, single: bool = Fa
     drawn uniformly (from SINGLE_KINDS if `single`, one object per scene), or with `weights` (one per
     KINDS entry); scenes that cannot support the kind are redrawn."""
     rng = random.Random(seed)
-    if kind is None:
-        kind = rng.choice(SINGLE_KINDS) if single else rng.choices(KINDS, weights)[0] if weights else rng.choice(KINDS)
+    if kind is None and weights and not single:
+        kind = rng.choices(KINDS, weights)[0]
+    elif kind is None:
+        kind = rng.choice(SINGLE_KINDS if single else KINDS)
     while True:
         objs = _scene(rng, size, 1 if single else 4)
         qa = _question(rng, objs, kind)

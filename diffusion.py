@@ -24,7 +24,7 @@ steps / n_blocks steps, and at every step:
     first m % s steps), m = masks in the block at its start, s = steps per block.
 Revealed tokens are never masked again. Unsupervised classifier-free guidance (cfg_scale w > 0):
     logits = u + (w + 1)(c - u),   c = f(x),  u = f(x with every prompt position -> [MASK]).
-(fast.py adds approximate KV caches and confidence-threshold parallel decoding on top of this sampler.)
+(Fast decoding, below, adds approximate KV caches and confidence-threshold parallel decoding.)
 
 Log-likelihood (the official get_log_likelihood.py, REFERENCE 6). For a prompt p and an answer a of
 length A, the bound of LLaDA Eq. 6 with the number of masks l drawn uniformly:
@@ -34,6 +34,35 @@ Monte Carlo with stratified counts: per mini-batch of b copies, k ~ U{1..A} and
 each copy masks l_j random answer positions; the estimate is minus the mean over mini-batches of
     1/b sum_j (A / l_j) sum_{i masked in copy j} CE_i.
 Multiple choice: score every choice this way and pick the highest (lm-eval's loglikelihood).
+
+Fast decoding (Fast-dLLM, Wu et al. 2025): approximate KV caches and confidence-threshold parallel
+decoding on top of the official sampler.Wu et al. 2025), on top of the official low-confidence sampler of diffusion.py.
+
+
+The exact sampler (diffusion.generate) runs the whole sequence x = prompt ++ canvas (length L) through
+the model at every step: NFE = steps full passes. Two independent tricks cut that cost:
+
+1. Approximate KV cache. Attention is bidirectional, so no key/value is ever exactly reusable: every
+   revealed token changes every other token's hidden states. But within one semi-autoregressive block
+   only the block's tokens change, and the keys/values elsewhere drift little. So, per block:
+       step 0 of the block:  a full pass over x (B, L); record K_l, V_l (B, H, L, hd) of every layer l
+       later steps:          recompute only a span of queries, attend to   K = [cached | fresh span | cached]
+           prefix cache:  span = [block start, L)          (the prompt and finished blocks are cached)
+           dual cache:    span = [block start, block end)  (the masked blocks after it are cached too)
+   The cost of a cached step is ~ span / L of a full pass. `refresh_every=k` re-records the cache every
+   k steps inside a block as well; with k = 1 every step is a full pass and the sampler is exact.
+
+2. Confidence-threshold parallel decoding. Instead of the fixed schedule (m / s tokens per step),
+   reveal every masked position i of the current block whose confidence c_i = p(x0_hat_i) > tau, and
+   at least the single most confident one, until the block is full. Easy positions (EOS padding)
+   fall in one step; hard ones get their own. NFE per block <= block_length, usually far fewer.
+   Why it is safe (Fast-dLLM, Theorem 1, roughly): when each revealed marginal is close to 1, the
+   product of the marginals and the true joint have the same argmax, so revealing them together
+   agrees with revealing them one at a time.
+
+Everything else (Gumbel noise in float64, confidence from the un-noised softmax, CFG, the two *_inf
+flags, left-padded batches) is the official sampler's. At T > 0 the noise is drawn over the block only,
+so random samples differ from diffusion.generate's for the same seed (same distribution).
 """
 import torch
 import torch.nn.functional as F
@@ -339,3 +368,166 @@ def choose(model, prompt, choices, **kw):
     prompt (P,) and every choice (A_c,) are 1-D token ids; kw go to get_log_likelihood."""
     scores = [get_log_likelihood(model, prompt, c, **kw) for c in choices]
     return max(range(len(scores)), key=scores.__getitem__), scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast decoding: approximate KV caches and confidence-threshold decoding (Fast-dLLM)
+
+class KVCache:
+    """Every layer's keys and values (B, H, L, hd) of one full forward pass, for the approximate caches
+    of fast diffusion decoding (Fast-dLLM; generate_fast below). A diffusion LM attends both ways, so cached
+    keys go stale as soon as any token changes; the sampler decides when to refresh (record) them.
+
+        cache = KVCache(); model(x, cache=cache)      # record: a full pass, keys/values stored
+        cache.span = (s, e); model(x, cache=cache)    # reuse: only x[:, s:e] is recomputed, its fresh
+                                                      # keys/values overwrite the cache's s..e-1
+    prefix cache: span = (block start, L);  dual cache: span = (block start, block end)."""
+
+    def __init__(self):
+        self.k, self.v, self.span = [], [], None
+
+    def update(self, layer, k, v):
+        if self.span is None:                 # recording pass: k, v cover the whole sequence
+            if layer == len(self.k):
+                self.k.append(k)
+                self.v.append(v)
+            else:
+                self.k[layer], self.v[layer] = k, v
+            return k, v
+        s, e = self.span
+        self.k[layer][:, :, s:e] = k          # in place: the span is recomputed at every step anyway
+        self.v[layer][:, :, s:e] = v
+        return self.k[layer], self.v[layer]
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+CACHES = (None, "prefix", "dual")
+
+
+@torch.no_grad()
+def generate_fast(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
+                  temperature=0.0, cfg_scale=0.0, remasking="low_confidence", mask_id=126336,
+                  logits_eos_inf=False, confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
+                  cache=None, threshold=None, refresh_every=0, callback=None, stats=None, **model_kwargs):
+    """diffusion.generate's arguments and output, plus:
+    cache: None (a full pass every step), "prefix" or "dual" (see the module docstring). The model must
+        accept cache=KVCache() (model.LLaDA / model.LLaDAV do).
+    threshold: None = the official schedule (steps / n_blocks steps per block); a float tau = reveal every
+        masked block position with confidence > tau, at least one per step, until the block is full
+        (`steps` is then unused).
+    refresh_every: with a cache, also re-record it every this many steps inside a block (0 = only at
+        block starts; 1 = every step, i.e. exact).
+    stats: a dict to fill with nfe (model calls), full_nfe (full-sequence calls), positions (query
+        positions computed per sequence, summed over calls) and cache_bytes (largest cache held)."""
+    if gen_length % block_length:
+        raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block_length}; "
+                         f"pick a block_length that divides it")
+    num_blocks = gen_length // block_length
+    if threshold is None and steps % num_blocks:
+        raise ValueError(f"steps={steps} is not divisible by the {num_blocks} blocks "
+                         f"(gen_length / block_length); use a multiple of {num_blocks}")
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"remasking={remasking!r}: use 'low_confidence' or 'random'")
+    if cache not in CACHES:
+        raise ValueError(f"cache={cache!r}: use None, 'prefix' or 'dual'")
+    if threshold is not None and remasking != "low_confidence":
+        raise ValueError("threshold decoding compares model confidences; use remasking='low_confidence'")
+    steps_per_block = steps // num_blocks
+    B, P = prompt.shape
+    L = P + gen_length
+    x = torch.full((B, L), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :P] = prompt
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype,
+                                                               device=prompt.device)], dim=1)
+    prompt_index = x != mask_id  # (B, L): the prompt (image included); used by CFG
+    st = {"nfe": 0, "full_nfe": 0, "positions": 0, "cache_bytes": 0}
+    step = 0
+    for nb in range(num_blocks):
+        start, end = P + nb * block_length, P + (nb + 1) * block_length
+        if threshold is None:
+            num_transfer_tokens = get_num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
+        kv, i = None, 0
+        # schedule: exactly steps_per_block steps (as the official sampler); threshold: until the block is full
+        while (i < steps_per_block) if threshold is None else bool((x[:, start:end] == mask_id).any()):
+            full = cache is None or i == 0 or (refresh_every > 0 and i % refresh_every == 0)
+            if cache is None:
+                kw = {}
+            elif full:
+                kv = KVCache()           # record: a full pass, fresh keys/values for the whole sequence
+                kw = {"cache": kv}
+            else:
+                kv.span = (start, L) if cache == "prefix" else (start, end)
+                kw = {"cache": kv}
+            logits = cfg_logits(model, x, prompt_index, cfg_scale, mask_id, attention_mask, **kw, **model_kwargs)
+            offset = 0 if full else start  # logits cover positions offset.. of x
+            logits = logits[:, start - offset:end - offset]                   # (B, block_length, V)
+            st["nfe"] += 1
+            st["full_nfe"] += full
+            st["positions"] += L if full else kv.span[1] - kv.span[0]
+            if kv is not None:
+                st["cache_bytes"] = max(st["cache_bytes"], kv.nbytes())
+
+            # ---- the official step, restricted to the current block (diffusion.generate) ----
+            if logits_eos_inf:
+                logits[:, :, eos_id] = -torch.inf
+            logits_with_noise = add_gumbel_noise(logits, temperature)
+            x0 = torch.argmax(logits_with_noise, dim=-1)                      # (B, block_length)
+            if confidence_eos_eot_inf:  # the official chained-assignment quirk, see diffusion.generate
+                logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
+            if remasking == "low_confidence":
+                x0_p = torch.gather(F.softmax(logits, dim=-1), -1, x0[..., None]).squeeze(-1)
+            else:
+                x0_p = torch.rand(x0.shape, device=x0.device)
+            mask_index = x[:, start:end] == mask_id
+            x0 = torch.where(mask_index, x0, x[:, start:end])
+            # full-length confidence (-inf outside the block) so that top-k breaks ties as the official does
+            confidence = torch.full((B, L), -torch.inf, device=x.device, dtype=x0_p.dtype)
+            confidence[:, start:end] = torch.where(mask_index, x0_p, -torch.inf)
+            transfer_index = torch.zeros_like(confidence, dtype=torch.bool)
+            for j in range(B):
+                if threshold is None:
+                    k = int(num_transfer_tokens[j, i])
+                else:  # every position above tau, and at least the best one while masks remain
+                    k = min(int(mask_index[j].sum()), max(1, int((confidence[j] > threshold).sum())))
+                _, select = torch.topk(confidence[j], k=k)
+                transfer_index[j, select] = True
+            x[:, start:end] = torch.where(transfer_index[:, start:end], x0, x[:, start:end])
+            if callback is not None:
+                callback(x, step, nb)
+            i += 1
+            step += 1
+    if stats is not None:
+        stats.update(st)
+    return x
+
+
+class CountingModel:
+    """Wraps a model to count its calls (NFE) for the exact sampler, which keeps no statistics."""
+
+    def __init__(self, model):
+        self.model, self.nfe = model, 0
+
+    def __call__(self, *args, **kwargs):
+        self.nfe += 1
+        return self.model(*args, **kwargs)
+
+
+# Decoding modes by name, for sample.py --eval, tools/bench.py and the README table.
+MODES = {
+    "exact":            dict(cache=None, threshold=False),
+    "prefix":           dict(cache="prefix", threshold=False),
+    "dual":             dict(cache="dual", threshold=False),
+    "threshold":        dict(cache=None, threshold=True),
+    "threshold+prefix": dict(cache="prefix", threshold=True),
+    "threshold+dual":   dict(cache="dual", threshold=True),
+}
+
+
+def mode_kwargs(mode: str, threshold: float = 0.9) -> dict:
+    """generate_fast keyword arguments for a named mode ('exact' is diffusion.generate's behaviour)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown decoding mode {mode!r}; choose from {', '.join(MODES)}")
+    m = MODES[mode]
+    return dict(cache=m["cache"], threshold=threshold if m["threshold"] else None)

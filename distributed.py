@@ -16,7 +16,7 @@ batch follows the same trajectory (test_distributed.py checks it to 1e-5).
   FSDP2: `fully_shard` each transformer block (LLM and ViT) and then the root: every parameter is split
          in W shards (DTensor). A block's full parameters exist only while it runs (all-gather before
          forward and backward, reduce-scatter of gradients after), so per-GPU memory for parameters,
-         gradients and AdamW state falls as 1/W (plan.py prints the budget). With MixedPrecisionPolicy the
+         gradients and AdamW state falls as 1/W (tools/plan.py prints the budget). With MixedPrecisionPolicy the
          gathered copies are bf16 and gradients are reduced in fp32; the sharded masters stay fp32.
 
 Checkpoints (DCP): every rank writes its shards into <out_dir>/dcp/step_NNNNNN.tmp; then rank 0 fsyncs,
@@ -34,6 +34,25 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from checkpoint import write_text
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto = cuda > mps > cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device, dtype=torch.bfloat16):
+    """Mixed precision on CUDA (bf16 by default), nothing elsewhere (CPU bf16 is slower than fp32 at these sizes)."""
+    dev = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return torch.autocast("cuda", dtype=dtype) if dev == "cuda" else torch.autocast(dev, enabled=False)
 
 
 @dataclass
@@ -141,15 +160,6 @@ def latest_checkpoint(out_dir: str):
     return path if os.path.exists(os.path.join(path, ".metadata")) else None
 
 
-def _write_atomic(path: str, text: str):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fsync_tree(path: str):
     for name in os.listdir(path):
         fd = os.open(os.path.join(path, name), os.O_RDONLY)
@@ -193,7 +203,7 @@ def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, k
         final = os.path.join(root, name)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)           # atomic: the folder appears complete or not at all
-        _write_atomic(os.path.join(root, "latest"), name)
+        write_text(os.path.join(root, "latest"), name)
         old = sorted(d for d in os.listdir(root) if d.startswith("step_") and d != name)
         for d in old[:max(0, len(old) - keep + 1)]:  # keep the `keep` newest, this one included
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
@@ -228,20 +238,18 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export(model, out_dir: str, config: dict, info: DistInfo, write_pt: bool = True):
+def export(model, out_dir: str, config: dict, info: DistInfo, write_pt: bool = True, extra: dict | None = None):
     """Final export: model.safetensors (full weights) + config.json, and (write_pt) a weights-only
-    ckpt.pt, the file sample.py loads (a pt-format run has written its own, with optimizer state)."""
+    ckpt.pt, the file sample.py loads (a pt-format run has written its own, with optimizer state).
+    extra: more entries for that ckpt.pt (the toy tokenizer, the training config)."""
     from safetensors.torch import save_file
 
-    from model import save_checkpoint
+    from checkpoint import atomic_write, save_checkpoint
     sd = full_state_dict(model)
     if info.main:
-        tmp = os.path.join(out_dir, f"model.safetensors.tmp.{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-        _write_atomic(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1))
+        atomic_write(os.path.join(out_dir, "model.safetensors"),
+                     lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp))
+        write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1))
         if write_pt:
-            save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {"config": config, "model": sd})
+            save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {"config": config, "model": sd, **(extra or {})})
     barrier()

@@ -19,19 +19,18 @@ Projector (REFERENCE 2.3, "mlp2x_gelu"):   P(f) = W_2 gelu_erf(W_1 f + b_1) + b_
 LLaDA-V glue (REFERENCE 2.5): the token sequence carries IMAGE_TOKEN_INDEX (-200) placeholders; their
 embeddings are replaced, in order, by the projected visual features P(ViT(image)). From stage 2 on an
 image is several crops whose features are re-assembled, unpadded and closed row by row with a learned
-`image_newline` vector (anyres.py; LLaDAV.encode_image_crops). Official weights: pretrained.py.
+`image_newline` vector (vision.py's image modes; LLaDAV.encode_image_crops). Official weights: checkpoint.py.
 """
 import math
-import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from anyres import pack_features
 from tokenizer import IMAGE_TOKEN_INDEX
-from vision import VisionConfig, VisionTower
+from vision import VisionConfig, VisionTower, pack_features
 
 
 @dataclass
@@ -51,7 +50,7 @@ class LLaDAVConfig:
     lm: LLaDAConfig = field(default_factory=LLaDAConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     tokenizer: str = "llada"  # "toy" (learnt in synthetic.py) or "llada" (the official tokenizer.json)
-    # How images become visual tokens (anyres.py): "square" (stage 1, the toy), "pad" or "anyres_max_4"
+    # How images become visual tokens (vision.py's image modes): "square" (stage 1, the toy), "pad" or "anyres_max_4"
     # (LLaDA-V from stage 2 on). "spatial_unpad" adds the learned `image_newline` vector (REFERENCE 2.4).
     image_aspect_ratio: str = "square"
     mm_patch_merge_type: str = "flat"
@@ -144,7 +143,7 @@ class Block(nn.Module):
         h = self.attn_norm(x)
         q, k, v = (p(h).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, L, hd)
-        if cache is not None:  # approximate KV cache (fast.py): keys/values of the whole sequence
+        if cache is not None:  # approximate KV cache (diffusion.KVCache): keys/values of the whole sequence
             k, v = cache.update(layer, k, v)                     # (B, H, L_full, hd)
         # is_causal=False is the whole difference to an autoregressive LLaMA: attention is bidirectional.
         # attn_mask (B, 1, 1, L) bool hides padding keys; None means no padding.
@@ -225,36 +224,6 @@ def chunked_head_ce(h, head: nn.Linear, targets, chunk: int = 0):
                       for i in range(0, h.shape[0], chunk)])
 
 
-class KVCache:
-    """Every layer's keys and values (B, H, L, hd) of one full forward pass, for the approximate caches
-    of fast diffusion decoding (Fast-dLLM; used by fast.py). A diffusion LM attends both ways, so cached
-    keys go stale as soon as any token changes; the sampler decides when to refresh (record) them.
-
-        cache = KVCache(); model(x, cache=cache)      # record: a full pass, keys/values stored
-        cache.span = (s, e); model(x, cache=cache)    # reuse: only x[:, s:e] is recomputed, its fresh
-                                                      # keys/values overwrite the cache's s..e-1
-    prefix cache: span = (block start, L);  dual cache: span = (block start, block end)."""
-
-    def __init__(self):
-        self.k, self.v, self.span = [], [], None
-
-    def update(self, layer, k, v):
-        if self.span is None:                 # recording pass: k, v cover the whole sequence
-            if layer == len(self.k):
-                self.k.append(k)
-                self.v.append(v)
-            else:
-                self.k[layer], self.v[layer] = k, v
-            return k, v
-        s, e = self.span
-        self.k[layer][:, :, s:e] = k          # in place: the span is recomputed at every step anyway
-        self.v[layer][:, :, s:e] = v
-        return self.k[layer], self.v[layer]
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-
 # ----------------------------------------------------------------------------------------------
 # Projector and the LLaDA-V glue
 
@@ -275,7 +244,7 @@ class LLaDAV(nn.Module):
         self.vision = VisionTower(cfg.vision)
         self.projector = Projector(cfg.vision.d_model, cfg.lm.d_model)
         self.llm = LLaDA(cfg.lm)
-        if "unpad" in cfg.mm_patch_merge_type:  # ends every row of an image's feature map (anyres.py)
+        if "unpad" in cfg.mm_patch_merge_type:  # ends every row of an image's feature map (vision.pack_features)
             self.image_newline = nn.Parameter(torch.randn(cfg.lm.d_model) / math.sqrt(cfg.lm.d_model))
 
     def init_weights(self):
@@ -290,8 +259,8 @@ class LLaDAV(nn.Module):
         return self.projector(self.vision(pixels))
 
     def encode_image_crops(self, crops, image_size):
-        """One image's crops (K, 3, S, S) from anyres.process_image -> its visual tokens (N, d): 729 in
-        square mode, 730 in pad mode, 729 + h'(w'+1) in anyres mode (see anyres.py)."""
+        """One image's crops (K, 3, S, S) from vision.process_image -> its visual tokens (N, d): 729 in
+        square mode, 730 in pad mode, 729 + h'(w'+1) in anyres mode (see vision.py)."""
         newline = getattr(self, "image_newline", None)
         return pack_features(self.encode_images(crops), image_size, self.cfg.image_aspect_ratio, newline,
                              self.cfg.vision.image_size)
@@ -327,54 +296,72 @@ class LLaDAV(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints (this project's training format; the Hugging Face layout is a separate converter)
+# FLOPs and MFU (nanoGPT's estimate_mfu: the count lives beside what it counts)
+#
+# FLOPs of one training step (matmuls only, the usual convention; a multiply-add is 2 FLOPs). A matmul with
+# P weights applied to one token costs 2P forward, 2P for the input gradient, 2P for the weight gradient:
+#     per LLM token:    c_llm (P_blocks + 2 L d)        c = 6 if the LLM trains, 4 if frozen but the
+#                                                     projector below it trains (input gradients only), 2 else
+#                       (2 L d per layer = q k^T and attn @ v over the L positions, d = model width)
+#     per masked token: c_llm d V                       the output head runs at masked positions only
+#     per image:        c_vis N (P_vis + 2 N D)         N patches of width D (+ the projector's params, c_proj)
+#     MFU = FLOPs per step / step time / peak FLOP/s of the device.
+# The peak is the dense bf16 tensor-core figure of the one table below for known GPUs; on a CPU it is the
+# fp32 matmul rate measured here, so CPU MFU says how close a step gets to the best this CPU does on a
+# plain matmul.
 
-def save_checkpoint(path, state: dict):
-    """Atomic save: write to a temporary file beside `path`, flush it to disk, then rename over `path`.
-    A crash at any moment leaves either the old checkpoint or the new one, never a torn file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        if os.path.exists(tmp):  # do not leave a partial (possibly huge) file behind
-            os.remove(tmp)
-        raise
+# Dense bf16 peak FLOP/s from the vendors' data sheets (no sparsity), matched on the device name.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+                 "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
-
-def load_checkpoint(path, device="cpu"):
-    """-> (model, checkpoint dict). The model is rebuilt from the config stored in the checkpoint."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `python train.py` "
-                                f"(it writes out/ckpt.pt) or pass --checkpoint=<path>")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-        cfg = LLaDAVConfig.from_dict(ckpt["config"])
-    except Exception as e:
-        raise ValueError(f"{path} is not a checkpoint written by train.py ({type(e).__name__}: {e})") from None
-    model = LLaDAV(cfg).to(device)
-    load_state(model, ckpt["model"], path)
-    return model, ckpt
+_cpu_peak = None
 
 
-def load_state(model: nn.Module, state: dict, source="checkpoint"):
-    """load_state_dict with one error that lists every missing, unexpected and mis-shaped key."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{source} does not fit this model config (was it trained with another preset or "
-                         f"overrides? use the same ones): missing {missing}, unexpected {unexpected}, "
-                         f"mis-shaped {shapes}")
-    model.load_state_dict(state)
+def cpu_matmul_peak() -> float:
+    """Best fp32 FLOP/s of a 1024 x 1024 x 1024 matmul on this CPU (measured once, ~0.3 s)."""
+    global _cpu_peak
+    if _cpu_peak is None:
+        g = torch.Generator().manual_seed(0)  # not the global RNG: training must not depend on this
+        a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        _cpu_peak = 2 * 1024 ** 3 / best
+    return _cpu_peak
+
+
+def device_peak(device: torch.device) -> tuple[float, str]:
+    """-> (peak FLOP/s, where the figure comes from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"{name} bf16 spec"
+        return float("nan"), f"{name}: not in model.GPU_PEAK_BF16, add it"
+    if device.type == "cpu":
+        return cpu_matmul_peak(), "measured CPU fp32 matmul"
+    return float("nan"), f"no peak for {device.type}"
+
+
+def step_flops(mc, n_tokens: int, seq_len: int, n_masked: int, n_images: int, train_llm: bool,
+               train_vision: bool, train_projector: bool) -> float:
+    """Matmul FLOPs of one optimizer step (see the module docstring). n_tokens: non-pad tokens in the
+    step (image tokens included), seq_len: padded length, n_masked: positions the head runs at."""
+    lm, vc = mc.lm, mc.vision
+    p_block = lm.n_layers * (4 * lm.d_model ** 2 + 3 * lm.d_model * lm.mlp_hidden)
+    c_llm = 6 if train_llm else 4 if (train_projector or train_vision) else 2
+    flops = c_llm * n_tokens * (p_block + 2 * lm.n_layers * seq_len * lm.d_model)
+    flops += c_llm * n_masked * lm.d_model * lm.vocab_size
+    n, D = vc.n_patches, vc.d_model
+    p_vis = (vc.n_layers - 1) * (4 * D * D + 2 * D * vc.mlp_hidden) + 3 * vc.patch_size ** 2 * D
+    c_vis = 6 if train_vision else 2
+    c_proj = 6 if train_projector else 4 if train_vision else 2
+    flops += n_images * n * (c_vis * (p_vis + 2 * (vc.n_layers - 1) * n * D)
+                             + c_proj * (D * lm.d_model + lm.d_model ** 2))
+    return float(flops)
+
 
 
 def count_params(model: LLaDAV) -> dict:

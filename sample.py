@@ -10,7 +10,7 @@ Usage:
     python sample.py                                   # out/ckpt.pt, a fresh synthetic image
     python sample.py --image=cat.png --question="What color is the circle?"
     python sample.py --show-steps                      # print the canvas after every step
-    python sample.py --mode=threshold+dual             # fast decoding (fast.py): exact | prefix | dual |
+    python sample.py --mode=threshold+dual             # fast decoding (diffusion.py): exact | prefix | dual |
                                                        # threshold | threshold+prefix | threshold+dual
     python sample.py --gif=out.gif                     # an animation of the denoising
     python sample.py --eval --modes=exact,threshold+dual   # held-out accuracy, NFE and time per mode
@@ -31,20 +31,13 @@ from collections import defaultdict
 
 import torch
 
-from anyres import process_image
+from checkpoint import load_checkpoint
 from data import SYSTEM_PROMPT, answer_text, chat_template, default_system, llada_v_messages, prompt_batch, sft_example
-from diffusion import choose, generate, generate_llada_v
-from fast import CountingModel, generate_fast, mode_kwargs
-from model import LLaDAV, load_checkpoint
-from synthetic import CHOICES, DEMO_OFFSET, KINDS, SyntheticVQA, candidates, draw, make_sample, score
-from tokenizer import get_tokenizer
-from vision import load_image, preprocess
-
-
-def autocast(device):
-    """bf16 autocast on CUDA, nothing elsewhere (CPU bf16 is slower than fp32 for these sizes)."""
-    dev = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
-    return torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast(dev, enabled=False)
+from diffusion import CountingModel, choose, generate, generate_fast, generate_llada_v, mode_kwargs
+from distributed import autocast
+from model import LLaDAV
+from synthetic import CHOICES, DEMO_OFFSET, KINDS, SyntheticVQA, candidates, draw, make_sample, score, toy_tokenizer
+from vision import load_image, preprocess, process_image
 
 
 @torch.no_grad()
@@ -154,7 +147,7 @@ def answer_pretrained(model, tok, image, question, history=(), think=None, gen_l
 
 def main_pretrained(args, device):
     """sample.py --checkpoint=<Hugging Face dir>: the official LLaDA-V (or LLaDA) weights."""
-    from pretrained import from_pretrained
+    from checkpoint import from_pretrained
     from tokenizer import get_tokenizer as load_tokenizer
     name = args["dtype"] if args["dtype"] != "auto" else "bf16" if device.type == "cuda" else None
     if name is not None and name not in DTYPES:
@@ -162,7 +155,7 @@ def main_pretrained(args, device):
     t0 = time.time()
     try:
         model = from_pretrained(args["checkpoint"], dtype=DTYPES.get(name), device=device)
-        tok = load_tokenizer(args["tokenizer"] or args["checkpoint"])
+        tok = toy_tokenizer() if args["tokenizer"] == "toy" else load_tokenizer(args["tokenizer"] or args["checkpoint"])
         img = load_image(args["image"]) if args["image"] else None
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
@@ -277,11 +270,10 @@ def main(argv):
     if os.path.isdir(args["checkpoint"]):  # a Hugging Face directory: the official weights
         return main_pretrained(args, device)
     try:
-        model, ckpt = load_checkpoint(args["checkpoint"], device)
+        model, tok, ckpt = load_checkpoint(args["checkpoint"], device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
     model.eval()
-    tok = get_tokenizer(model.cfg.tokenizer)
     tc = ckpt.get("train_config", {})
     G = int(args["gen_length"] or tc.get("gen_length", 16))
     gen = dict(gen_length=G, steps=int(args["steps"] or tc.get("sample_steps", G)),
@@ -354,7 +346,7 @@ def main(argv):
     print(f"({gen['mode']} decoding: {stats['nfe']} model calls, gen_length {G}, block_length "
           f"{gen['block_length']}, {dt:.2f}s)")
     if args["gif"]:
-        from animate import denoising_gif
+        from tools.draw import denoising_gif
         nbytes = denoising_gif(args["gif"], img, question, frames, tok, truth=truth)
         print(f"wrote {args['gif']} ({len(frames)} steps, {nbytes / 1024:.0f} KB)")
 

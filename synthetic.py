@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-import tiktoken
 import torch
 from PIL import Image, ImageDraw
 
@@ -248,8 +247,7 @@ def toy_tokenizer() -> Tokenizer:
     """The toy vocabulary: BPE learnt from every sentence the synthetic dataset can produce."""
     ranks = train_bpe(_toy_corpus())
     specials = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
-    return Tokenizer(tiktoken.Encoding("llada_v_toy", pat_str=PAT_STR, mergeable_ranks=ranks,
-                                       special_tokens=specials))
+    return Tokenizer(ranks, specials, PAT_STR, name="llada_v_toy")
 
 
 

@@ -37,20 +37,37 @@ PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}
 
 
 class Tokenizer:
-    """A tiktoken Encoding plus the ids the template and the sampler need."""
+    """Byte-level BPE ranks + LLaDA's special tokens, over tiktoken's public API, with the ids the
+    template and the sampler need. It is plain data (ranks, special tokens, split regex), so it travels
+    inside a checkpoint as JSON-able dicts (to_dict / from_dict; nanoGPT's meta.pkl idea, without pickle)."""
 
-    def __init__(self, enc: tiktoken.Encoding, nfc: bool = False):
-        self.enc = enc
-        self.nfc = nfc  # apply Unicode NFC before encoding (the official tokenizer.json's normalizer)
-        st = enc._special_tokens
-        missing = [s for s in SPECIAL_TOKENS if s not in st]
+    def __init__(self, ranks: dict, special_tokens: dict, pat_str: str = PAT_STR, nfc: bool = False,
+                 name: str = "llada"):
+        missing = [s for s in SPECIAL_TOKENS if s not in special_tokens]
         if missing:
             raise ValueError(f"tokenizer lacks LLaDA special tokens {missing}; build it with all of {SPECIAL_TOKENS}")
+        self.ranks, self.special, self.pat_str = ranks, dict(special_tokens), pat_str
+        self.nfc = nfc  # apply Unicode NFC before encoding (the official tokenizer.json's normalizer)
+        self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=self.special)
+        st = self.special
         self.bos_id, self.eos_id, self.mask_id = st["<|startoftext|>"], st["<|endoftext|>"], st["<|mdm_mask|>"]
         self.start_header_id, self.end_header_id = st["<|start_header_id|>"], st["<|end_header_id|>"]
         self.eot_id = st["<|eot_id|>"]
         self.pad_id = self.eos_id  # LLaDA pads with EOS (REFERENCE 1.2)
-        self.vocab_size = enc.n_vocab
+        self.vocab_size = self.enc.n_vocab
+
+    def to_dict(self) -> dict:
+        """JSON-able: {"ranks": {hex bytes: id}, "special_tokens", "pat_str", "nfc"}."""
+        return {"ranks": {b.hex(): i for b, i in self.ranks.items()}, "special_tokens": self.special,
+                "pat_str": self.pat_str, "nfc": self.nfc}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tokenizer":
+        try:
+            return cls({bytes.fromhex(h): int(i) for h, i in d["ranks"].items()},
+                       {str(k): int(v) for k, v in d["special_tokens"].items()}, str(d["pat_str"]), bool(d["nfc"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"the stored tokenizer is malformed ({type(e).__name__}: {e})") from None
 
     def encode(self, text: str) -> list[int]:
         # Special-token strings in the text are turned into their ids (the template relies on it).
@@ -158,8 +175,8 @@ def _needs_nfc(norm) -> bool:
     return bool(steps)
 
 
-def encoding_from_tokenizer_json(path, name="llada") -> tuple[tiktoken.Encoding, bool]:
-    """Convert a Hugging Face byte-level BPE tokenizer.json into (tiktoken.Encoding, needs NFC).
+def tokenizer_from_json(path) -> Tokenizer:
+    """Convert a Hugging Face byte-level BPE tokenizer.json into a Tokenizer (tiktoken ranks, NFC flag).
     ranks: each vocabulary piece mapped back through GPT-2's byte table to raw bytes, rank = its id;
     pat_str: the pre-tokenizer's regex; special tokens: the added tokens with their ids.
     tiktoken merges the adjacent pair of lowest rank, HF the pair earliest in the merges list: the two
@@ -193,23 +210,47 @@ def encoding_from_tokenizer_json(path, name="llada") -> tuple[tiktoken.Encoding,
             raise ValueError(f"{path}: merge {k} ({a!r} + {b!r}) gives id {r}, out of the order of the merges "
                              f"list (previous merge's id {last}); tiktoken's rank-order BPE would encode differently")
         last = r
-    enc = tiktoken.Encoding(name, pat_str=_pre_tokenizer_regex(j.get("pre_tokenizer")), mergeable_ranks=ranks,
-                            special_tokens=added)
-    return enc, _needs_nfc(j.get("normalizer"))
+    return Tokenizer(ranks, added, _pre_tokenizer_regex(j.get("pre_tokenizer")), _needs_nfc(j.get("normalizer")))
 
 
-def get_tokenizer(name: str) -> Tokenizer:
-    """"toy", or a path: a tokenizer.json or a model directory holding one (e.g. GSAI-ML/LLaDA-V)."""
-    if name == "toy":
-        from synthetic import toy_tokenizer  # learnt from the synthetic data's sentences
-        return toy_tokenizer()
-    path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
-    if not os.path.isfile(path):
-        raise ValueError(f"unknown tokenizer {name!r}: pass 'toy', a tokenizer.json, or a model directory that "
-                         f"holds one (download tokenizer.json from GSAI-ML/LLaDA-V)")
-    tok = Tokenizer(*encoding_from_tokenizer_json(path))
-    if len(tok.enc._mergeable_ranks) == 126080 and tok.encode("assistant") != [598]:
-        # LLaDA-V hard-codes "assistant" = 598 (llava_arch.generate_conversation_ids): a cheap self-check
-        raise ValueError(f"{path}: 'assistant' encodes to {tok.encode('assistant')}, not LLaDA's [598]")
+# Public records of the real LLaDA tokenizer's output (REFERENCE 1.2): text -> ids. Note "assistant" is
+# two tokens, [598, 10450]; the official code hard-codes only the first (llava_arch.generate_conversation_ids).
+LLADA_SELF_CHECK = {
+    "<|start_header_id|>user<|end_header_id|>\n\n": [126346, 3840, 126347, 198, 198],
+    "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n": [126348, 126346, 598, 10450, 126347, 198, 198],
+    "Hello, how are you?": [14455, 11, 1099, 449, 362, 30],
+    "I'm good, thank you!": [40, 3180, 1505, 11, 7949, 362, 0],
+    " 12": [220, 16, 17],
+    " 6": [220, 21],
+}
+LLADA_BASE_TOKENS = 126080  # ids 0..126079 are BPE pieces, 126080.. the added special tokens
+
+
+def self_check(tok: Tokenizer, source: str = "tokenizer"):
+    """For a tokenizer with LLaDA's 126,080 base tokens: every string of LLADA_SELF_CHECK must encode to
+    its recorded ids. Raises one ValueError naming the string, the position and the id that differ."""
+    for text, want in LLADA_SELF_CHECK.items():
+        got = tok.encode(text)
+        if got != want:
+            i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            g = got[i] if i < len(got) else "nothing"
+            w = want[i] if i < len(want) else "nothing"
+            raise ValueError(f"{source}: self-check failed: {text!r} encodes to {got}, but LLaDA's tokenizer gives "
+                             f"{want}: token {i} is {g}, expected {w} (is this LLaDA's tokenizer.json?)")
+
+
+def get_tokenizer(path: str) -> Tokenizer:
+    """A tokenizer.json, or a model directory holding one (e.g. GSAI-ML/LLaDA-V). LLaDA's own tokenizer
+    is checked against the public ids of REFERENCE 1.2. (The toy tokenizer travels inside the toy's
+    checkpoints; synthetic.toy_tokenizer() learns it.)"""
+    p = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(p):
+        raise ValueError(f"no tokenizer at {path!r}: pass a tokenizer.json or a model directory that holds one "
+                         f"(download tokenizer.json from GSAI-ML/LLaDA-V)")
+    try:
+        tok = tokenizer_from_json(p)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{p} is not a valid tokenizer.json ({type(e).__name__}: {e})") from None
+    if len(tok.ranks) == LLADA_BASE_TOKENS:
+        self_check(tok, p)
     return tok
-

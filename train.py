@@ -16,8 +16,8 @@ question kind, and the same evaluation with blank images (a model that really lo
     python train.py --lm.n_layers=6             # model fields: --lm.* and --vision.*
     python train.py --resume=1                  # continue from out/ckpt.pt (same config required)
 
-At scale (README "Training at scale"): LLaDA-V's stages on LLaVA-format data (llava_data.py), under
-torchrun with DDP or FSDP2 and resharding DCP checkpoints (distributed.py), MFU logs (metrics.py):
+At scale (README "Training at scale"): LLaDA-V's stages on LLaVA-format data (data.py), under
+torchrun with DDP or FSDP2 and resharding DCP checkpoints (distributed.py), MFU logs (model.step_flops):
     python train.py --stage=1 --data=captions.json --image_root=images/ --out_dir=out/s1
     torchrun --standalone --nproc_per_node=8 train.py --stage=2 --data=conv.json --image_root=images/
         --init_from=out/s1/model.safetensors --micro_batch_size=1          (one command line)
@@ -34,11 +34,13 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from checkpoint import load_state, load_state_file, save_checkpoint, write_text
 from data import default_system
 from diffusion import diffusion_loss, forward_process
-from model import LLaDAV, count_params, get_config, load_state, save_checkpoint
-from sample import autocast, evaluate, format_eval
-from synthetic import SyntheticVQA
+from distributed import autocast, pick_device
+from model import LLaDAV, count_params, device_peak, get_config, step_flops
+from sample import evaluate, format_eval
+from synthetic import SyntheticVQA, toy_tokenizer
 from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
 from vision import preprocess
 
@@ -181,16 +183,6 @@ def lr_at(step, tc: TrainConfig):
     return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def component_scales(model, tc: TrainConfig):
     return ((model.llm, tc.llm_lr_scale), (model.vision, tc.vision_lr_scale), (model.projector, tc.projector_lr_scale))
 
@@ -221,11 +213,11 @@ def init_from(model, tc: TrainConfig, log):
     path = tc.init_from
     if not os.path.exists(path):
         sys.exit(f"--init_from={path} does not exist; point it at a ckpt.pt or model.safetensors (e.g. stage 1's)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    try:
+        state = load_state_file(path)
+    except ValueError as e:
+        sys.exit(str(e))
+    state = state.get("model", state) if isinstance(state.get("model"), dict) else state
     parts = ["llm", "vision", "projector"] if tc.init_parts == "all" else tc.init_parts.split(",")
     if not set(parts) <= {"llm", "vision", "projector"}:
         sys.exit(f"--init_parts={tc.init_parts!r}: use all or a comma list of llm, vision, projector")
@@ -235,10 +227,38 @@ def init_from(model, tc: TrainConfig, log):
     log(f"initialised {', '.join(parts)} from {path}")
 
 
+def peak_memory(device: torch.device) -> float:
+    """Peak memory so far in bytes: CUDA's allocator peak, or the process's peak resident set on Linux."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class JsonlLog:
+    """One JSON object per line, appended and flushed at once (a killed run loses at most one line)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def write(self, rec: dict):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+
+
 def train(tc: TrainConfig, mc, quiet=False):
     from distributed import (all_sum, barrier, export, latest_checkpoint, load_dcp, read_extra, resolve_parallel,
                              save_dcp, setup, wrap)
-    from metrics import JsonlLog, device_peak, peak_memory, plot_curve, read_curve, step_flops
     info = setup(pick_device(tc.device))
     device = info.device
     log = (lambda *a: None) if quiet or not info.main else (lambda *a: print(*a, flush=True))
@@ -246,7 +266,7 @@ def train(tc: TrainConfig, mc, quiet=False):
     if tc.tokenizer:
         mc.tokenizer = tc.tokenizer  # recorded in the checkpoint's config, so sample.py finds it again
     try:
-        tok = get_tokenizer(mc.tokenizer)
+        tok = toy_tokenizer() if mc.tokenizer == "toy" else get_tokenizer(mc.tokenizer)
     except ValueError as e:
         sys.exit(f"preset {tc.preset!r} needs the {mc.tokenizer!r} tokenizer; pass --tokenizer=<tokenizer.json or "
                  f"model dir> ({e})")
@@ -283,7 +303,7 @@ def train(tc: TrainConfig, mc, quiet=False):
         sys.exit(f"--ckpt_format={tc.ckpt_format}: use pt, dcp or auto (FSDP2 needs dcp)")
     stream = None
     if tc.data:
-        from llava_data import BadSampleCounter, LlavaDataset, MicroBatches
+        from data import BadSampleCounter, LlavaDataset, MicroBatches
         try:
             ds = LlavaDataset(tc.data, tc.image_root, tok, mc.vision.image_size, mc.vision.n_patches,
                               fmt=tc.data_format, max_len=min(tc.max_len, mc.lm.max_seq_len),
@@ -303,7 +323,10 @@ def train(tc: TrainConfig, mc, quiet=False):
         if dcp_path is None and not os.path.exists(ckpt_path):
             sys.exit(f"--resume=1 but {ckpt_path} does not exist (nor {tc.out_dir}/dcp/latest); drop --resume "
                      f"or point --out_dir at a run")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False) if dcp_path is None else None
+        try:
+            ckpt = load_state_file(ckpt_path, device) if dcp_path is None else None
+        except ValueError as e:
+            sys.exit(str(e))
         if ckpt is not None and "optimizer" not in ckpt:
             sys.exit(f"{ckpt_path} is a final export without optimizer state; resume from {tc.out_dir}/dcp")
         saved_cfg = ckpt["config"] if ckpt is not None else read_extra(dcp_path)["config"]
@@ -340,7 +363,7 @@ def train(tc: TrainConfig, mc, quiet=False):
                                                     if tc.data else {}}, info)
         elif info.main:
             save_checkpoint(ckpt_path, {"config": mc.to_dict(), "train_config": asdict(tc), "model": model.state_dict(),
-                                        "optimizer": opt.state_dict(), "step": step})
+                                        "optimizer": opt.state_dict(), "step": step, "tokenizer": tok.to_dict()})
 
     def blank_image(ids, labels, attn):
         """A text-only micro-batch under DDP / FSDP2 gets one blank image appended to row 0, hidden from
@@ -455,8 +478,10 @@ def train(tc: TrainConfig, mc, quiet=False):
     train_time = time.time() - t_start
     log(f"trained {step - first_step} steps in {train_time:.0f}s; checkpoint "
         f"{ckpt_path if fmt == 'pt' else os.path.join(tc.out_dir, 'dcp')}")
-    export(model, tc.out_dir, mc.to_dict(), info, write_pt=fmt == "dcp")
+    export(model, tc.out_dir, mc.to_dict(), info, write_pt=fmt == "dcp",
+           extra={"tokenizer": tok.to_dict(), "train_config": asdict(tc)})
     if tc.jsonl and info.main:
+        from tools.draw import plot_curve, read_curve
         plot_curve(read_curve(tc.jsonl), os.path.join(os.path.dirname(tc.jsonl) or ".", "loss.png"))
     report = {"train_seconds": train_time, "steps": step}
     if tc.data:
@@ -471,8 +496,7 @@ def train(tc: TrainConfig, mc, quiet=False):
         log(f"  blank images: {format_eval(blank)}   <- near chance: the answers come from the image")
         report = {"heldout": final, "blank_images": blank, "train_seconds": train_time, "steps": step}
     if info.main:
-        with open(os.path.join(tc.out_dir, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        write_text(os.path.join(tc.out_dir, "report.json"), json.dumps(report, indent=1))
     barrier()
     return model, report
 

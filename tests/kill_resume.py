@@ -56,7 +56,7 @@ def checkpoint_step(out, fmt):
     """-> step of the newest complete checkpoint (the next round's resume then loads it in full)."""
     import torch
     if fmt == "pt":
-        return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"]
+        return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
     from distributed import latest_checkpoint, read_extra
     return read_extra(latest_checkpoint(out))["step"]
 
@@ -70,7 +70,7 @@ def logged_steps(path):
 
 def run(base, kills=10, steps=30, fmt="dcp", seed=0, say=print):
     """-> dict with the kill log; raises AssertionError on any mismatch."""
-    from metrics import read_curve
+    from tools.draw import read_curve
     from safetensors.torch import load_file
     rng = random.Random(seed)
     ref, out = os.path.join(base, "ref"), os.path.join(base, "killed")

@@ -1,6 +1,5 @@
-"""Tests for bench.py's one-block benchmark (--layer_only) and its --lm.* / --vision.* model overrides.
+"""Tests for tools/bench.py's one-block benchmark (--layer_only) and its --lm.* / --vision.* model overrides.
 CPU only, a few seconds. (The whole-model training and sampling benchmark is tested in test_fast.py.)"""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import re
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import bench
+from tools import bench
 
 
 def test_layer_only_prints_time_flops_and_mfu(capsys):

@@ -1,6 +1,5 @@
 """Tests for data.py: LLaDA-V's chat template (REFERENCE 3.1, 3.3), SFT sequences with answer masks,
 and batching (right padding for training, left padding for sampling). CPU only."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 import pytest

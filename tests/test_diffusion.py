@@ -1,6 +1,5 @@
 """Tests for diffusion.py: the forward masking process, the likelihood-bound loss, Gumbel-max sampling, the
 transfer schedule and the official generate.py sampler (REFERENCE 4, 5.1). Tiny models, CPU only."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import math
 
 import pytest

@@ -1,6 +1,7 @@
 """Data parallelism on the CPU (gloo, 2 processes): DDP and FSDP2 follow the single-process trajectory,
 gradient accumulation, activation checkpointing and the chunked head too, and a DCP checkpoint written by 2 FSDP2 processes resumes on 1 process."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import os
+import sys
 import json
 import socket
 
@@ -9,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train
-from metrics import read_curve
+from tools.draw import read_curve
 
 TINY = ["--lm.d_model=64", "--lm.n_heads=8", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32", "--vision.n_heads=2",
         "--vision.mlp_hidden=64", "--vision.n_layers=2", "--batch_size=8", "--log_every=1", "--eval_every=0",

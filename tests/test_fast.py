@@ -1,6 +1,5 @@
-"""Tests for fast.py and model.KVCache: the approximate KV caches (prefix, dual) and confidence-threshold
+"""Tests for fast decoding in diffusion.py and diffusion.KVCache: the approximate KV caches (prefix, dual) and confidence-threshold
 parallel decoding. Tiny random models, CPU only."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
 import torch
@@ -8,8 +7,9 @@ import torch
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest on a shared 2-core machine
 
 from diffusion import generate
-from fast import CountingModel, MODES, generate_fast, mode_kwargs
-from model import KVCache, LLaDA
+from diffusion import CountingModel, MODES, generate_fast, mode_kwargs
+from diffusion import KVCache
+from model import LLaDA
 from test_diffusion import GEN, MASK, PAD, V, fixed_logits_model, prompt, tiny_cfg, tiny_vlm_and_prompt
 
 
@@ -183,7 +183,7 @@ def test_counting_model_and_bad_arguments():
 
 
 # ----------------------------------------------------------------------------------------------
-# sample.py --eval / --gif, the animation, bench.py
+# sample.py --eval / --gif, the animation, tools/bench.py
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -209,7 +209,7 @@ def test_sample_eval_prints_a_row_per_mode(checkpoint, capsys):
 def test_sample_gif(checkpoint, tmp_path, capsys):
     """--gif writes an animation with one frame per step plus the all-mask start; in the last frame every
     cell is coloured by its reveal step (no grey mask cell left), in the first every cell is grey."""
-    import animate
+    from tools import draw as animate
     import sample
     path = tmp_path / "d.gif"
     sample.main([f"--checkpoint={checkpoint}", f"--gif={path}", "--mode=threshold"])
@@ -228,16 +228,16 @@ def test_sample_gif(checkpoint, tmp_path, capsys):
 
 
 def test_step_colours_run_blue_to_red():
-    import animate
+    from tools import draw as animate
     first, last = animate.step_colour(1, 10), animate.step_colour(10, 10)
     assert first[2] > first[0] and last[0] > last[2]
     assert len({animate.step_colour(s, 10) for s in range(1, 11)}) == 10
 
 
 def test_bench_runs_and_prints_every_mode(capsys):
-    """bench.py on the toy preset: a training line with counted FLOPs and MFU against a measured matmul peak,
+    """tools/bench.py on the toy preset: a training line with counted FLOPs and MFU against a measured matmul peak,
     and one sampling row per mode; the exact sampler makes `steps` full passes."""
-    import bench
+    from tools import bench
     bench.main(["--train_batch=2", "--train_steps=1", "--repeats=1", "--gen_length=8", "--block_length=4",
                 "--steps=8"])
     out = capsys.readouterr().out
@@ -253,7 +253,7 @@ def test_flop_counter_sees_the_model():
     """The counted FLOPs of one training step are ~ 6 x parameters x tokens (language-model layers over the
     whole sequence, vision layers over the patches) plus attention and the head on masked rows: a sanity
     band that catches a counter that sees nothing, or counts the step twice."""
-    import bench
+    from tools import bench
     from model import LLaDAV, get_config
     m = LLaDAV(get_config("toy"))
     bc = bench.BenchConfig(train_batch=2, train_steps=1)
@@ -269,11 +269,11 @@ def test_eval_choice_scores_every_candidate_canvas(checkpoint, monkeypatch):
     canvas per candidate (answer, <|eot_id|>, EOS padding); the pick is scored against the truth."""
     import sample
     from data import chat_prompt
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     from synthetic import SyntheticVQA
-    from tokenizer import get_tokenizer
-    model, _ = load_checkpoint(checkpoint)
-    tok = get_tokenizer("toy")
+    model, _, _ = load_checkpoint(checkpoint)
+    from synthetic import toy_tokenizer
+    tok = toy_tokenizer()
     n_img = model.cfg.vision.n_patches
     samples = SyntheticVQA(tok, model.cfg.vision.image_size, n_img, 12).heldout(10)
     closed = [s for s in samples if s[3] != "describe"]  # the closed kinds

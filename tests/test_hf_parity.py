@@ -3,7 +3,6 @@ tests skip with a message without it): a SiglipVisionModel and a LlamaForCausalL
 saved by transformers, loaded by pretrained.from_pretrained, and must compute the same thing:
 the ViT's penultimate hidden state (LLaDA-V's features) and, with a full 4-D mask instead of the causal
 one, LLaDA's bidirectional logits. Then our save_pretrained is read back by transformers."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import json
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 torch.set_num_threads(1)
 transformers = pytest.importorskip("transformers", reason="parity tests need `pip install transformers`")
 
-import pretrained
+import checkpoint as pretrained
 
 
 def test_siglip_vision_model_parity(tmp_path):

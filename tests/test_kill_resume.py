@@ -1,7 +1,6 @@
 """SIGKILL a training run (checkpoints every step, so the kill usually lands in a save) and resume it:
 the resumed run reproduces the uninterrupted loss curve and weights bit for bit. The 10-kill version is
 `python tests/kill_resume.py --kills=10` (about 2-3 minutes; figures in the README)."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest
 

@@ -1,6 +1,5 @@
 """Tests for model.py: the bidirectional LLaDA transformer, RoPE, RMSNorm, the projector, the LLaDA-V glue,
 the 8B preset's shapes, and checkpoints. Tiny configs, CPU only, no downloads."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import math
 
 import pytest
@@ -12,6 +11,7 @@ torch.set_num_threads(1)
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import model
 from tokenizer import IMAGE_TOKEN_INDEX
 from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig, RMSNorm, apply_rope, rope_cos_sin, rotate_half
@@ -281,19 +281,19 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     """A crash inside torch.save leaves the previous checkpoint at `path` intact and loadable."""
     m = tiny_llada_v()
     path = tmp_path / "ckpt.pt"
-    model.save_checkpoint(path, {"model": m.state_dict(), "config": m.cfg.to_dict(), "step": 1})
+    checkpoint.save_checkpoint(path, {"model": m.state_dict(), "config": m.cfg.to_dict(), "step": 1})
     before = path.read_bytes()
 
     def broken_save(obj, f, *a, **k):
         f.write(b"half a checkpoint")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(model.torch, "save", broken_save)
+    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
     with pytest.raises(RuntimeError, match="disk full"):
-        model.save_checkpoint(path, {"model": {}, "config": {}, "step": 2})
+        checkpoint.save_checkpoint(path, {"model": {}, "config": {}, "step": 2})
     monkeypatch.undo()
     assert path.read_bytes() == before
-    m2, ckpt = model.load_checkpoint(path)
+    m2, _, ckpt = checkpoint.load_checkpoint(path)
     assert ckpt["step"] == 1
     for k, v in m.state_dict().items():
         assert torch.equal(m2.state_dict()[k], v)
@@ -302,11 +302,11 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
 def test_load_checkpoint_errors(tmp_path):
     """Missing file -> FileNotFoundError with a hint; garbage -> ValueError; wrong config -> ValueError."""
     with pytest.raises(FileNotFoundError, match="train"):
-        model.load_checkpoint(tmp_path / "nope.pt")
+        checkpoint.load_checkpoint(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
     with pytest.raises(ValueError, match="not a checkpoint"):
-        model.load_checkpoint(bad)
+        checkpoint.load_checkpoint(bad)
 
 
 def test_load_state_lists_misshaped_keys():
@@ -314,11 +314,11 @@ def test_load_state_lists_misshaped_keys():
     m = tiny_llada_v()
     other = LLaDAV(tiny_cfg(vocab_size=V + 8)).state_dict()
     with pytest.raises(ValueError, match=r"mis-shaped.*llm\.embed_tokens\.weight.*llm\.lm_head\.weight"):
-        model.load_state(m, other)
+        checkpoint.load_state(m, other)
     sd = m.state_dict()
     del sd["llm.norm.weight"]
     with pytest.raises(ValueError, match=r"missing \['llm\.norm\.weight'\]"):
-        model.load_state(m, sd)
+        checkpoint.load_state(m, sd)
 
 
 # ----------------------------------------------------------------------------------------------

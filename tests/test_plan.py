@@ -1,10 +1,9 @@
-"""plan.py: the memory estimate is within 25% of the measured CPU peak for the toy and small presets;
+"""tools/plan.py: the memory estimate is within 25% of the measured CPU peak for the toy and small presets;
 the masked-only output head gives the full head's loss; the 8B plan's headline answers."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-import plan
+from tools import plan
 from diffusion import diffusion_loss, forward_process
 from model import LLaDA, LLaDAConfig
 
@@ -46,7 +45,7 @@ def test_masked_only_head_equals_full_head():
 def test_head_memory_is_lower_when_masked_only():
     """At a small size, measured: the masked-only head needs less memory for the loss than the official
     full-sequence logits, chunking less still, and all three give the same loss (the 8k x 126,464
-    figures come from `python plan.py --head`)."""
+    figures come from `python -m tools.plan --head`)."""
     (f, peak, loss), = plan.head_bench(tokens=1024, vocab=16384, d=64, fracs=(0.25,), chunk=64, say=lambda *a: None)
     assert peak["official"] > 1.5 * peak["masked"] and peak["masked"] > 2 * peak["chunked"]
     assert abs(loss["official"] - loss["masked"]) < 1e-6 and abs(loss["official"] - loss["chunked"]) < 1e-6

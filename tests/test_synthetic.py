@@ -1,6 +1,5 @@
 """Tests for synthetic.py: the synthetic scenes are deterministic, varied, and every answer agrees with
 the picture as read back from its pixels; the stream and held-out split are fixed. CPU only."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import re
 from collections import Counter

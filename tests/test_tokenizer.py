@@ -1,6 +1,5 @@
 """Tests for tokenizer.py: the toy byte-level BPE built as a tiktoken Encoding, LLaDA's special tokens
 (REFERENCE 1.2), and the BPE trainer agreeing with tiktoken's segmentation. CPU only, no downloads."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import json
 import re
@@ -23,14 +22,13 @@ def test_special_tokens():
     ids = [TOK.encode(s) for s in SPECIAL_TOKENS]
     assert all(len(i) == 1 for i in ids)
     ids = [i[0] for i in ids]
-    n_bpe = len(TOK.enc._mergeable_ranks)
+    n_bpe = len(TOK.ranks)
     assert ids == list(range(n_bpe, n_bpe + 6))  # appended after the BPE vocabulary, in order
     assert (TOK.bos_id, TOK.eos_id, TOK.mask_id, TOK.start_header_id, TOK.end_header_id, TOK.eot_id) == tuple(ids)
     assert TOK.pad_id == TOK.eos_id
     assert TOK.vocab_size == n_bpe + 6 <= 512  # fits the toy preset's lm.vocab_size
     with pytest.raises(ValueError, match="special"):
-        tokenizer.Tokenizer(tiktoken.Encoding("bare", pat_str=tokenizer.PAT_STR, mergeable_ranks={bytes([i]): i for i in range(256)},
-                                         special_tokens={}))
+        tokenizer.Tokenizer({bytes([i]): i for i in range(256)}, {})
 
 
 @pytest.mark.parametrize("text", ["hello world", "héllo wörld 🦙 日本語 — \t tabs\r\n", "x" * 300 + " 123,456!",
@@ -64,10 +62,13 @@ def test_dataset_text_is_one_token_per_pretoken():
 
 
 def test_get_tokenizer():
-    """'toy' gives the cached toy tokenizer; anything else is refused with a ValueError."""
-    assert tokenizer.get_tokenizer("toy") is TOK
-    with pytest.raises(ValueError, match="toy"):
+    """The toy tokenizer is cached; a name that is no tokenizer.json is refused with a ValueError."""
+    assert synthetic.toy_tokenizer() is TOK
+    with pytest.raises(ValueError, match="tokenizer.json"):
         tokenizer.get_tokenizer("gpt2")
+    # the toy tokenizer travels as plain data (checkpoints store it) and comes back identical
+    back = tokenizer.Tokenizer.from_dict(TOK.to_dict())
+    assert back.ranks == TOK.ranks and back.special == TOK.special and back.encode("the red circle") == TOK.encode("the red circle")
 
 
 def _trainer_segmentation(ranks, text):
@@ -176,14 +177,14 @@ def test_tokenizer_json_matches_hf_tokenizers(tmp_path, split_regex):
     on English, code, CJK, emoji, digit runs, whitespace runs and special tokens, and decodes back."""
     ref = build_tokenizer_json(tmp_path / "tokenizer.json", split_regex)
     tok = tokenizer.get_tokenizer(str(tmp_path))  # a directory holding tokenizer.json
-    assert tok.nfc and len(tok.enc._mergeable_ranks) == ref.get_vocab_size() - 10
+    assert tok.nfc and len(tok.ranks) == ref.get_vocab_size() - 10
     assert tok.encode("<|mdm_mask|>") == [ref.token_to_id("<|mdm_mask|>")] and tok.mask_id == ref.token_to_id("<|mdm_mask|>")
     for text in MIXED_TESTS:
         want = ref.encode(text).ids
         assert tok.encode(text) == want, text
         assert tok.decode(want) == ref.decode(want, skip_special_tokens=False)
     # NFC matters: without it the decomposed text encodes differently
-    raw = tokenizer.Tokenizer(tok.enc, nfc=False)
+    raw = tokenizer.Tokenizer(tok.ranks, tok.special, tok.pat_str, nfc=False)
     assert raw.encode(MIXED_TESTS[9]) != ref.encode(MIXED_TESTS[9]).ids
 
 

@@ -1,5 +1,6 @@
 """train.py and sample.py end to end, on tiny configs: overfitting, checkpoints, resume, CLI errors."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import os
+import sys
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from PIL import Image
 import sample
 import train
 from synthetic import SyntheticVQA
+from synthetic import toy_tokenizer
 from tokenizer import get_tokenizer
 from diffusion import diffusion_loss, forward_process
 from model import LLaDAV, get_config
@@ -33,7 +35,7 @@ def test_overfit_then_sampler_reproduces_answers():
     torch.manual_seed(0)
     mc = get_config("toy")
     mc.lm.n_layers, mc.vision.n_layers = 2, 2
-    tok = get_tokenizer("toy")
+    tok = toy_tokenizer()
     data = SyntheticVQA(tok, mc.vision.image_size, mc.vision.n_patches, gen_length=12)
     pairs = [data.sample(i, kind) for i, kind in enumerate(["color", "shape", "count", "describe"])]
     model = LLaDAV(mc)
@@ -60,7 +62,7 @@ def test_overfit_then_sampler_reproduces_answers():
 def test_train_writes_checkpoint_and_report(tmp_path):
     """A short run saves a loadable checkpoint with optimizer state and a report with every question kind."""
     model, report = run_train(tmp_path, "--max_steps=4", "--ckpt_every=2")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and "optimizer" in ckpt and ckpt["train_config"]["max_steps"] == 4
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert set(on_disk["heldout"]) >= {"color", "shape", "count", "relation", "describe", "all"}
@@ -86,9 +88,9 @@ def test_train_with_a_converted_tokenizer_json(tmp_path):
                               "--gen_length=48", "--block_length=48", "--sample_steps=48", "--lm.max_seq_len=512")  # long
     # answers (a small BPE) and LLaDA-V's system prompt (a non-toy tokenizer trains and samples with it)
     tok = get_tokenizer(path)
-    assert tok.vocab_size == ref.get_vocab_size() != get_tokenizer("toy").vocab_size
+    assert tok.vocab_size == ref.get_vocab_size() != toy_tokenizer().vocab_size
     assert model.cfg.tokenizer == path
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]["tokenizer"] == path
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["tokenizer"] == path
     assert report["heldout"]["n"] == 10
     sample.main([f"--checkpoint={tmp_path / 'ckpt.pt'}", "--seed=1"])
 

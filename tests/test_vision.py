@@ -1,6 +1,5 @@
 """Tests for vision.py: SigLIP preprocessing, image-mode handling and the ViT tower (REFERENCE 2.2).
 Tiny configs on the CPU, no downloads."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import math
 

@@ -1,5 +1,5 @@
 """
-A picture of the reverse process: an animated GIF of the answer canvas being denoised.
+Pictures: an animated GIF of the answer canvas being denoised, and the training loss curve (pillow only).
 
 Where this sits in the flow:  image -> ViT -> projector -> token sequence -> masked diffusion -> [a GIF of it].
 
@@ -8,12 +8,17 @@ step. A masked cell is grey; a revealed cell shows its token on a colour that sa
 revealed, from blue (step 1) to red (the last step):   hue(s) = 240 deg * (1 - (s - 1) / (S - 1)).
 So low-confidence remasking is visible at a glance: the EOS padding turns blue, the hard answer
 words red. Pillow only (no new dependency). Used by `python sample.py --gif=out.gif`.
+
+The loss curve: train.py --jsonl=log.jsonl appends one JSON line per logged step; plot_curve draws
+loss.png beside it (read_curve keeps the last value of a step logged twice by a resumed run).
 """
 import colorsys
+import json
 import os
 
 from PIL import Image, ImageDraw, ImageFont
 
+from checkpoint import atomic_write
 from data import answer_text
 
 W, H = 600, 240        # frame size, pixels
@@ -78,17 +83,43 @@ def denoising_gif(path, image, question, frames, tok, truth=None, ms_per_step=45
                 d.text((12, IMG + 58), f"truth:  {truth}", fill=INK, font=small)
         out.append(im.convert("P", palette=Image.ADAPTIVE, colors=64))
     durations = [ms_per_step] * (len(out) - 1) + [hold_ms]
-    tmp = f"{path}.tmp.{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        with open(tmp, "wb") as f:
-            out[0].save(f, format="GIF", save_all=True, append_images=out[1:], duration=durations, loop=0,
-                        optimize=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: out[0].save(tmp, format="GIF", save_all=True, append_images=out[1:],
+                                               duration=durations, loop=0, optimize=True))
     return os.path.getsize(path)
+
+
+def read_curve(path: str, key: str = "loss") -> dict:
+    """step -> value from a JSONL log; a step logged twice (a resumed run redoes steps) keeps the last."""
+    curve = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if key in rec and "step" in rec:
+                curve[rec["step"]] = rec[key]
+    return dict(sorted(curve.items()))
+
+
+def plot_curve(curve: dict, png: str, title: str = "training loss", size=(640, 400)):
+    """A line plot of step -> value, drawn with pillow (no plotting library), written atomically."""
+    from PIL import Image, ImageDraw
+    W, H = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, W - 20, 30, H - 40
+    d.rectangle([left, top, right, bottom], outline="black")
+    d.text((left, 8), title, fill="black")
+    if len(curve) >= 2:
+        xs, ys = list(curve), list(curve.values())
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+        y1 = y1 if y1 > y0 else y0 + 1
+        sx = lambda x: left + (x - x0) / max(1, x1 - x0) * (right - left)
+        sy = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)
+        d.line([(sx(x), sy(y)) for x, y in zip(xs, ys)], fill=(30, 90, 200), width=2)
+        for v in (y0, (y0 + y1) / 2, y1):
+            d.text((4, sy(v) - 6), f"{v:.3g}", fill="black")
+        d.text((left, bottom + 8), f"step {x0}", fill="black")
+        d.text((right - 70, bottom + 8), f"step {x1}", fill="black")
+    atomic_write(png, lambda tmp: img.save(tmp, format="PNG"))

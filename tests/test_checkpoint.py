@@ -1,7 +1,8 @@
-"""Tests for pretrained.py: synthetic checkpoints written with the official key names (REFERENCE 1.3, 2.2-2.4)
+"""Tests for checkpoint.py: synthetic checkpoints written with the official key names (REFERENCE 1.3, 2.2-2.4)
 in each layout load, give the same logits (also against a reference forward written from the official
 names), survive save -> load bit-exactly, and a damaged one gets one error naming every bad key."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import os
+import sys
 import json
 import math
 
@@ -12,7 +13,7 @@ torch.set_num_threads(1)
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import pretrained
+import checkpoint as pretrained
 from model import LLaDA, LLaDAV
 from vision import VisionTower
 

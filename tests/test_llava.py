@@ -1,6 +1,5 @@
-"""llava_data.py and the staged recipe: labels of both formats, truncation, grouping, bad samples, and a
+"""LLaVA-format data (data.py) and the staged recipe: labels of both formats, truncation, grouping, bad samples, and a
 stage-1 -> stage-2 run on a small LLaVA-format dataset written here (PNG images + JSON)."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import json
 
 import pytest
@@ -9,11 +8,12 @@ from PIL import Image
 
 import train
 from data import IGNORE_INDEX
-from llava_data import LlavaDataset, collate_llava, length_grouped_batches, _truncate
-from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
+from data import LlavaDataset, collate_llava, length_grouped_batches, _truncate
+from synthetic import toy_tokenizer
+from tokenizer import IMAGE_TOKEN_INDEX
 
 torch.set_num_threads(1)
-TOK = get_tokenizer("toy")
+TOK = toy_tokenizer()
 N = 16  # toy preset: 64 px images, 16 px patches
 
 
@@ -153,7 +153,7 @@ def test_stage1_then_stage2(data_dir, tmp_path):
     assert sum(rep2["bad_samples"].values()) >= 1
     assert all(r.startswith("unreadable image") or r in ("malformed record", "empty answer") for r in rep2["bad_samples"])
     # the exported ckpt.pt is what sample.py loads
-    assert torch.load(tmp_path / "s2" / "ckpt.pt", weights_only=False)["config"]["lm"]["d_model"] == 64
+    assert torch.load(tmp_path / "s2" / "ckpt.pt", weights_only=True)["config"]["lm"]["d_model"] == 64
 
 
 def test_mostly_broken_data_stops_with_a_clear_message(tmp_path):

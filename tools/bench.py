@@ -1,7 +1,7 @@
 """
 Benchmark: training-step throughput and FLOP utilisation, and sampling latency, tokens/s, model calls
 (NFE) and memory for every decoding mode (exact, prefix / dual KV cache, confidence threshold, and their
-combinations; fast.py). Prints a table.
+combinations; diffusion.py). Prints a table.
 
 Where this sits in the flow: it times the whole pipeline, image -> ViT -> projector -> LLaDA -> loss
 (one optimiser step), and the reverse process that answers from the same visual tokens.
@@ -13,12 +13,12 @@ where peak is, on a CPU, the best fp32 matmul rate measured in this same run (so
 close the step gets to what this machine's matmul can do), and on a GPU the vendor's dense bf16 peak
 (table below; unknown GPUs fall back to a measured bf16 matmul).
 
-    python bench.py                                   # toy preset, random weights, CPU or GPU
-    python bench.py --checkpoint=out/ckpt.pt          # a trained model (threshold decoding needs one:
+    python -m tools.bench                                   # toy preset, random weights, CPU or GPU
+    python -m tools.bench --checkpoint=out/ckpt.pt          # a trained model (threshold decoding needs one:
                                                       # random weights are never confident)
-    python bench.py --preset=small --device=cuda      # any preset; --key=value overrides (see --help)
-    python bench.py --preset=llada_v_8b --lm.n_layers=2    # --lm.* / --vision.* change the preset's model
-    python bench.py --preset=llada_v_8b --layer_only=1 --seq_len=8192 --train_batch=1   # one LLaDA block,
+    python -m tools.bench --preset=small --device=cuda      # any preset; --key=value overrides (see --help)
+    python -m tools.bench --preset=llada_v_8b --lm.n_layers=2    # --lm.* / --vision.* change the preset's model
+    python -m tools.bench --preset=llada_v_8b --layer_only=1 --seq_len=8192 --train_batch=1   # one LLaDA block,
         bf16: forward + backward ms, TFLOP/s and MFU (FLOPs counted as above), peak memory on a GPU
 Training inputs are random token ids with one image's placeholders and random pixels; sampling uses
 held-out synthetic questions where the tokenizer exists (toy) and random ids otherwise, so the `small`
@@ -32,20 +32,15 @@ from dataclasses import dataclass, fields
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion import diffusion_loss, forward_process, generate
-from fast import MODES, CountingModel, generate_fast, mode_kwargs
-from model import Block, LLaDAV, get_config, load_checkpoint, rope_cos_sin
+from checkpoint import load_checkpoint
 from data import default_system, prompt_batch
-from sample import autocast
-from synthetic import SyntheticVQA
+from diffusion import MODES, CountingModel, diffusion_loss, forward_process, generate, generate_fast, mode_kwargs
+from distributed import autocast, pick_device
+from model import Block, LLaDAV, device_peak, get_config, rope_cos_sin
+from synthetic import SyntheticVQA, toy_tokenizer
 from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
-from train import parse_value, pick_device
+from train import parse_value
 from vision import preprocess
-
-# Dense bf16 tensor-core peaks (FLOP/s), from the vendors' data sheets (no sparsity).
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
-
 
 @dataclass
 class BenchConfig:
@@ -125,11 +120,10 @@ def matmul_peak(device, dtype=torch.float32, sizes=(256, 512, 1024, 2048)):
 def peak_flops(device):
     """(peak FLOP/s, where it comes from)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak, f"{name}: data-sheet dense bf16 peak"
-        return matmul_peak(device, torch.bfloat16, (4096, 8192)), f"{name}: measured bf16 matmul"
+        peak, src = device_peak(device)  # the one table of data-sheet peaks (model.GPU_PEAK_BF16)
+        if peak == peak:
+            return peak, src
+        return matmul_peak(device, torch.bfloat16, (4096, 8192)), f"{torch.cuda.get_device_name(device)}: measured bf16 matmul"
     return matmul_peak(device), f"measured fp32 matmul, {torch.get_num_threads()} thread(s)"
 
 
@@ -218,7 +212,7 @@ def sampling_inputs(model, bc, device):
     not available gets random ids, with the last three vocabulary ids standing in for mask / EOS / EoT."""
     cfg = model.cfg
     try:
-        tok = get_tokenizer(cfg.tokenizer)
+        tok = toy_tokenizer() if cfg.tokenizer == "toy" else get_tokenizer(cfg.tokenizer)
     except ValueError:
         V = cfg.lm.vocab_size
         ids, _, pixels = fake_batch(cfg, bc.sample_batch, bc, device, torch.Generator().manual_seed(bc.seed + 1))
@@ -292,7 +286,7 @@ def main(argv):
         return main_layer(bc, overrides, device)
     if bc.checkpoint:
         try:
-            model, _ = load_checkpoint(bc.checkpoint, device)
+            model, _, _ = load_checkpoint(bc.checkpoint, device)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(str(e))
         source = bc.checkpoint

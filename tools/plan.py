@@ -3,10 +3,10 @@ Memory planner: how much memory one process needs to train a preset, before rent
 
 Where this sits in the flow: outside it; it reads the model config and counts bytes.
 
-    python plan.py --preset=llada_v_8b --world=8 --seq=8192 --stage=2     # the 8B plan (prints a table)
-    python plan.py --preset=small --world=1 --seq=2048 --parallel=none
-    python plan.py --validate                                            # estimate vs measured, CPU
-    python plan.py --head                                                # masked-only head vs full head
+    python -m tools.plan --preset=llada_v_8b --world=8 --seq=8192 --stage=2     # the 8B plan (prints a table)
+    python -m tools.plan --preset=small --world=1 --seq=2048 --parallel=none
+    python -m tools.plan --validate                                            # estimate vs measured, CPU
+    python -m tools.plan --head                                                # masked-only head vs full head
 
 Per process, for P parameters of which T train, W processes, FSDP2 shards s = W (DDP / none: s = 1):
     parameters   4P/s fp32 masters; + under FSDP2 bf16 the gathered bf16 copies of the units in flight
@@ -172,8 +172,8 @@ def _measure_step(preset, batch, text_len, checkpointing, overrides):
 def _in_fresh_process(call: str) -> dict:
     """Run `plan.<call>` in a new one-thread Python process (its own peak-memory counter) -> its JSON result."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-    r = subprocess.run([sys.executable, "-c", f"import json, plan; print(json.dumps(plan.{call}))"], env=env,
-                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", f"import json; from tools import plan; print(json.dumps(plan.{call}))"], env=env,
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -1,6 +1,5 @@
-"""Tests for anyres.py and LLaDAV.encode_image_crops: LLaDA-V's image modes and their visual token counts
+"""Tests for vision.py's image modes and LLaDAV.encode_image_crops: LLaDA-V's image modes and their visual token counts
 (REFERENCE 2.6): 729 (square 384), 1485 (384x384 anyres), 2929 (640x480 anyres), 730 (pad mode)."""
-import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch
 torch.set_num_threads(1)
 from PIL import Image
 
-import anyres
+import vision as anyres
 from model import LLaDAConfig, LLaDAV, LLaDAVConfig
 from vision import VisionConfig
 

@@ -1,9 +1,18 @@
 """
-Official checkpoints in and out: Hugging Face directories <-> this project's modules.
+Every weight on disk: one atomic write, this project's training checkpoints, and the official Hugging
+Face directories in and out.
 
 Where this sits in the flow: it fills the weights of every box in
     image -> ViT (SigLIP2) -> projector -> token sequence -> LLaDA -> masked diffusion
 from the released files, and writes our models back in the same layout.
+
+Atomic write: write to `path.tmp.<pid>`, fsync, rename over `path`. A crash at any moment leaves the old
+file or the new one, never a torn one; every file this project writes goes through atomic_write().
+
+Our checkpoints (train.py's out/ckpt.pt): torch.save of plain containers of tensors, numbers and strings
+(config, train_config, model, optimizer, step, the toy tokenizer's ranks), read back with
+torch.load(weights_only=True): a file that carries anything else (a pickled object) is refused, so
+nothing runs from a file we load.
 
 A Hugging Face directory holds config.json and either one model.safetensors or shards
 model-0000k-of-0000n.safetensors with model.safetensors.index.json = {"weight_map": {key: shard file}}.
@@ -47,9 +56,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from anyres import MODES, grid_pinpoints
 from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
-from vision import VisionConfig, VisionTower
+from tokenizer import Tokenizer, get_tokenizer
+from vision import MODES, VisionConfig, VisionTower, grid_pinpoints
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -67,6 +76,106 @@ _TOP = {"embed_tokens": ("model.transformer.wte", "model.embed_tokens"),
         "lm_head": ("model.transformer.ff_out", "lm_head")}
 # keys of a SigLIP checkpoint that LLaDA-V does not use (besides the deleted last encoder layer)
 _SIGLIP_UNUSED = re.compile(r"(text_model\.|logit_scale|logit_bias|(vision_model\.)?head\.)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The one atomic write
+
+def atomic_write(path, write):
+    """write(tmp_path), fsync, then rename over path: a crash leaves the old file or the new one.
+    The temporary file is removed if anything fails (an 8B checkpoint's is ~100 GB)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (safetensors creates files 0600)
+        os.replace(tmp, path)          # atomic on POSIX and Windows
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path, text: str):
+    def w(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+    atomic_write(path, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# This project's checkpoints (train.py's ckpt.pt)
+
+def save_checkpoint(path, state: dict):
+    """Atomic torch.save of `state` (plain containers of tensors, numbers and strings only)."""
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    atomic_write(path, w)
+
+
+def load_state_file(path, device="cpu") -> dict:
+    """A ckpt.pt (torch.load with weights_only=True: no pickled objects, nothing runs) or a
+    .safetensors file -> its dict. One-line errors for what is not such a file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `python train.py` "
+                                f"(it writes out/ckpt.pt) or pass --checkpoint=<path>")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device=str(device))
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a checkpoint written by train.py, or it holds more than tensors, "
+                         f"numbers and strings (refused: loading it could run code); "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a checkpoint written by train.py (it holds a {type(ckpt).__name__})")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model, tokenizer, checkpoint dict). The model is rebuilt from the config stored in the
+    checkpoint, the tokenizer from the one stored beside it (toy checkpoints written before tokenizers
+    travelled with them get the toy tokenizer, which is learnt deterministically)."""
+    ckpt = load_state_file(path, device)
+    try:
+        cfg = LLaDAVConfig.from_dict(ckpt["config"])
+    except Exception as e:
+        raise ValueError(f"{path} is not a checkpoint written by train.py ({type(e).__name__}: {e})") from None
+    model = LLaDAV(cfg).to(device)
+    load_state(model, ckpt["model"], path)
+    if "tokenizer" in ckpt:
+        tok = Tokenizer.from_dict(ckpt["tokenizer"])
+    elif cfg.tokenizer == "toy":
+        from synthetic import toy_tokenizer
+        tok = toy_tokenizer()
+    else:
+        tok = get_tokenizer(cfg.tokenizer)
+    return model, tok, ckpt
+
+
+def load_state(model: nn.Module, state: dict, source="checkpoint"):
+    """load_state_dict with one error that lists every missing, unexpected and mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source} does not fit this model config (was it trained with another preset or "
+                         f"overrides? use the same ones): missing {missing}, unexpected {unexpected}, "
+                         f"mis-shaped {shapes}")
+    model.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +314,7 @@ def llada_v_config_from_hf(c: dict) -> LLaDAVConfig:
                                                            pins[1][0] // vision.image_size)
     if pins is not None and [tuple(p) for p in pins] != grid_pinpoints(vision.image_size):
         raise ValueError(f"config.json: image_grid_pinpoints {c['image_grid_pinpoints']} differ from LLaDA-V's "
-                         f"(1x1)..(6x6) grid, the only one anyres.py implements")
+                         f"(1x1)..(6x6) grid, the only one vision.py implements")
     if c.get("mm_hidden_size", vision.d_model) != vision.d_model:
         raise ValueError(f"config.json: mm_hidden_size {c['mm_hidden_size']} != vision width {vision.d_model}")
     return LLaDAVConfig(lm=llada_config_from_hf(c), vision=vision, tokenizer="llada",
@@ -337,29 +446,12 @@ def from_pretrained(path, dtype=None, device="cpu", vision_path=None):
 # ----------------------------------------------------------------------------------------------
 # Writing
 
-def _atomic_write(path, write):
-    """write(tmp_path), fsync, then rename over path: a crash leaves the old file or the new one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (safetensors creates files 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_json(path, obj):
     def w(tmp):
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=False)
             fh.write("\n")
-    _atomic_write(path, w)
+    atomic_write(path, w)
 
 
 def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_size: int = 5 * 10**9, dtype=None):
@@ -400,7 +492,7 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
     weight_map = {}
     for file, keys in zip(files, shards):
         part = {k: tensors[k].detach().contiguous().cpu() for k in keys}
-        _atomic_write(os.path.join(path, file), lambda tmp, part=part: save_file(part, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(path, file), lambda tmp, part=part: save_file(part, tmp, metadata={"format": "pt"}))
         weight_map.update({k: file for k in keys})
         del part
     if n > 1:
@@ -416,7 +508,7 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
 
 
 # ----------------------------------------------------------------------------------------------
-# python pretrained.py --selftest-memory: the 8B shapes at reduced depth, peak memory of a fresh load
+# python checkpoint.py --selftest-memory: the 8B shapes at reduced depth, peak memory of a fresh load
 
 def _proc_status(field):
     with open("/proc/self/status") as fh:  # Linux; values in kB
@@ -484,7 +576,7 @@ if __name__ == "__main__":
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
         if free < 8e9:
             sys.exit(f"{free / 1e9:.1f} GB free beside {out}: the checkpoint needs ~3.1 GB (and the writer ~3 GB RAM); "
-                     f"pass another directory: python pretrained.py --selftest-memory <dir>")
+                     f"pass another directory: python checkpoint.py --selftest-memory <dir>")
         print(f"writing llada_v_8b at 2+2 layers to {out} (1 GB shards) ...", flush=True)
         # writer and loader each in their own process, started from this small one: Linux carries
         # ru_maxrss over fork and exec, so the loader must not descend from the 3 GB writer
@@ -495,5 +587,5 @@ if __name__ == "__main__":
     elif len(sys.argv) >= 2 and sys.argv[1] == "--write-reduced-8b":
         _write_reduced_8b(sys.argv[2], shard_bytes=10**9)
     else:
-        sys.exit("usage: python pretrained.py --selftest-memory [dir]   (writes ~3.1 GB, loads it in a fresh "
+        sys.exit("usage: python checkpoint.py --selftest-memory [dir]   (writes ~3.1 GB, loads it in a fresh "
                  "process, prints peak RSS vs checkpoint size)")

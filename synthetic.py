@@ -55,7 +55,7 @@ def _scene(rng: random.Random, size: int, max_objects: int = 4) -> list[Obj]:
     GRID x GRID board, with a random size (50-90% of the cell). Keeping every object inside one cell is
     what lets the toy ViT (one patch per cell) learn in minutes on a CPU. The listing order is reading
     order, row by row and left to right within a row: the order of the visual tokens (row-major patches),
-    which the model learns more easily than column-major order (README, "What we learnt")."""
+    which the model learns more easily than column-major order (docs/notebook.md)."""
     cell = size // GRID
     n = rng.randint(1, max_objects)
     kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
@@ -78,7 +78,7 @@ def draw(objs: list[Obj], size: int, blank: bool = False) -> Image.Image:
     # A 1-pixel black outline: without it a shape is the fill colour times a mask, so telling shapes apart
     # needs a colour-independent nonlinear feature that the ViT must first learn from a weak signal; with
     # it the outline pixels are the same for every colour and the shape is linear in the pixels (a linear
-    # probe of the ViT's features reads shape at 99% with it, even at initialisation; 76% without it, trained).
+    # probe of the ViT's features reads shape far better with it, even at initialisation; docs/notebook.md).
     d = ImageDraw.Draw(img)
     for o in objs:
         box = (o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r)
@@ -108,11 +108,11 @@ def _question(rng: random.Random, objs: list[Obj], kind: str):
     if kind == "relation":
         # Two named objects in the same row (which is further left / right?) or the same column (which is
         # higher / lower?); the answer names one of them. Asked as "Where is the red square relative to the
-        # green circle?" -> "left", the toy stayed at chance for 7,000 steps: a feature that treats the two
+        # green circle?" -> "left", the toy stayed at chance for thousands of steps: a feature that treats the two
         # objects alike cannot tell "left" from "right", so there is no gradient until finding *the named*
         # object and reading *its* position exist together. Here, preferring the earlier (or later) of the
         # named objects in the token order and copying its name pays off by itself for higher / lower (the
-        # rows are 4 visual tokens apart); left / right is still weak (README, "What we learnt"). The answer
+        # rows are 4 visual tokens apart); left / right is learnt later (docs/notebook.md). The answer
         # repeats the question's words, "the green circle": as a bare "green circle" it would start with the
         # token `green`, not the question's ` green`, and the model often wrote the colour of one object with
         # the shape of the other.
@@ -210,12 +210,12 @@ class SyntheticVQA:
         # Curriculum: steps [0, single_object_steps) show one object and ask colour / shape / describe only.
         # From scratch, the shape signal reaches the vision tower only through the language model, and in
         # the full mix (mostly 2-4 objects, where shape questions also need binding) it is too weak: shape
-        # stayed at chance for 7,000 steps. One-object scenes teach seeing shapes first.
+        # stayed at chance for thousands of steps. One-object scenes teach seeing shapes first.
         self.single_object_steps = single_object_steps
         # Then every kind in equal shares until step kind_weights_from, and from there on the kinds drawn with
         # kind_weights. By then colour and count are nearly learnt, while relation, which must find two objects
-        # by description and compare where they are, is still climbing: train.py's default weights give it 40%
-        # of the questions from step 2,500 on (README, "What we learnt").
+        # by description and compare where they are, is still climbing: train.py's default weights give it the
+        # largest share of the questions from then on (docs/notebook.md).
         self.kind_weights = parse_kind_weights(kind_weights) if kind_weights else None
         self.kind_weights_from = kind_weights_from
 

@@ -302,6 +302,12 @@ class JsonlLog:
                 f.flush()
 
 
+def key_mask_on(tc: TrainConfig) -> bool:
+    """Whether padding keys are hidden from attention: LLaDA-V's collator hides nothing (REFERENCE 11.9),
+    so --data runs attend to the EOS padding by default; the toy's synthetic recipe has always hidden it."""
+    return tc.key_pad_mask == "on" or (tc.key_pad_mask == "auto" and not tc.data)
+
+
 def llava_inputs(b, mc, pad_id: int, device, key_pad_mask: bool, need_image: bool):
     """A collated LLaVA micro-batch (data.collate_llava) -> ids, labels, attn (B, L) (the real tokens, for
     counting), and the model's keyword inputs: pixels (every crop) with image_layout (each image's crops,
@@ -438,7 +444,7 @@ def train(tc: TrainConfig, mc, quiet=False):
             save_checkpoint(ckpt_path, {"config": mc.to_dict(), "train_config": asdict(tc), "model": model.state_dict(),
                                         "optimizer": opt.state_dict(), "step": step, "tokenizer": tok.to_dict()})
 
-    key_mask = tc.key_pad_mask == "on" or (tc.key_pad_mask == "auto" and not tc.data)  # see TrainConfig
+    key_mask = key_mask_on(tc)
     newline_trains = hasattr(model, "image_newline") and model.image_newline.requires_grad
     need_image = info.on and (trains["vision"] or trains["projector"] or newline_trains)  # see llava_inputs
 

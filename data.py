@@ -267,7 +267,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         r = self.records[i]
         conv = r.get("conversations") if isinstance(r, dict) else None
         if not isinstance(conv, list) or not conv or not all(
-                isinstance(m, dict) and isinstance(m.get("value"), str) and m.get("from") in ROLES | {"system": 0}
+                isinstance(m, dict) and isinstance(m.get("value"), str) and (m.get("from") in ROLES or m.get("from") == "system")
                 for m in conv):
             raise _BadSample("malformed record")
         if any(m["from"] == "system" for m in conv):

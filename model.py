@@ -19,7 +19,9 @@ Projector (REFERENCE 2.3, "mlp2x_gelu"):   P(f) = W_2 gelu_erf(W_1 f + b_1) + b_
 LLaDA-V glue (REFERENCE 2.5): the token sequence carries IMAGE_TOKEN_INDEX (-200) placeholders; their
 embeddings are replaced, in order, by the projected visual features P(ViT(image)). From stage 2 on an
 image is several crops whose features are re-assembled, unpadded and closed row by row with a learned
-`image_newline` vector (vision.py's image modes; LLaDAV.encode_image_crops). Official weights: checkpoint.py.
+`image_newline` vector (vision.py's image modes; LLaDAV.encode_image_crops for one image, encode_crops for
+a training micro-batch: one tower call over every crop, then packing image by image). Official weights:
+checkpoint.py.
 """
 import math
 import time

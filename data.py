@@ -35,23 +35,26 @@ Two formats (REFERENCE 3.3):
       (content not trimmed), the BOS kept on the first (system) message only. Labels: -100 on system and
       user messages, targets on assistant messages; and, LLaDA-V's quirk (switch `unignore_special`), every
       <|startoftext|>, <|start_header_id|>, <|end_header_id|>, <|eot_id|> in *any* turn is a target too.
-      With one image, "<image>" is moved to the front of its turn: "<image>\n" + text; with several, each
-      "<image>" stays where it is and takes the next image.
-(LLaDA-V pads each image of a multi-image record to a square and adds a newline token, 730 tokens; here
-every image goes through the one image_mode, square by default: IMAGE_MODES is where that plugs in.)
-Each "<image>" becomes n_image_tokens IMAGE_TOKEN_INDEX placeholders (729 for SigLIP2 at 384 px), and only
-then is the sequence cut to max_len (official: after the features are inserted). A cut never splits an
-image: the cut moves to just before it and the images after it are dropped.
+      A turn holding exactly one "<image>" gets it moved to its front: "<image>\n" + text (official
+      preprocess_multimodal; details, edge cases and the per-image token counts: the LLaVA section below).
+Images: a one-image record uses the model's image_aspect_ratio (square in stage 1: n^2 = 729 tokens;
+anyres_max_4 from stage 2 on: base + crops, n^2 + h'(w' + 1) tokens, 2929 for a 640x480 picture); each
+image of a multi-image record is padded to a square (pad mode: n^2 + 1 = 730 with the newline).
+Each "<image>" becomes that many IMAGE_TOKEN_INDEX placeholders, and only then is the sequence cut to
+max_len, as the official code cuts after inserting the features: the cut may fall inside an image
+(`truncation`; "whole_images" moves it to before the image instead).
 
-Padding (collate): ids right-padded with EOS; labels padded with EOS too (`pad_labels`, official: stage-1
-padding is a target, like LLaDA SFT) or with -100.
+Padding (collate, REFERENCE 11.9): ids right-padded with EOS; labels padded with EOS too (`pad_labels`,
+official: padding is a target, like LLaDA SFT) or with -100. The official collator sends no attention
+mask, so every token attends to the padding; the trainer follows that unless told otherwise.
 
 Bad samples (missing or corrupt image, malformed record, no target left) come back as {"error": reason};
 the collate function drops them and counts them per reason, and the trainer stops a run whose bad fraction
-passes a limit (BadSampleCounter). Batches group samples of similar length (length_grouped_batches), as
-LLaVA's group_by_modality_length does, so little compute goes to padding.
+passes a limit (BadSampleCounter). Batches are random (random_batches, stage 1's RandomSampler) or group
+samples of similar length (length_grouped_batches, as LLaVA's group_by_modality_length does in stages 2-3).
 """
 import json
+import math
 import os
 import random
 from collections import Counter
@@ -60,7 +63,7 @@ from functools import partial
 import torch
 
 from tokenizer import IMAGE_TOKEN_INDEX, Tokenizer
-from vision import load_image, preprocess
+from vision import MODES, load_image, num_tokens, process_image
 
 IGNORE_INDEX = -100       # label of positions that are never masked and never scored
 
@@ -169,18 +172,36 @@ def prompt_batch(tok: Tokenizer, questions, n_image_tokens: int, system: str | N
 
 
 # ----------------------------------------------------------------------------------------------
-# LLaVA-format data: records -> (ids, labels, pixels), collate, batches (official train.py)
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# LLaVA-format data: records -> (ids, labels, crops), collate, batches (official train.py)
+#
+# One sample, as the official LazySupervisedDataset + preprocess_multimodal + preprocess_llada build it:
+#   1. the conversation is cleaned: a leading "gpt" turn is dropped; a "system" turn is a bad sample (the
+#      official code errors on it and retries); every turn holding exactly one "<image>" that does not
+#      already start with it becomes "<image>\n" + the rest, stripped (any role, any number of images);
+#   2. each "<image>", in reading order, takes the next image file. The mode of an image: the model's
+#      image_aspect_ratio for a one-image record (square in stage 1, anyres_max_4 in stages 2-3), "pad"
+#      for every image of a multi-image record. An image whose record has no "<image>" tag at all gives
+#      no features (official: it is encoded and then spliced in as zero rows), so it is not even loaded;
+#   3. each "<image>" becomes T_k IMAGE_TOKEN_INDEX placeholders, T_k = vision.num_tokens(W_k x H_k, mode):
+#      n^2 (square), n^2 + 1 (pad with the newline), n^2 + h'(w' + 1) (anyres); the image's crops
+#      (K_k, 3, S, S) and its size go along, and the model packs its features into exactly T_k rows;
+#   4. the sequence is cut to max_len after that expansion (official: after the features are spliced in),
+#      which may cut through an image: the image keeps its first rows (`truncation="official"`), or, with
+#      "whole_images", the cut moves to just before the image and the images after it are dropped.
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-def square_images(images, image_size: int, n_patches: int):
-    """LLaDA-V stage 1: every image squashed to S x S, one crop each -> pixels (n, 3, S, S), tokens per image."""
-    return torch.stack([preprocess(im, image_size) for im in images]), [n_patches] * len(images)
+def image_crops(img, mode: str, image_size: int, patch_size: int, newline: bool):
+    """One PIL image -> (crops (K, 3, S, S), (W, H), T visual tokens) for the model's packing (vision.py)."""
+    crops, size = process_image(img, mode, image_size)
+    return crops, size, num_tokens(size, mode, newline, image_size, patch_size)
 
 
-# The single hook for image preprocessing: name -> fn(list of PIL images, image_size, n_patches)
-# returning (pixels, tokens per image). Stage 2's "anyres_max_4" (multi-crop) plugs in here.
-IMAGE_MODES = {"square": square_images}
+def move_image_first(text: str) -> str:
+    """preprocess_multimodal: a turn with exactly one "<image>", not already first, -> "<image>\n" + rest."""
+    if text.count("<image>") == 1 and not text.startswith("<image>"):
+        return "<image>\n" + text.replace("<image>", "").strip()
+    return text
 
 
 def load_records(path: str) -> list:
@@ -197,25 +218,38 @@ def load_records(path: str) -> list:
     return recs
 
 
+TRUNCATIONS = ("official", "whole_images")
+
+
 class LlavaDataset(torch.utils.data.Dataset):
+    """LLaVA-format records -> {"ids", "labels", "pixels": every kept crop (sum K, 3, S, S) or None,
+    "layout": [(K, (W, H), rows kept)] per kept image}, or {"error": reason} for a bad sample.
+    image_mode: the model's image_aspect_ratio (one-image records); newline: the model has `image_newline`."""
+
     def __init__(self, path: str, image_root: str, tok: Tokenizer, image_size: int, n_patches: int,
                  fmt: str = "conv", max_len: int = 8192, unignore_special: bool = True,
-                 system: str | None = SYSTEM_PROMPT, image_mode: str = "square"):
+                 system: str | None = SYSTEM_PROMPT, image_mode: str = "square", newline: bool = False,
+                 truncation: str = "official"):
         if fmt not in ("plain", "conv"):
             raise ValueError(f"unknown data format {fmt!r}; use 'plain' (stage 1 captions) or 'conv'")
-        if image_mode not in IMAGE_MODES:
-            raise ValueError(f"unknown image_mode {image_mode!r}; choose one of {', '.join(IMAGE_MODES)}")
+        if image_mode not in MODES:
+            raise ValueError(f"unknown image_mode {image_mode!r}; choose one of {', '.join(MODES)}")
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"unknown truncation {truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
         self.records = load_records(path)
         self.image_root, self.tok, self.fmt, self.max_len = image_root, tok, fmt, max_len
         self.image_size, self.n_patches, self.system = image_size, n_patches, system
-        self.unignore_special, self.image_fn = unignore_special, IMAGE_MODES[image_mode]
+        # patch p with floor(S / p) = n: S // (S // n) gives back n for any S, n (see VisionConfig.n_patches)
+        self.patch_size = image_size // math.isqrt(n_patches)
+        self.unignore_special, self.image_mode, self.newline = unignore_special, image_mode, newline
+        self.truncation = truncation
         self.special = {tok.bos_id, tok.start_header_id, tok.end_header_id, tok.eot_id}
 
     def __len__(self):
         return len(self.records)
 
     def length(self, i: int) -> int:
-        """Cheap length estimate for grouping (no image decoding, no tokenizing): words + image tokens."""
+        """Cheap length estimate for grouping (no image decoding, no tokenizing): words + n^2 per image."""
         r = self.records[i]
         conv = r.get("conversations") if isinstance(r, dict) else None
         words = sum(len(str(m.get("value", "")).split()) for m in conv if isinstance(m, dict)) if isinstance(conv, list) else 0
@@ -233,59 +267,60 @@ class LlavaDataset(torch.utils.data.Dataset):
         r = self.records[i]
         conv = r.get("conversations") if isinstance(r, dict) else None
         if not isinstance(conv, list) or not conv or not all(
-                isinstance(m, dict) and isinstance(m.get("value"), str) and m.get("from") in ROLES for m in conv):
+                isinstance(m, dict) and isinstance(m.get("value"), str) and (m.get("from") in ROLES or m.get("from") == "system")
+                for m in conv):
             raise _BadSample("malformed record")
+        if any(m["from"] == "system" for m in conv):
+            raise _BadSample("system turn in the data")  # the system prompt is ours to add (preprocess_llada)
+        files = _image_list(r)
+        if self.fmt == "conv":
+            if ROLES[conv[0]["from"]] == "assistant":
+                conv = conv[1:]  # preprocess_llada: the conversation must start with the human
+            if files:            # preprocess_multimodal runs on records that have an image only
+                conv = [dict(m, value=move_image_first(m["value"])) for m in conv]
         answers = [m["value"] for m in conv if ROLES[m["from"]] == "assistant"]
         if not answers or not all(a.strip() for a in answers):
             raise _BadSample("empty answer")
-        files = _image_list(r)
         n_slots = sum(m["value"].count("<image>") for m in conv)
         if self.fmt == "plain":
             if not files or len(conv) < 2:
                 raise _BadSample("malformed record")
-            ids, labels = self._plain(conv)
-            files = files[:1]
-        else:
-            if (files and n_slots != len(files) and not (len(files) == 1 and n_slots == 0)) or (n_slots and not files):
-                raise _BadSample("image count mismatch")
-            ids, labels = self._conv(conv, bool(files))
-        n_img = [self.n_patches] * len(files)
-        ids, labels, n_keep = _truncate(ids, labels, n_img, self.max_len)
+            files, n_slots = files[:1], 1
+        elif n_slots > len(files) or 0 < n_slots < len(files):
+            raise _BadSample("image count mismatch")
+        # modes and token counts need each image's size: open the images first (at most n_slots of them)
+        mode = self.image_mode if len(files) == 1 else "pad"  # _get_item: several images -> pad mode each
+        images = []
+        for f in files[:n_slots]:
+            p = os.path.join(self.image_root, f)
+            if not os.path.exists(p):
+                raise _BadSample("missing image")
+            images.append(image_crops(load_image(p), mode, self.image_size, self.patch_size, self.newline))
+        counts = [t for _, _, t in images]                          # T_k, one per "<image>"
+        ids, labels = self._plain(conv, counts[0]) if self.fmt == "plain" else self._conv(conv, counts)
+        ids, labels, keep = _truncate(ids, labels, counts, self.max_len, whole_images=self.truncation != "official")
         if not any(l != IGNORE_INDEX for l in labels) or not any(
                 l != IGNORE_INDEX and l not in self.special for l in labels):
             raise _BadSample("empty answer")
-        pixels = None
-        if n_keep:
-            images = []
-            for f in files[:n_keep]:
-                p = os.path.join(self.image_root, f)
-                if not os.path.exists(p):
-                    raise _BadSample("missing image")
-                images.append(load_image(p))
-            pixels, counts = self.image_fn(images, self.image_size, self.n_patches)
-            if counts != n_img[:n_keep]:
-                raise ValueError(f"image_mode returned {counts} tokens per image; the sequence was built for "
-                                 f"{n_img[:n_keep]}: a new image mode must also set them in _item")
-        return {"ids": ids, "labels": labels, "pixels": pixels}
+        kept = images[:len(keep)]
+        pixels = torch.cat([c for c, _, _ in kept]) if kept else None      # (sum K, 3, S, S)
+        layout = [(c.shape[0], size, n) for (c, size, _), n in zip(kept, keep)]
+        return {"ids": ids, "labels": labels, "pixels": pixels, "layout": layout}
 
-    def _plain(self, conv):
+    def _plain(self, conv, n_img):
         # conv_llada_plain: "<image>" + caption + "\n"; only the image is ignored
         cap = self.tok.encode(conv[1]["value"] + "\n")
-        return [IMAGE_TOKEN_INDEX] * self.n_patches + cap, [IGNORE_INDEX] * self.n_patches + cap
+        return [IMAGE_TOKEN_INDEX] * n_img + cap, [IGNORE_INDEX] * n_img + cap
 
-    def _conv(self, conv, has_image):
+    def _conv(self, conv, counts):
+        """preprocess_llada: each message rendered on its own, BOS on the first one only; counts: T_k per image."""
         tok, ids, labels = self.tok, [], []
         msgs = ([("system", self.system)] if self.system else []) + [(ROLES[m["from"]], m["value"]) for m in conv]
-        n_tags = sum(v.count("<image>") for _, v in msgs)
-        first_user = next((k for k, (role, _) in enumerate(msgs) if role == "user"), None)
         for k, (role, text) in enumerate(msgs):
-            if has_image and n_tags <= 1 and role == "user" and ("<image>" in text or (n_tags == 0 and k == first_user)):
-                # preprocess_multimodal: a single image goes to the front of its turn (a record with an
-                # image but no tag gets it in the first user turn)
-                text = "<image>\n" + text.replace("<image>", "").strip()
             bos = "<|startoftext|>" if k == 0 else ""
-            t = tok.encode_with_image(f"{bos}<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>",
-                                      self.n_patches)
+            n = text.count("<image>")
+            t = tok.encode_with_image(f"{bos}<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>", counts[:n])
+            counts = counts[n:]  # the next turn's images
             ids += t
             if role == "assistant":
                 labels += [x if x != IMAGE_TOKEN_INDEX else IGNORE_INDEX for x in t]
@@ -307,24 +342,36 @@ def _image_list(r) -> list:
     return [im] if isinstance(im, str) else list(im) if isinstance(im, list) else []
 
 
-def _truncate(ids, labels, n_img, max_len):
-    """Cut to max_len after the image tokens are in; never inside an image. -> ids, labels, images kept."""
+def _truncate(ids, labels, n_img, max_len, whole_images: bool = False):
+    """Cut to max_len after the image placeholders are in. n_img: T_k per image, in order.
+    -> ids, labels, rows kept per image that is still (partly) there. whole_images: never cut inside an
+    image; the cut moves to just before it and the images after it are dropped (the official cut may
+    leave an image's first rows only: prepare_inputs_labels_for_multimodal cuts the spliced embeddings)."""
     if len(ids) <= max_len:
-        return ids, labels, len(n_img)
-    cut, kept, pos = max_len, 0, 0
-    while pos < len(ids) and kept < len(n_img):  # walk over the image spans
+        return ids, labels, list(n_img)
+    cut, keep, pos = max_len, [], 0
+    for n in n_img:  # walk over the image spans
         start = ids.index(IMAGE_TOKEN_INDEX, pos)
-        end = start + n_img[kept]
-        if end > max_len:
-            cut = min(cut, start)
+        if start >= max_len:
             break
-        kept, pos = kept + 1, end
-    return ids[:cut], labels[:cut], kept
+        end = start + n
+        if end > max_len:
+            if whole_images:
+                cut = start
+            else:
+                keep.append(max_len - start)
+            break
+        keep.append(n)
+        pos = end
+    return ids[:cut], labels[:cut], keep
 
 
 def collate_llava(items, pad_id: int, pad_labels: bool = True):
-    """Drop bad samples, right-pad the rest. -> dict(ids, labels, attn (B, L), pixels (n, 3, S, S) or None,
-    errors Counter, n_samples). Padding: ids = EOS, attn = 0, labels = EOS if pad_labels else -100."""
+    """Drop bad samples, right-pad the rest. -> dict(ids, labels, attn (B, L), pixels (sum K, 3, S, S) or
+    None, layout [(K, (W, H), rows)] per image in placeholder order, errors Counter, n_samples).
+    Padding (official llada collator, REFERENCE 11.9): ids = EOS, labels = EOS if pad_labels else -100.
+    attn (B, L) marks the real tokens; the official collator sends no attention mask at all, so the
+    trainer passes attn to the model only when asked to (TrainConfig.key_pad_mask)."""
     good = [it for it in items if "error" not in it]
     errors = Counter(it["error"] for it in items if "error" in it)
     out = {"errors": errors, "n_seen": len(items), "n_samples": len(good)}
@@ -339,7 +386,16 @@ def collate_llava(items, pad_id: int, pad_labels: bool = True):
         n = len(it["ids"])
         ids[i, :n], labels[i, :n], attn[i, :n] = torch.tensor(it["ids"]), torch.tensor(it["labels"]), True
     pix = [it["pixels"] for it in good if it["pixels"] is not None]
-    return out | {"ids": ids, "labels": labels, "attn": attn, "pixels": torch.cat(pix) if pix else None}
+    layout = [spec for it in good for spec in it["layout"]]  # the placeholders fill sample by sample, in order
+    return out | {"ids": ids, "labels": labels, "attn": attn, "pixels": torch.cat(pix) if pix else None,
+                  "layout": layout}
+
+
+def random_batches(n: int, batch_size: int, seed: int, epoch: int):
+    """Stage 1 (HF RandomSampler): a random permutation with (seed, epoch), cut into full batches."""
+    idx = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(idx)
+    return [idx[j:j + batch_size] for j in range(0, n - batch_size + 1, batch_size)]
 
 
 def length_grouped_batches(lengths, batch_size: int, seed: int, epoch: int, mega: int = 8):
@@ -388,12 +444,13 @@ class BadSampleCounter:
 class MicroBatches:
     """Iterates micro-batches for one rank, forever, from global step `start_step`: global batch b of
     the epoch is split into world * accum micro-batches; rank r takes micro-batches a * world + r.
-    Loads with DataLoader workers; the order depends only on (seed, epoch), never on the worker count."""
+    Global batches are length-grouped or random (group_by_length). Loads with DataLoader workers; the
+    order depends only on (seed, epoch), never on the worker count."""
 
     def __init__(self, ds: LlavaDataset, global_batch: int, micro: int, world: int, rank: int, seed: int,
-                 workers: int, pad_labels: bool = True):
+                 workers: int, pad_labels: bool = True, group_by_length: bool = True):
         self.ds, self.gb, self.micro, self.world, self.rank = ds, global_batch, micro, world, rank
-        self.seed, self.workers, self.pad_labels = seed, workers, pad_labels
+        self.seed, self.workers, self.pad_labels, self.group = seed, workers, pad_labels, group_by_length
         self.lengths = [ds.length(i) for i in range(len(ds))]
         self.steps_per_epoch = len(ds) // global_batch
         if self.steps_per_epoch == 0:
@@ -404,7 +461,8 @@ class MicroBatches:
         step = start_step
         while True:
             epoch, first = divmod(step, self.steps_per_epoch)
-            gbatches = length_grouped_batches(self.lengths, self.gb, self.seed, epoch)
+            gbatches = (length_grouped_batches(self.lengths, self.gb, self.seed, epoch) if self.group
+                        else random_batches(len(self.lengths), self.gb, self.seed, epoch))
             mine = []  # this rank's micro-batches for the remaining steps of the epoch, in order
             for b in gbatches[first:]:
                 micro = [b[j:j + self.micro] for j in range(0, self.gb, self.micro)]

@@ -19,7 +19,9 @@ Projector (REFERENCE 2.3, "mlp2x_gelu"):   P(f) = W_2 gelu_erf(W_1 f + b_1) + b_
 LLaDA-V glue (REFERENCE 2.5): the token sequence carries IMAGE_TOKEN_INDEX (-200) placeholders; their
 embeddings are replaced, in order, by the projected visual features P(ViT(image)). From stage 2 on an
 image is several crops whose features are re-assembled, unpadded and closed row by row with a learned
-`image_newline` vector (vision.py's image modes; LLaDAV.encode_image_crops). Official weights: checkpoint.py.
+`image_newline` vector (vision.py's image modes; LLaDAV.encode_image_crops for one image, encode_crops for
+a training micro-batch: one tower call over every crop, then packing image by image). Official weights:
+checkpoint.py.
 """
 import math
 import time
@@ -265,6 +267,23 @@ class LLaDAV(nn.Module):
         return pack_features(self.encode_images(crops), image_size, self.cfg.image_aspect_ratio, newline,
                              self.cfg.vision.image_size)
 
+    def encode_crops(self, pixels, layout):
+        """A micro-batch's images for training: pixels (sum_k K_k, 3, S, S), every crop of every image,
+        image after image; layout [(K_k, (W_k, H_k), T_k)] per image, in placeholder order
+        -> visual tokens (sum_k T_k, d).
+        One tower + projector call over all the crops (the big matmuls see one large batch), then each
+        image's K_k crops are packed on their own: a single crop (square / pad) gives n^2 tokens (+ the
+        newline with spatial_unpad), K_k > 1 crops the anyres map with a newline per row. T_k is the number
+        of the image's rows the sample kept: less than the packed length when truncation cut through it."""
+        newline = getattr(self, "image_newline", None)
+        feats = self.encode_images(pixels)                                    # (sum K, n^2, d)
+        out = []
+        for f, (K, size, keep) in zip(feats.split([K for K, _, _ in layout]), layout):
+            # K > 1 only happens in anyres mode; pack_features ignores the mode for one crop (square, pad)
+            packed = pack_features(f, size, self.cfg.image_aspect_ratio, newline, self.cfg.vision.image_size)
+            out.append(packed[:keep])                                         # (T_k, d)
+        return torch.cat(out)
+
     def embed(self, ids, image_features=None):
         """ids (B, L) with IMAGE_TOKEN_INDEX placeholders -> embeddings (B, L, d). The placeholders, read
         row by row, take the rows of image_features (n_images, N, d) or (n_rows, d) in order."""
@@ -283,15 +302,17 @@ class LLaDAV(nn.Module):
         return x
 
     def forward(self, ids, pixels=None, attention_mask=None, image_features=None, output_positions=None,
-                cache=None, targets=None):
+                cache=None, targets=None, image_layout=None):
         """ids (B, L) -> logits (B, L, V) (or (N, V) at output_positions). Images come either as pixels
-        (n_images, 3, S, S) or as image_features already encoded (the sampler encodes them once).
+        (n_images, 3, S, S), one square crop per image whose n^2 raw tokens fill the placeholders, or as
+        crops with image_layout (training from stage 2 on, see encode_crops), or as image_features
+        already encoded (the sampler encodes them once).
         cache: see LLaDA.forward and KVCache (ids stay the whole sequence; the cache says what to run)."""
         if ids.shape[1] > self.cfg.lm.max_seq_len:
             raise ValueError(f"sequence of {ids.shape[1]} tokens is longer than the model's context "
                              f"max_seq_len={self.cfg.lm.max_seq_len}; shorten the prompt or lower gen_length")
         if pixels is not None:
-            image_features = self.encode_images(pixels)
+            image_features = self.encode_images(pixels) if image_layout is None else self.encode_crops(pixels, image_layout)
         return self.llm(self.embed(ids, image_features), attention_mask, output_positions, cache=cache, targets=targets)
 
 

@@ -92,6 +92,13 @@ class TrainConfig:
     max_len: int = 8192          # tokens per sequence, image tokens included (longer samples are cut)
     unignore_special: bool = True  # LLaDA-V: prompt BOS/header/eot tokens are targets too (REFERENCE 3.3)
     pad_labels: bool = True      # padding EOS are targets (LLaDA-V's collator); 0: ignored
+    key_pad_mask: str = "auto"   # hide padding from attention: on | off | auto = off with --data (LLaDA-V's
+                                 # collator sends no attention mask: every token attends to the EOS padding,
+                                 # REFERENCE 11.9), on for the toy's synthetic batches (this project's recipe)
+    group_by_length: bool = True  # --data: batches of similar length (stages 2-3) | 0: random (stage 1)
+    truncation: str = "official"  # official: the max_len cut may split an image | whole_images: never
+    image_aspect_ratio: str = ""  # the model's image mode (square | pad | anyres_max_4); "" = the preset's
+    mm_patch_merge_type: str = ""  # flat | spatial_unpad (adds the trainable image_newline); "" = the preset's
     workers: int = 2             # DataLoader worker processes for --data
     max_bad_frac: float = 0.1    # stop when more than this fraction of samples is broken
     epochs: float = 0.0          # > 0 with --data: max_steps = epochs * (records / batch_size)
@@ -115,13 +122,17 @@ class TrainConfig:
 # one epoch; the global batch is reached with gradient accumulation. Stage 1 trains the projector only.
 _COMMON = dict(beta2=0.999, weight_decay=0.0, min_lr=0.0, warmup_ratio=0.03, grad_clip=1.0, epochs=1.0,
                stratified_t=False, exact_count=False, weighting="elbo", loss_mode="sft", max_len=8192, head_chunk=512)
+# Stage 1: square 384 images (729 tokens), 16 random captions per GPU. Stages 2-3: anyres_max_4 images with
+# spatial_unpad (base + crops, a trainable image_newline per row), one sample per GPU and per micro-batch
+# (never padded), batches grouped by length (REFERENCE 7, 11.8, 11.10).
+_LATER = dict(_COMMON, lr=1e-5, llm_lr_scale=1.0, vision_lr_scale=0.2, projector_lr_scale=1.0, batch_size=256,
+              data_format="conv", checkpointing=True, micro_batch_size=1, group_by_length=True,
+              image_aspect_ratio="anyres_max_4", mm_patch_merge_type="spatial_unpad")
 STAGES = {
     1: dict(_COMMON, lr=1e-3, llm_lr_scale=0.0, vision_lr_scale=0.0, projector_lr_scale=1.0, batch_size=64,
-            data_format="plain"),
-    2: dict(_COMMON, lr=1e-5, llm_lr_scale=1.0, vision_lr_scale=0.2, projector_lr_scale=1.0, batch_size=256,
-            data_format="conv", checkpointing=True),
-    3: dict(_COMMON, lr=1e-5, llm_lr_scale=1.0, vision_lr_scale=0.2, projector_lr_scale=1.0, batch_size=256,
-            data_format="conv", checkpointing=True),
+            data_format="plain", group_by_length=False, image_aspect_ratio="square", mm_patch_merge_type="flat"),
+    2: _LATER,
+    3: _LATER,
 }
 
 
@@ -163,6 +174,14 @@ def parse_args(argv, tc: TrainConfig):
             valid = sorted(train_keys) + [f"lm.{f.name}" for f in fields(mc.lm)] + [f"vision.{f.name}" for f in fields(mc.vision)]
             sys.exit(f"unknown option --{key}; valid options: {', '.join('--' + v for v in valid)}")
         setattr(target, name, parse_value(key, getattr(target, name), val))
+    choices = {"key_pad_mask": ("auto", "on", "off"), "truncation": ("official", "whole_images"),
+               "image_aspect_ratio": ("", "square", "pad", "anyres_max_4"), "mm_patch_merge_type": ("", "flat", "spatial_unpad")}
+    for k, ok in choices.items():
+        if getattr(tc, k) not in ok:
+            sys.exit(f"--{k}={getattr(tc, k)!r}: use one of {', '.join(v for v in ok if v)}")
+    # the image mode belongs to the model (it is saved in its config); the stage presets set it
+    mc.image_aspect_ratio = tc.image_aspect_ratio or mc.image_aspect_ratio
+    mc.mm_patch_merge_type = tc.mm_patch_merge_type or mc.mm_patch_merge_type
     return tc, mc
 
 
@@ -184,7 +203,13 @@ def lr_at(step, tc: TrainConfig):
 
 
 def component_scales(model, tc: TrainConfig):
-    return ((model.llm, tc.llm_lr_scale), (model.vision, tc.vision_lr_scale), (model.projector, tc.projector_lr_scale))
+    """(parameters, lr multiplier) per component. `image_newline` goes with the language model, as in the
+    official trainer: its mm_language_model part trains every parameter outside the vision tower and the
+    projector, and only names containing "mm_projector" get the projector's lr. It is an embedding the
+    LLM reads (a learned "end of row" token), not part of the map from ViT features to that space."""
+    newline = [model.image_newline] if hasattr(model, "image_newline") else []
+    return ((list(model.llm.parameters()) + newline, tc.llm_lr_scale), (list(model.vision.parameters()), tc.vision_lr_scale),
+            (list(model.projector.parameters()), tc.projector_lr_scale))
 
 
 def make_groups(model, tc: TrainConfig):
@@ -194,7 +219,7 @@ def make_groups(model, tc: TrainConfig):
     parameters train) and make_groups() after (FSDP2 replaces the parameters by their shards)."""
     groups = []
     for part, scale in component_scales(model, tc):
-        params = [p for p in part.parameters() if p.requires_grad]
+        params = [p for p in part if p.requires_grad]
         if scale == 0:
             continue
         groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_scale": scale},
@@ -205,26 +230,47 @@ def make_groups(model, tc: TrainConfig):
 def freeze(model, tc: TrainConfig):
     for part, scale in component_scales(model, tc):
         if scale == 0:
-            part.requires_grad_(False)  # a zero lr freezes the component
+            for p in part:
+                p.requires_grad_(False)  # a zero lr freezes the component
 
 
 def init_from(model, tc: TrainConfig, log):
-    """Copy weights from tc.init_from (ckpt.pt or .safetensors) into the chosen components."""
+    """Copy weights from tc.init_from into the chosen components: a ckpt.pt or .safetensors of ours, or a
+    Hugging Face directory (an official LLaDA-V, read by checkpoint.from_pretrained). `image_newline` comes
+    along with "all" (or by name) when both sides have it; a model that has one keeps its fresh init when
+    the source has none (stage 1 -> 2, as the official stage 2 starts it from randn / sqrt(d))."""
     path = tc.init_from
     if not os.path.exists(path):
-        sys.exit(f"--init_from={path} does not exist; point it at a ckpt.pt or model.safetensors (e.g. stage 1's)")
+        sys.exit(f"--init_from={path} does not exist; point it at a ckpt.pt, a model.safetensors (e.g. stage 1's) "
+                 f"or a Hugging Face model directory (e.g. a download of GSAI-ML/LLaDA-V)")
     try:
-        state = load_state_file(path)
-    except ValueError as e:
+        if os.path.isdir(path):
+            from checkpoint import from_pretrained
+            state = from_pretrained(path).state_dict()
+        else:
+            state = load_state_file(path)
+    except (OSError, ValueError) as e:
         sys.exit(str(e))
     state = state.get("model", state) if isinstance(state.get("model"), dict) else state
-    parts = ["llm", "vision", "projector"] if tc.init_parts == "all" else tc.init_parts.split(",")
-    if not set(parts) <= {"llm", "vision", "projector"}:
-        sys.exit(f"--init_parts={tc.init_parts!r}: use all or a comma list of llm, vision, projector")
+    names = ("llm", "vision", "projector", "image_newline")
+    parts = list(names) if tc.init_parts == "all" else tc.init_parts.split(",")
+    if not set(parts) <= set(names):
+        sys.exit(f"--init_parts={tc.init_parts!r}: use all or a comma list of {', '.join(names)}")
+    done = []
     for part in parts:
+        if part == "image_newline":
+            if hasattr(model, part) and part in state:
+                with torch.no_grad():
+                    model.image_newline.copy_(state[part])
+                done.append(part)
+            elif tc.init_parts != "all":
+                sys.exit(f"--init_parts=image_newline: {'the model' if not hasattr(model, part) else path} has none "
+                         f"(it comes with mm_patch_merge_type=spatial_unpad)")
+            continue
         sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
         load_state(getattr(model, part), sub, f"{path} ({part})")
-    log(f"initialised {', '.join(parts)} from {path}")
+        done.append(part)
+    log(f"initialised {', '.join(done)} from {path}")
 
 
 def peak_memory(device: torch.device) -> float:
@@ -254,6 +300,37 @@ class JsonlLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
+
+
+def key_mask_on(tc: TrainConfig) -> bool:
+    """Whether padding keys are hidden from attention: LLaDA-V's collator hides nothing (REFERENCE 11.9),
+    so --data runs attend to the EOS padding by default; the toy's synthetic recipe has always hidden it."""
+    return tc.key_pad_mask == "on" or (tc.key_pad_mask == "auto" and not tc.data)
+
+
+def llava_inputs(b, mc, pad_id: int, device, key_pad_mask: bool, need_image: bool):
+    """A collated LLaVA micro-batch (data.collate_llava) -> ids, labels, attn (B, L) (the real tokens, for
+    counting), and the model's keyword inputs: pixels (every crop) with image_layout (each image's crops,
+    size and token count; the model packs them, model.encode_crops), and attention_mask only with
+    key_pad_mask: the official collator sends none, so every query attends to the EOS padding (11.9).
+    need_image: a text-only micro-batch under DDP / FSDP2 gets one blank image appended to row 0, hidden from
+    attention (mask 0) and from the loss (label -100): the vision tower, the projector and image_newline then
+    run on every process in the same order, so the gradient collectives line up (and DDP sees every
+    parameter used)."""
+    ids, labels, attn = b["ids"].to(device), b["labels"].to(device), b["attn"].to(device)
+    pixels = None if b["pixels"] is None else b["pixels"].to(device)
+    layout, mask = b["layout"], attn if key_pad_mask else None
+    if pixels is None and need_image:
+        S = mc.vision.image_size
+        T = mc.vision.n_patches + int("unpad" in mc.mm_patch_merge_type)  # one crop (+ the newline)
+        extra = torch.full((ids.shape[0], T), pad_id, dtype=ids.dtype, device=device)
+        extra[0] = IMAGE_TOKEN_INDEX
+        hidden = torch.zeros_like(extra, dtype=torch.bool)
+        mask = torch.cat([attn if key_pad_mask else torch.ones_like(attn), hidden], 1)  # (B, L + T)
+        ids, labels = torch.cat([ids, extra], 1), torch.cat([labels, torch.full_like(extra, -100)], 1)
+        attn = torch.cat([attn, hidden], 1)
+        pixels, layout = torch.zeros(1, 3, S, S, device=device), [(1, (S, S), T)]
+    return ids, labels, attn, dict(pixels=pixels, image_layout=layout, attention_mask=mask)
 
 
 def train(tc: TrainConfig, mc, quiet=False):
@@ -307,10 +384,12 @@ def train(tc: TrainConfig, mc, quiet=False):
         try:
             ds = LlavaDataset(tc.data, tc.image_root, tok, mc.vision.image_size, mc.vision.n_patches,
                               fmt=tc.data_format, max_len=min(tc.max_len, mc.lm.max_seq_len),
-                              unignore_special=tc.unignore_special)
+                              unignore_special=tc.unignore_special, image_mode=mc.image_aspect_ratio,
+                              newline=hasattr(model, "image_newline"), truncation=tc.truncation)
         except (OSError, ValueError) as e:
             sys.exit(str(e))
-        batches = MicroBatches(ds, tc.batch_size, micro, info.world, info.rank, tc.seed, tc.workers, tc.pad_labels)
+        batches = MicroBatches(ds, tc.batch_size, micro, info.world, info.rank, tc.seed, tc.workers, tc.pad_labels,
+                               tc.group_by_length)
         bad = BadSampleCounter(tc.max_bad_frac, min_seen=min(50, len(ds)))
         if tc.epochs > 0:
             tc.max_steps = max(1, math.ceil(tc.epochs * batches.steps_per_epoch))
@@ -365,19 +444,12 @@ def train(tc: TrainConfig, mc, quiet=False):
             save_checkpoint(ckpt_path, {"config": mc.to_dict(), "train_config": asdict(tc), "model": model.state_dict(),
                                         "optimizer": opt.state_dict(), "step": step, "tokenizer": tok.to_dict()})
 
-    def blank_image(ids, labels, attn):
-        """A text-only micro-batch under DDP / FSDP2 gets one blank image appended to row 0, hidden from
-        attention (mask 0) and from the loss (label -100): the vision tower and projector then run on every
-        process in the same order, so the gradient collectives line up (and DDP sees every parameter used)."""
-        B, n = ids.shape[0], mc.vision.n_patches
-        extra = torch.full((B, n), tok.pad_id, dtype=ids.dtype, device=device)
-        extra[0] = IMAGE_TOKEN_INDEX
-        pixels = torch.zeros(1, 3, mc.vision.image_size, mc.vision.image_size, device=device)
-        return (torch.cat([ids, extra], 1), torch.cat([labels, torch.full_like(extra, -100)], 1),
-                torch.cat([attn, torch.zeros_like(extra, dtype=torch.bool)], 1), pixels)
+    key_mask = key_mask_on(tc)
+    newline_trains = hasattr(model, "image_newline") and model.image_newline.requires_grad
+    need_image = info.on and (trains["vision"] or trains["projector"] or newline_trains)  # see llava_inputs
 
     def micro_batches(step):
-        """-> accum tuples (ids, labels, attn, pixels, xt, masked, p_mask, n_samples) for this process."""
+        """-> accum tuples (ids, labels, attn, model inputs, xt, masked, p_mask, n_samples) for this process."""
         if not tc.data:
             # The batch and the masks depend only on (seed, step): a resumed run sees exactly the same data.
             # Every process draws the whole global batch and its masks, then keeps its rows, so any number
@@ -387,12 +459,13 @@ def train(tc: TrainConfig, mc, quiet=False):
             gen_rng = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
             xt, masked, p_mask = forward_process(ids, labels, tok.mask_id, generator=gen_rng,
                                                  stratified=tc.stratified_t, exact_count=tc.exact_count)
+            kw = lambda r: dict(pixels=pixels[r], attention_mask=attn[r] if key_mask else None)
             if accum == 1 and not info.on:
-                return [(ids, labels, attn, pixels, xt, masked, p_mask, tc.batch_size)]
+                return [(ids, labels, attn, kw(slice(None)), xt, masked, p_mask, tc.batch_size)]
             out = []
             for a in range(accum):
                 r = slice((a * info.world + info.rank) * micro, (a * info.world + info.rank + 1) * micro)
-                out.append((ids[r], labels[r], attn[r], pixels[r], xt[r], masked[r], p_mask[r], micro))
+                out.append((ids[r], labels[r], attn[r], kw(r), xt[r], masked[r], p_mask[r], micro))
             return out
         out = []
         while len(out) < accum:
@@ -401,14 +474,11 @@ def train(tc: TrainConfig, mc, quiet=False):
             if b["ids"] is None:  # every sample of this micro-batch was bad: take the next one, unless
                 bad.check(bad.bad, bad.seen)  # this process's data is mostly broken (then stop here)
                 continue
-            ids, labels, attn = b["ids"].to(device), b["labels"].to(device), b["attn"].to(device)
-            pixels = None if b["pixels"] is None else b["pixels"].to(device)
-            if pixels is None and info.on and (trains["vision"] or trains["projector"]):
-                ids, labels, attn, pixels = blank_image(ids, labels, attn)
+            ids, labels, attn, kw = llava_inputs(b, mc, tok.pad_id, device, key_mask, need_image)
             g = torch.Generator(device=device).manual_seed(((tc.seed * 1_000_003 + step) * 64 + len(out)) * 4096 + info.rank)
             xt, masked, p_mask = forward_process(ids, labels, tok.mask_id, generator=g, stratified=tc.stratified_t,
                                                  exact_count=tc.exact_count)
-            out.append((ids, labels, attn, pixels, xt, masked, p_mask, b["n_samples"]))
+            out.append((ids, labels, attn, kw, xt, masked, p_mask, b["n_samples"]))
         return out
 
     if tc.data:
@@ -424,7 +494,7 @@ def train(tc: TrainConfig, mc, quiet=False):
         opt.zero_grad(set_to_none=True)
         step_loss, n_tok, n_masked, n_img, seq = 0.0, 0, 0, 0, 0
         mbs = micro_batches(step)
-        for a, (ids, labels, attn, pixels, xt, masked, p_mask, n_samples) in enumerate(mbs):
+        for a, (ids, labels, attn, kw, xt, masked, p_mask, n_samples) in enumerate(mbs):
             sync = a == accum - 1
             if parallel == "ddp" and not sync:
                 ctx = fwd.no_sync()  # all-reduce the gradients once, after the last micro-batch
@@ -435,9 +505,9 @@ def train(tc: TrainConfig, mc, quiet=False):
             with ctx:
                 with autocast(device):
                     if tc.head_chunk:  # per-row CE (N_masked,): the head runs in chunks inside the model
-                        ce, logits = fwd(xt, pixels, attn, output_positions=masked, targets=labels[masked]), None
+                        ce, logits = fwd(xt, output_positions=masked, targets=labels[masked], **kw), None
                     else:              # (N_masked, V): the head runs on the masked rows only
-                        ce, logits = None, fwd(xt, pixels, attn, output_positions=masked)
+                        ce, logits = None, fwd(xt, output_positions=masked, **kw)
                 loss = diffusion_loss(logits, labels, masked, p_mask, mode=tc.loss_mode, weighting=tc.weighting, ce=ce)
                 if n_samples * info.world != tc.batch_size:  # scale so the sum over micro-batches and the
                     loss = loss * (n_samples * info.world / tc.batch_size)  # mean over processes = batch loss
@@ -445,7 +515,7 @@ def train(tc: TrainConfig, mc, quiet=False):
             step_loss += loss.item() if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps else 0.0
             n_tok += int(attn.sum())
             n_masked += int(masked.sum())
-            n_img += 0 if pixels is None else pixels.shape[0]
+            n_img += 0 if kw["pixels"] is None else kw["pixels"].shape[0]  # crops through the tower
             seq = max(seq, ids.shape[1])
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()

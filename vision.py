@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 
 
@@ -299,8 +300,8 @@ def pack_features(feats, image_size, mode: str, newline=None, size: int = 384):
     cols, rows = W // size, H // size
     if rows * cols != K - 1:
         raise ValueError(f"{K - 1} crops do not make the {rows}x{cols} grid chosen for an image of {image_size}")
-    grid = feats[1:].view(rows, cols, n, n, d)
-    fmap = grid.permute(4, 0, 2, 1, 3).reshape(d, rows * n, cols * n)  # (d, rows n, cols n)
+    # crops row by row, each n x n patches row by row -> one (d, rows n, cols n) map of the padded canvas
+    fmap = rearrange(feats[1:], "(r c) (y x) d -> d (r y) (c x)", r=rows, c=cols, y=n, x=n)
     fmap = unpad(fmap, image_size)
     _, h, w = fmap.shape
     times = math.sqrt(h * w / (MAX_CROPS * N))

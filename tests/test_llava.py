@@ -96,12 +96,18 @@ def test_text_only_multi_image_and_bad_records(data_dir):
     assert (batch["labels"][0][~short] == TOK.eos_id).all()  # EOS padding is a target (official collator)
 
 
-def test_truncation_never_splits_an_image():
+def test_truncation_official_cuts_through_an_image_and_switch_keeps_whole_images():
     ids = [1, 2] + [IMAGE_TOKEN_INDEX] * 4 + [3] + [IMAGE_TOKEN_INDEX] * 4 + [5, 6]
-    out, lab, kept = _truncate(ids, ids, [4, 4], 9)  # the cut would fall inside the second image
-    assert out == ids[:7] and kept == 1
-    out, _, kept = _truncate(ids, ids, [4, 4], 12)
-    assert out == ids[:12] and kept == 2
+    # official (REFERENCE 11.12): cut at max_len after the features are in, even inside the second image
+    out, lab, keep = _truncate(ids, ids, [4, 4], 9)
+    assert out == ids[:9] and keep == [4, 2]
+    out, _, keep = _truncate(ids, ids, [4, 4], 7)  # the cut falls just before the second image
+    assert out == ids[:7] and keep == [4]
+    # the switch: the cut never splits an image, it moves to just before it
+    out, lab, keep = _truncate(ids, ids, [4, 4], 9, whole_images=True)
+    assert out == ids[:7] and keep == [4]
+    out, _, keep = _truncate(ids, ids, [4, 4], 12, whole_images=True)
+    assert out == ids[:12] and keep == [4, 4]
 
 
 def test_length_grouped_batches_are_deterministic_and_grouped():

@@ -19,7 +19,9 @@ Per process, for P parameters of which T train, W processes, FSDP2 shards s = W 
                     rotated q, k and v, attention output and its contiguous copy, gate, silu(gate), up, product
                  with checkpointing only the block input (d) is kept per block, plus one block's full set
                  while it is recomputed. The ViT: 9 D + 2 M per patch per layer when it trains (0 when frozen:
-                 nothing below it needs gradients).
+                 nothing below it needs gradients), for every crop: stage 1 squashes an image to one crop
+                 (729 tokens); stages 2-3 use anyres_max_4, a base crop plus a grid of crops, and the image
+                 takes vision.num_tokens of the sequence (a 640x480 picture: 5 crops, 2929 tokens; --image).
     head         the output head at the N masked positions only: logits, log-softmax and two gradient buffers
                  of R x V fp32 each, R = N, or R = min(N, head_chunk) when the head runs in chunks
                  (the official code also keeps the fp32 logits of all L positions: L x V x 4 bytes more)
@@ -62,12 +64,26 @@ def counts(preset: str, overrides: dict | None = None):
                 + (n(m.vision) - (mc.vision.n_layers - 1) * n(m.vision.layers[0]))}
 
 
+def image_tokens(vc, stage: int, image=(640, 480)) -> tuple[int, int]:
+    """One image of `image` = (W, H) pixels at the stage's image mode -> (visual tokens in the sequence,
+    crops through the ViT): square in stage 1 (n^2, 1 crop), anyres_max_4 with the newline in stages 2-3."""
+    from vision import grid_pinpoints, num_tokens, select_best_resolution
+    if stage == 1:
+        return num_tokens(image, "square", False, vc.image_size, vc.patch_size), 1
+    W, H = select_best_resolution(image, grid_pinpoints(vc.image_size))
+    crops = 1 + (W // vc.image_size) * (H // vc.image_size)  # the base image + the grid
+    return num_tokens(image, "anyres_max_4", True, vc.image_size, vc.patch_size), crops
+
+
 def estimate(preset: str, world: int = 1, seq: int = 8192, batch: int = 1, stage: int = 2, parallel: str = "fsdp",
              checkpointing: bool = True, bf16: bool = True, masked_frac: float = 0.25, n_images: int = 1,
-             foreach: bool = True, head_chunk: int = 512, overrides: dict | None = None) -> dict:
+             foreach: bool = True, head_chunk: int = 512, overrides: dict | None = None, image=None) -> dict:
     """Bytes per process for one training step (see the module docstring). masked_frac: share of the
-    sequence's positions that are masked (the head runs there): t ~ U(0,1) over the answer part."""
+    sequence's positions that are masked (the head runs there): t ~ U(0,1) over the answer part.
+    image: (W, H) of each image, which sets the crops per image at the stage's mode (image_tokens);
+    None: one crop per image (the CPU check's square images)."""
     mc, c = counts(preset, overrides)
+    crops = 1 if image is None else image_tokens(mc.vision, stage, image)[1]
     lm, vc = mc.lm, mc.vision
     train = {"llm": stage != 1, "vision": stage != 1, "projector": True}
     T = sum(c[k] for k in train if train[k])
@@ -93,7 +109,7 @@ def estimate(preset: str, world: int = 1, seq: int = 8192, batch: int = 1, stage
         acts = lm.n_layers * per_block
     acts += 2 * tokens * d * e  # the embeddings and the final norm's output
     if train["vision"]:
-        acts += n_images * batch * (vc.n_layers - 1) * vc.n_patches * (9 * vc.d_model + 2 * vc.mlp_hidden) * e
+        acts += n_images * crops * batch * (vc.n_layers - 1) * vc.n_patches * (9 * vc.d_model + 2 * vc.mlp_hidden) * e
     N = masked_frac * tokens
     rows = min(N, head_chunk) if head_chunk else N  # logits rows alive at once
     head = 4 * rows * lm.vocab_size * 4 + (2 * rows * lm.vocab_size if bf16 else 0)
@@ -102,11 +118,17 @@ def estimate(preset: str, world: int = 1, seq: int = 8192, batch: int = 1, stage
     return out
 
 
-def print_plan(preset, world, seq, batch, stage, parallel, gpu_gb=80.0):
+def print_plan(preset, world, seq, batch, stage, parallel, gpu_gb=80.0, image=(640, 480)):
     print(f"preset {preset}, stage {stage}, {world} process(es), {parallel}, {batch} x {seq} tokens per process")
+    mc, _ = counts(preset)
+    tokens, crops = image_tokens(mc.vision, stage, image)
+    print(f"  one {image[0]}x{image[1]} image: {tokens} visual tokens from {crops} crop(s) "
+          f"({'square' if stage == 1 else 'anyres_max_4'}); {seq - tokens} tokens of the sequence left for text")
+    if tokens > seq:
+        print(f"  (the image alone is longer than --seq={seq}: training would cut through it)")
     rows = {}
     for ckpt in (False, True):
-        rows[ckpt] = estimate(preset, world, seq, batch, stage, parallel, ckpt, bf16=True)
+        rows[ckpt] = estimate(preset, world, seq, batch, stage, parallel, ckpt, bf16=True, image=image)
     print(f"  {'GiB per GPU':28s} {'no checkpointing':>18s} {'checkpointing':>15s}")
     for k in rows[False]:
         print(f"  {k:28s} {rows[False][k] / GB:18.1f} {rows[True][k] / GB:15.1f}")
@@ -262,6 +284,7 @@ if __name__ == "__main__":
     ap.add_argument("--stage", type=int, default=2, choices=[1, 2, 3])
     ap.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp", "none"])
     ap.add_argument("--gpu-gb", type=float, default=80.0)
+    ap.add_argument("--image", default="640x480", help="WxH of a typical training image (sets the crops and visual tokens)")
     ap.add_argument("--validate", action="store_true", help="compare with measured CPU peaks (toy, small)")
     ap.add_argument("--head", action="store_true", help="measure the masked-only vs full output head")
     a = ap.parse_args()
@@ -273,4 +296,9 @@ if __name__ == "__main__":
         from model import PRESETS
         if a.preset not in PRESETS:
             sys.exit(f"unknown preset {a.preset!r}; choose one of {', '.join(PRESETS)}")
-        print_plan(a.preset, a.world, a.seq, a.batch, a.stage, a.parallel, a.gpu_gb)
+        try:
+            image = tuple(int(v) for v in a.image.lower().split("x"))
+            assert len(image) == 2 and min(image) > 0
+        except (ValueError, AssertionError):
+            sys.exit(f"--image={a.image!r}: give the image size as WxH, e.g. 640x480")
+        print_plan(a.preset, a.world, a.seq, a.batch, a.stage, a.parallel, a.gpu_gb, image)

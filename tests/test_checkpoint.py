@@ -217,7 +217,7 @@ def test_bad_directories_get_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="00002"):
         pretrained.from_pretrained(d)
     with open(d / "config.json", "w") as f:
-        json.dump(dict(LM_LLAMA, num_key_value_heads=1), f)
+        json.dump(dict(LM_LLAMA, num_key_value_heads=3), f)  # 3 does not divide H = 4 (GQA needs a divisor)
     with pytest.raises(ValueError, match="num_key_value_heads"):
         pretrained.from_pretrained(d)
     # LLaDA-V image settings: the saved list form of the (1x1)..(6x6) grid is read; anything else is refused

@@ -266,7 +266,7 @@ def train(tc: TrainConfig, mc, quiet=False):
     if tc.tokenizer:
         mc.tokenizer = tc.tokenizer  # recorded in the checkpoint's config, so sample.py finds it again
     try:
-        tok = toy_tokenizer() if mc.tokenizer == "toy" else get_tokenizer(mc.tokenizer)
+        tok = toy_tokenizer() if mc.tokenizer == "toy" else get_tokenizer(mc.tokenizer, mc.lm.mask_id)  # --lm.mask_id
     except ValueError as e:
         sys.exit(f"preset {tc.preset!r} needs the {mc.tokenizer!r} tokenizer; pass --tokenizer=<tokenizer.json or "
                  f"model dir> ({e})")

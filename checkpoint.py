@@ -451,6 +451,7 @@ def from_pretrained(path, dtype=None, device="cpu", vision_path=None):
         vt = from_pretrained(vision_path, dtype, device)
         if not (isinstance(lm, LLaDA) and isinstance(vt, VisionTower)):
             raise ValueError("from_pretrained(llm_dir, vision_path=siglip_dir) needs a LLaDA dir and a SigLIP dir")
+        lm.cfg.rope_fp32 = False  # LLaDA-V runs the LM through its LLaMA-style port: RoPE in the activation dtype
         with torch.device("meta"):
             m = LLaDAV(LLaDAVConfig(lm=lm.cfg, vision=vt.cfg))
         m.llm, m.vision = lm, vt

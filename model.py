@@ -14,6 +14,8 @@ LLaDA-8B (REFERENCE 1.1) is a LLaMA-shaped transformer with the causal mask remo
                                                                          sees every (non-pad) token
     RoPE (rotate-half): theta_i = 500000^(-2i / d_head), q' = q cos(pos theta) + rotate_half(q) sin(pos theta)
 There are no biases anywhere, no dropout, and positions are always 0..L-1.
+RoPE precision: the original LLaDA rotates q, k in fp32 (rope_full_precision); LLaDA-V's LLaMA-style port rotates
+them in the activation dtype (cos.to(x.dtype)); LLaDAConfig.rope_fp32 picks one (the same in fp32, bf16 noise apart).
 Grouped-query attention (iLLaDA; LLaDA-8B has n_kv_heads = n_heads): W_k, W_v make n_kv_heads heads, and
 query head j reads key/value head floor(j / (n_heads / n_kv_heads)), as LLaMA's repeat_kv does.
 

@@ -161,7 +161,7 @@ def load_checkpoint(path, device="cpu"):
         from synthetic import toy_tokenizer
         tok = toy_tokenizer()
     else:
-        tok = get_tokenizer(cfg.tokenizer, cfg.lm.mask_id)
+        tok = get_tokenizer(cfg.tokenizer, cfg.lm.mask_id if cfg.lm.mask_id != LLaDAConfig.mask_id else None)
     return model, tok, ckpt
 
 

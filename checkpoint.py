@@ -30,7 +30,8 @@ Key names (REFERENCE 1.3, 2.2-2.4). Ours on the left; three official namings on 
       up_proj        up_proj                                mlp.up_proj
       down_proj      ff_out                                 mlp.down_proj
     norm           model.transformer.ln_f                 model.norm
-    lm_head        model.transformer.ff_out               lm_head
+    lm_head        model.transformer.ff_out               lm_head     (no such key when the embeddings are
+                                                          tied: config weight_tying / tie_word_embeddings)
     SigLIP tower   vision_model.{embeddings.patch_embedding, embeddings.position_embedding,
                    encoder.layers.i.*, post_layernorm}; in LLaDA-V under model.vision_tower.vision_tower.
                    (A vision-only SiglipVisionModel saved by recent transformers drops "vision_model.".)
@@ -160,7 +161,7 @@ def load_checkpoint(path, device="cpu"):
         from synthetic import toy_tokenizer
         tok = toy_tokenizer()
     else:
-        tok = get_tokenizer(cfg.tokenizer)
+        tok = get_tokenizer(cfg.tokenizer, cfg.lm.mask_id if cfg.lm.mask_id != LLaDAConfig.mask_id else None)
     return model, tok, ckpt
 
 
@@ -238,46 +239,60 @@ def _require(c, key, ok, what):
 
 
 def llada_config_from_hf(c: dict) -> LLaDAConfig:
-    """Either LLaDA config.json: the original OLMo-style one (d_model, n_layers, ...) or the LLaMA-style one."""
+    """Either LLaDA config.json: the original OLMo-style one (d_model, n_layers, ...) or the LLaMA-style one.
+    Also read: key/value heads (n_kv_heads / num_key_value_heads; absent or null = n_heads), tied embeddings
+    (weight_tying / tie_word_embeddings; absent = untied, as LLaDA), the [MASK] id (mask_token_id) and the
+    RoPE precision: the original code rotates in fp32 (rope_full_precision, true in LLaDA-8B's config), the
+    LLaMA-style port (LLaDA-V) in the activation dtype; an explicit rope_full_precision wins."""
     _require(c, "rope_scaling", (None,), "RoPE without scaling")
-    for k in ("weight_tying", "tie_word_embeddings", "include_bias", "attention_bias", "mlp_bias"):
-        _require(c, k, (False,), f"{k}=false (untied head, no biases)")
+    for k in ("include_bias", "attention_bias", "mlp_bias"):
+        _require(c, k, (False,), f"{k}=false (no biases)")
     _require(c, "activation_type", ("silu",), "SwiGLU with silu")
     _require(c, "hidden_act", ("silu",), "SwiGLU with silu")
     rope = c.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
     _require(rope, "rope_type", ("default",), "RoPE without scaling")
     theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
+    shared = dict(rope_theta=theta, norm_eps=c.get("rms_norm_eps", 1e-5), mask_id=c.get("mask_token_id", 126336))
     if "d_model" in c:  # original
-        heads = c["n_heads"]
-        _require(c, "n_kv_heads", (heads, None), "plain multi-head attention (n_kv_heads = n_heads)")
-        return LLaDAConfig(vocab_size=c.get("embedding_size") or c["vocab_size"], d_model=c["d_model"],
-                           n_layers=c["n_layers"], n_heads=heads, mlp_hidden=c["mlp_hidden_size"],
-                           rope_theta=theta, norm_eps=c.get("rms_norm_eps", 1e-5),
-                           max_seq_len=c.get("max_sequence_length", 4096))
-    if "hidden_size" in c:  # LLaMA-style
-        heads = c["num_attention_heads"]
-        _require(c, "num_key_value_heads", (heads, None), "plain multi-head attention (num_key_value_heads = heads)")
-        return LLaDAConfig(vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
-                           n_heads=heads, mlp_hidden=c["intermediate_size"], rope_theta=theta,
-                           norm_eps=c.get("rms_norm_eps", 1e-5), max_seq_len=c.get("max_position_embeddings", 4096))
-    raise ValueError("config.json is not a LLaDA config (no d_model or hidden_size); point at the model's directory")
+        cfg = LLaDAConfig(vocab_size=c.get("embedding_size") or c["vocab_size"], d_model=c["d_model"],
+                          n_layers=c["n_layers"], n_heads=c["n_heads"], n_kv_heads=c.get("n_kv_heads") or 0,
+                          mlp_hidden=c["mlp_hidden_size"], max_seq_len=c.get("max_sequence_length", 4096),
+                          tie_embeddings=bool(c.get("weight_tying", False)),
+                          rope_fp32=bool(c.get("rope_full_precision", True)), **shared)
+    elif "hidden_size" in c:  # LLaMA-style
+        cfg = LLaDAConfig(vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
+                          n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or 0,
+                          mlp_hidden=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 4096),
+                          tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                          rope_fp32=bool(c.get("rope_full_precision", False)), **shared)
+    else:
+        raise ValueError("config.json is not a LLaDA config (no d_model or hidden_size); point at the model's directory")
+    if cfg.n_heads % cfg.kv_heads:
+        raise ValueError(f"config.json: num_key_value_heads / n_kv_heads = {cfg.n_kv_heads} does not divide the "
+                         f"{cfg.n_heads} attention heads (grouped-query attention needs a divisor)")
+    if cfg.n_kv_heads == cfg.n_heads:
+        cfg.n_kv_heads = 0  # plain multi-head attention, stored as the default so that configs compare equal
+    return cfg
 
 
 def llada_config_to_hf(cfg: LLaDAConfig, layout: str) -> dict:
-    ids = {"bos_token_id": 126080, "eos_token_id": 126081, "pad_token_id": 126081, "mask_token_id": 126336}
+    """Our LLaDAConfig -> config.json in either naming. rope_full_precision is written in both (the LLaMA-style
+    readers ignore it) so that save -> load gives back the same RoPE precision."""
+    ids = {"bos_token_id": 126080, "eos_token_id": 126081, "pad_token_id": 126081, "mask_token_id": cfg.mask_id}
     if layout == "original":
         return {"architectures": ["LLaDAModelLM"], "model_type": "llada", "d_model": cfg.d_model,
-                "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_heads,
+                "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads,
                 "mlp_hidden_size": cfg.mlp_hidden, "mlp_ratio": 4, "vocab_size": cfg.vocab_size,
                 "embedding_size": cfg.vocab_size, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps,
-                "max_sequence_length": cfg.max_seq_len, "weight_tying": False, "include_bias": False,
-                "activation_type": "silu", "layer_norm_type": "rms", "block_type": "llama", **ids}
+                "max_sequence_length": cfg.max_seq_len, "weight_tying": cfg.tie_embeddings, "include_bias": False,
+                "activation_type": "silu", "layer_norm_type": "rms", "block_type": "llama",
+                "rope_full_precision": cfg.rope_fp32, **ids}
     return {"architectures": ["LLaDAModelLM"], "model_type": "llada", "hidden_size": cfg.d_model,
             "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-            "num_key_value_heads": cfg.n_heads, "intermediate_size": cfg.mlp_hidden, "vocab_size": cfg.vocab_size,
+            "num_key_value_heads": cfg.kv_heads, "intermediate_size": cfg.mlp_hidden, "vocab_size": cfg.vocab_size,
             "rope_theta": cfg.rope_theta, "rope_scaling": None, "rms_norm_eps": cfg.norm_eps,
-            "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": False, "attention_bias": False,
-            "hidden_act": "silu", **ids}
+            "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+            "attention_bias": False, "hidden_act": "silu", "rope_full_precision": cfg.rope_fp32, **ids}
 
 
 def vision_config_from_hf(c: dict) -> VisionConfig:
@@ -362,9 +377,22 @@ def checkpoint_index(path) -> dict:
     raise FileNotFoundError(f"{path} has neither {INDEX} nor {SINGLE}; download the repo's *.safetensors files")
 
 
-def load_weights(model: nn.Module, path, names: dict, n_vision_layers: int = 0, dtype=None, device="cpu"):
+def tied_head_key(model: nn.Module, layout: str = "llama") -> dict:
+    """{official head key: official embedding key} for a LLaDA / LLaDAV with tied embeddings, else {}. A tied
+    checkpoint usually has no head key (transformers drops it on save); if it has one, it must equal E."""
+    lm = model.llm if isinstance(model, LLaDAV) else model
+    if not isinstance(lm, LLaDA) or not lm.cfg.tie_embeddings:
+        return {}
+    j = LAYOUTS.index("llama" if isinstance(model, LLaDAV) else layout)
+    return {_TOP["lm_head"][j] + ".weight": _TOP["embed_tokens"][j] + ".weight"}
+
+
+def load_weights(model: nn.Module, path, names: dict, n_vision_layers: int = 0, dtype=None, device="cpu",
+                 tied: dict | None = None):
     """Fill `model` (built on the meta device) from the safetensors files of `path`. names: {ours: official}.
+    tied: {head key: embedding key} (tied_head_key) may be present in the files, equal to the embedding.
     Checks every key first (from the headers only) and raises one error listing every problem."""
+    tied = tied or {}
     index = checkpoint_index(path)
     own = model.state_dict()
     by_official = {off: ours for ours, off in names.items()}
@@ -375,7 +403,7 @@ def load_weights(model: nn.Module, path, names: dict, n_vision_layers: int = 0, 
                 if index.get(k) == file:
                     shapes[k] = tuple(f.get_slice(k).get_shape())
     missing = sorted(k for k in by_official if k not in shapes)
-    unexpected = sorted(k for k in shapes if k not in by_official and not _skipped(k, n_vision_layers))
+    unexpected = sorted(k for k in shapes if k not in by_official and k not in tied and not _skipped(k, n_vision_layers))
     bad = [f"{k}: checkpoint {shapes[k]} vs model {tuple(own[by_official[k]].shape)}"
            for k in sorted(shapes) if k in by_official and shapes[k] != tuple(own[by_official[k]].shape)]
     if missing or unexpected or bad:
@@ -395,6 +423,12 @@ def load_weights(model: nn.Module, path, names: dict, n_vision_layers: int = 0, 
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"parameters/buffers not filled by the checkpoint: {left}")
+    for head, emb in tied.items():  # a tied model has one matrix: a stored head must be that same matrix
+        if head in index:
+            with safe_open(index[head], framework="pt") as f, safe_open(index[emb], framework="pt") as g:
+                if not torch.equal(f.get_tensor(head), g.get_tensor(emb)):
+                    raise ValueError(f"{os.fspath(path)}: config.json ties the embeddings, but {head} differs from "
+                                     f"{emb}; set tie_word_embeddings/weight_tying to false to load them apart")
     return model
 
 
@@ -417,6 +451,7 @@ def from_pretrained(path, dtype=None, device="cpu", vision_path=None):
         vt = from_pretrained(vision_path, dtype, device)
         if not (isinstance(lm, LLaDA) and isinstance(vt, VisionTower)):
             raise ValueError("from_pretrained(llm_dir, vision_path=siglip_dir) needs a LLaDA dir and a SigLIP dir")
+        lm.cfg.rope_fp32 = False  # LLaDA-V runs the LM through its LLaMA-style port: RoPE in the activation dtype
         with torch.device("meta"):
             m = LLaDAV(LLaDAVConfig(lm=lm.cfg, vision=vt.cfg))
         m.llm, m.vision = lm, vt
@@ -440,7 +475,7 @@ def from_pretrained(path, dtype=None, device="cpu", vision_path=None):
     if isinstance(model, VisionTower) and not any(k.startswith("vision_model.") for k in index):
         # a SiglipVisionModel saved by recent transformers versions has no "vision_model." prefix
         names = {ours: off[len("vision_model."):] for ours, off in names.items()}
-    return load_weights(model, path, names, nv, dtype, device).eval()
+    return load_weights(model, path, names, nv, dtype, device, tied_head_key(model, layout)).eval()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,8 +10,15 @@ Where this sits in the flow:  image -> ViT -> projector -> [token sequence] -> m
      <|start_header_id|>assistant<|end_header_id|>\n\n
    The string "<image>" becomes IMAGE_TOKEN_INDEX (-200) placeholders, one per visual token; the model
    swaps them for projected image features (model.py). The toy data leaves out the system turn to
-   keep sequences short; the template code is the same. chat_template() is the general form (any
-   messages, multi-turn) and llada_v_messages() adds LLaDA-V's " /think" / " /no_think" suffixes.
+   keep sequences short; the template code is the same. One renderer, chat_template(messages), and one
+   message builder, llada_v_messages() (system prompt, images first, history, " /think" / " /no_think").
+   Several images: "<image> <image>\n" + question (the official eval's form).
+
+   Two token forms of the same text (REFERENCE 11.1): official *inference* (tokenizer_image_token) drops
+   the token right after every "<image>" (the "\n"), a side effect of LLaVA's BOS offset; official
+   *training* keeps it. tokenizer_image_token() below transcribes the inference form (keep_after_image
+   switches the token back); answer_pretrained uses it. The toy was trained with the "\n" kept and is
+   sampled the same way (sft_example, prompt_batch use tok.encode_with_image).
 
 2. SFT sequence (REFERENCE 3.2, LLaDA GUIDELINES): x0 = prompt ++ answer ++ <|eot_id|> ++ <|endoftext|>*,
    padded with EOS to a fixed answer length G (= the sampler's gen_length). Labels are -100 on the
@@ -73,24 +80,14 @@ SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able 
 
 
 
-def chat_prompt(question: str, system: str | None = SYSTEM_PROMPT, image: bool = True) -> str:
-    """LLaDA-V's inference prompt for one user turn (REFERENCE 3.3). Content is trimmed, BOS only once,
-    and the prompt always ends with the assistant header."""
-    def turn(role, content):
-        return f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>"
-    user = ("<image>\n" if image else "") + question.strip()
-    return ("<|startoftext|>" + (turn("system", system) if system else "") + turn("user", user)
-            + "<|start_header_id|>assistant<|end_header_id|>\n\n")
-
-
 # LLaDA-V's reasoning switch (REFERENCE 3.3): appended to the user's text at eval and in the stage-3 data
 THINK_SUFFIX = {None: "", "think": " /think", "no_think": " /no_think"}
 
 
 def chat_template(messages) -> str:
-    """The tokenizer chat_template of LLaDA-8B-Instruct (and LLaDA-V), REFERENCE 3.1: messages
-    [{"role", "content"}] -> BOS once, then <|start_header_id|>role<|end_header_id|>\n\n content.strip()
-    <|eot_id|> per message, and always the assistant header at the end."""
+    """The one template renderer: the tokenizer chat_template of LLaDA-8B-Instruct (and LLaDA-V), REFERENCE
+    3.1. messages [{"role", "content"}] -> BOS once, then <|start_header_id|>role<|end_header_id|>\n\n
+    content.strip() <|eot_id|> per message, and always the assistant header at the end."""
     out = "<|startoftext|>"
     for m in messages:
         out += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
@@ -99,18 +96,39 @@ def chat_template(messages) -> str:
 
 def llada_v_messages(question: str, system: str | None = SYSTEM_PROMPT, n_images: int = 1, think=None,
                      history=()) -> list:
-    """The messages LLaDA-V's demo and eval build: the system prompt, the images first in the first user
-    turn ("<image>\n" each), earlier turns `history` [(question, answer)], and the optional " /think" or
-    " /no_think" suffix on every user turn. Render with chat_template()."""
+    """The messages LLaDA-V's demo and eval build (and the toy, with system=None): the system prompt, the
+    images first in the first user turn, earlier turns `history` [(question, answer)], and the optional
+    " /think" or " /no_think" suffix on every user turn. n images are written " ".join(["<image>"] * n) + "\n"
+    (REFERENCE 11.2: lmms-eval's llava_onevision_llada). Render with chat_template()."""
     if think not in THINK_SUFFIX:
         raise ValueError(f"think={think!r}: use None, 'think' or 'no_think'")
+    images = " ".join(["<image>"] * n_images) + "\n" if n_images else ""
     msgs = [{"role": "system", "content": system}] if system else []
     turns = list(history) + [(question, None)]
     for i, (q, a) in enumerate(turns):
-        msgs.append({"role": "user", "content": ("<image>\n" * n_images if i == 0 else "") + q.strip() + THINK_SUFFIX[think]})
+        msgs.append({"role": "user", "content": (images if i == 0 else "") + q.strip() + THINK_SUFFIX[think]})
         if a is not None:
             msgs.append({"role": "assistant", "content": a})
     return msgs
+
+
+def tokenizer_image_token(tok: Tokenizer, prompt: str, n_image_tokens, keep_after_image: bool = False) -> list[int]:
+    """Official inference prompt ids (LLaVA's mm_utils.tokenizer_image_token, as LLaDA-V's demo and eval call
+    it), with each image expanded to its n_image_tokens placeholders (an int, or one count per "<image>").
+
+    The official function tokenizes the chunks between "<image>" tags separately; when the first chunk starts
+    with BOS it sets offset = 1 and keeps chunk[offset:] of every chunk (and one -200 of a two-long separator).
+    Written for tokenizers that put a BOS in front of every chunk, that strips those BOS; LLaDA's tokenizer adds
+    none, so it drops each later chunk's first real token: the "\n" of "<image>\n" + question, the " " between
+    images (REFERENCE 11.1, 11.2). keep_after_image=True keeps it: the training form (preprocess_llada), and
+    what tok.encode_with_image gives."""
+    chunks = [tok.encode(c) for c in prompt.split("<image>")]
+    offset = 1 if chunks[0][:1] == [tok.bos_id] and not keep_after_image else 0
+    ids = list(chunks[0])  # the first chunk is whole (the official code re-adds its BOS by hand)
+    for i, chunk in enumerate(chunks[1:]):
+        n = n_image_tokens if isinstance(n_image_tokens, int) else n_image_tokens[i]
+        ids += [IMAGE_TOKEN_INDEX] * n + chunk[offset:]
+    return ids
 
 
 def default_system(tokenizer_name: str) -> str | None:
@@ -121,8 +139,9 @@ def default_system(tokenizer_name: str) -> str | None:
 def sft_example(tok: Tokenizer, question: str, answer: str, gen_length: int, n_image_tokens: int,
                 system: str | None = None):
     """(ids, labels) for one SFT sample: prompt, then a fixed G = gen_length answer canvas
-    answer ++ <|eot_id|> ++ EOS padding. Labels are IGNORE_INDEX on the prompt (and image)."""
-    prompt = tok.encode_with_image(chat_prompt(question, system), n_image_tokens)
+    answer ++ <|eot_id|> ++ EOS padding. Labels are IGNORE_INDEX on the prompt (and image). The prompt keeps
+    the "\n" after <image> (the training form; the toy is trained and sampled this way)."""
+    prompt = tok.encode_with_image(chat_template(llada_v_messages(question, system)), n_image_tokens)
     ans = tok.encode(answer) + [tok.eot_id]
     if len(ans) > gen_length:
         raise ValueError(f"answer of {len(ans)} tokens does not fit gen_length={gen_length}; raise gen_length")
@@ -161,7 +180,7 @@ def prompt_batch(tok: Tokenizer, questions, n_image_tokens: int, system: str | N
     mask (B, L). Left padding keeps every answer canvas at the same columns. Positions still run 0..L-1,
     so a left-padded prompt is shifted; with the padding masked out that changes nothing, because RoPE
     attention scores depend only on relative positions."""
-    ps = [tok.encode_with_image(chat_prompt(q, system), n_image_tokens) for q in questions]
+    ps = [tok.encode_with_image(chat_template(llada_v_messages(q, system)), n_image_tokens) for q in questions]
     L = max(map(len, ps))
     ids = torch.full((len(ps), L), tok.pad_id, dtype=torch.long)
     attn = torch.zeros(len(ps), L, dtype=torch.bool)

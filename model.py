@@ -7,12 +7,17 @@ LLaDA-8B (REFERENCE 1.1) is a LLaMA-shaped transformer with the causal mask remo
     h_0     = E[x]                                                       (B, L, d), no scaling
     a_l     = h_{l-1} + W_o Attn(RoPE(W_q n), RoPE(W_k n), W_v n),  n = RMSNorm(h_{l-1})
     h_l     = a_l + W_down( silu(W_gate m) * W_up m ),               m = RMSNorm(a_l)
-    logits  = W_head RMSNorm(h_N)                                        (B, L, V), head not tied to E
+    logits  = W_head RMSNorm(h_N)                                        (B, L, V); W_head is its own matrix
+                                                                         (LLaDA-8B) or E itself (tied, iLLaDA)
     RMSNorm(x) = w * x / sqrt(mean(x^2) + 1e-5)             computed in fp32, cast back, then * w
     Attn(q, k, v) = softmax(q k^T / sqrt(d_head) + pad_bias) v           no causal mask: every token
                                                                          sees every (non-pad) token
     RoPE (rotate-half): theta_i = 500000^(-2i / d_head), q' = q cos(pos theta) + rotate_half(q) sin(pos theta)
 There are no biases anywhere, no dropout, and positions are always 0..L-1.
+RoPE precision: the original LLaDA rotates q, k in fp32 (rope_full_precision); LLaDA-V's LLaMA-style port rotates
+them in the activation dtype (cos.to(x.dtype)); LLaDAConfig.rope_fp32 picks one (the same in fp32, bf16 noise apart).
+Grouped-query attention (iLLaDA; LLaDA-8B has n_kv_heads = n_heads): W_k, W_v make n_kv_heads heads, and
+query head j reads key/value head floor(j / (n_heads / n_kv_heads)), as LLaMA's repeat_kv does.
 
 Projector (REFERENCE 2.3, "mlp2x_gelu"):   P(f) = W_2 gelu_erf(W_1 f + b_1) + b_2,   1152 -> 4096 -> 4096.
 
@@ -30,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
 from tokenizer import IMAGE_TOKEN_INDEX
 from vision import VisionConfig, VisionTower, pack_features
@@ -40,11 +46,29 @@ class LLaDAConfig:
     vocab_size: int = 126464
     d_model: int = 4096
     n_layers: int = 32
-    n_heads: int = 32         # plain multi-head attention (n_kv_heads = n_heads), head_dim 128
+    n_heads: int = 32         # query heads; head_dim = d_model / n_heads = 128
+    n_kv_heads: int = 0       # key/value heads: 0 = n_heads (plain multi-head attention, LLaDA-8B); fewer =
+                              # grouped-query attention (iLLaDA): each key/value head serves n_heads / n_kv_heads
+                              # query heads, which shrinks k_proj, v_proj and the KV cache by that factor
     mlp_hidden: int = 12288   # SwiGLU hidden size
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
     max_seq_len: int = 8192   # LLaDA-V trains at 8192 (16384 for OneVision); used only to reject prompts
+    tie_embeddings: bool = False  # True: the output head is the input embedding E (logits = h E^T; iLLaDA);
+                                  # LLaDA-8B and LLaDA-V have a separate head (REFERENCE 1.1)
+    mask_id: int = 126336     # [MASK] (<|mdm_mask|>) of the official vocabulary; config.json's mask_token_id
+                              # (iLLaDA: 5). The toy takes its own from its tokenizer.
+    rope_fp32: bool = True    # rotate q, k in fp32 (original LLaDA, rope_full_precision); False: in the
+                              # activation dtype, as LLaDA-V's LLaMA-style port does (REFERENCE 11.4).
+                              # from_pretrained sets it from the checkpoint's key layout.
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
 
 
 @dataclass
@@ -77,8 +101,9 @@ PRESETS = {
     "small": LLaDAVConfig(
         lm=LLaDAConfig(d_model=768, n_layers=12, n_heads=12, mlp_hidden=2048),
         vision=VisionConfig(image_size=224, patch_size=14, d_model=384, n_layers=12, n_heads=6, mlp_hidden=1536)),
-    # The official shapes: LLaDA-8B + SigLIP2 so400m/14 at 384 pixels + the mlp2x_gelu projector.
-    "llada_v_8b": LLaDAVConfig(),
+    # The official shapes: LLaDA-8B + SigLIP2 so400m/14 at 384 pixels + the mlp2x_gelu projector. RoPE in
+    # the activation dtype, as LLaDA-V's LLaMA-style port trains and runs it (REFERENCE 11.4).
+    "llada_v_8b": LLaDAVConfig(lm=LLaDAConfig(rope_fp32=False)),
 }
 
 
@@ -117,9 +142,15 @@ def rotate_half(x):
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rope(x, cos, sin):  # x (B, H, L, hd); rotation in fp32 (rope_full_precision), cast back
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+def apply_rope(x, cos, sin, fp32: bool = True):
+    """x (B, H, L, hd), cos/sin (L, hd) fp32. fp32=True: rotate in fp32 and cast back (the original LLaDA's
+    rope_full_precision); False: cast cos/sin to x's dtype and rotate there (LLaDA-V's LLaMA-style port,
+    `cos.to(x.dtype)`). Identical in fp32; in bf16 they differ by rounding noise only."""
+    if fp32:
+        xf = x.float()
+        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 class Block(nn.Module):
@@ -129,11 +160,14 @@ class Block(nn.Module):
         super().__init__()
         if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
             raise ValueError(f"d_model {cfg.d_model} must split into n_heads {cfg.n_heads} heads of even size")
-        d, self.n_heads = cfg.d_model, cfg.n_heads
+        if cfg.n_kv_heads < 0 or cfg.n_heads % cfg.kv_heads:
+            raise ValueError(f"n_kv_heads {cfg.n_kv_heads} must divide n_heads {cfg.n_heads} (0 = n_heads: no grouping)")
+        d, self.n_heads, self.n_kv_heads, self.cfg = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg
+        d_kv = cfg.kv_heads * cfg.head_dim  # = d without grouped-query attention
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
         self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d_kv, bias=False)
+        self.v_proj = nn.Linear(d, d_kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.gate_proj = nn.Linear(d, cfg.mlp_hidden, bias=False)  # original LLaDA name: ff_proj
@@ -141,16 +175,21 @@ class Block(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_hidden, d, bias=False)  # original LLaDA name: ff_out
 
     def forward(self, x, cos, sin, attn_mask, cache=None, layer=0):
-        B, L, D = x.shape
         h = self.attn_norm(x)
-        q, k, v = (p(h).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, L, hd)
-        if cache is not None:  # approximate KV cache (diffusion.KVCache): keys/values of the whole sequence
-            k, v = cache.update(layer, k, v)                     # (B, H, L_full, hd)
+        q = rearrange(self.q_proj(h), "b l (h d) -> b h l d", h=self.n_heads)     # (B, H, L, hd)
+        k = rearrange(self.k_proj(h), "b l (h d) -> b h l d", h=self.n_kv_heads)  # (B, H_kv, L, hd)
+        v = rearrange(self.v_proj(h), "b l (h d) -> b h l d", h=self.n_kv_heads)
+        fp32 = self.cfg.rope_fp32  # read at every call: flipping model.cfg.rope_fp32 switches a built model
+        q, k = apply_rope(q, cos, sin, fp32), apply_rope(k, cos, sin, fp32)
+        if cache is not None:  # approximate KV cache (diffusion.KVCache): keys/values of the whole sequence,
+            k, v = cache.update(layer, k, v)  # stored with H_kv heads (B, H_kv, L_full, hd): GQA's memory saving
+        if self.n_kv_heads != self.n_heads:  # GQA: key/value head i serves query heads i*g .. i*g+g-1
+            g = self.n_heads // self.n_kv_heads
+            k, v = (repeat(t, "b h l d -> b (h g) l d", g=g) for t in (k, v))  # (B, H, L, hd)
         # is_causal=False is the whole difference to an autoregressive LLaMA: attention is bidirectional.
         # attn_mask (B, 1, 1, L) bool hides padding keys; None means no padding.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
-        x = x + self.o_proj(y.transpose(1, 2).reshape(B, L, D))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)  # (B, H, L, hd)
+        x = x + self.o_proj(rearrange(y, "b h l d -> b l (h d)"))
         h = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
@@ -162,7 +201,11 @@ class LLaDA(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
+        # Untied (LLaDA-8B, LLaDA-V): a head of its own. Tied (iLLaDA): no head module at all; head() uses
+        # embed_tokens.weight, so one tensor gets both gradients, and a state dict (like a tied Hugging Face
+        # checkpoint) has no lm_head key. (A second Parameter that aliases the first would be split apart
+        # again by .to() / to_empty() from the meta device.)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.checkpointing = False  # True: recompute each block's activations in backward (saves memory)
         self.head_chunk = 0         # > 0: forward(targets=...) runs the head + loss on this many rows at a time
 
@@ -174,7 +217,7 @@ class LLaDA(nn.Module):
         keys/values; if it has a span (s, e), run only positions s..e-1 (RoPE positions s..e-1), attend
         to the cached keys/values elsewhere, and return logits (B, e - s, V)."""
         B, L, _ = embeds.shape
-        cos, sin = rope_cos_sin(L, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, embeds.device)
+        cos, sin = rope_cos_sin(L, self.cfg.head_dim, self.cfg.rope_theta, embeds.device)  # fp32 (L, hd)
         # padding mask -> (B, 1, 1, L) bool, broadcast over heads and queries; skip it when nothing is padded
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
         x = embeds
@@ -192,8 +235,12 @@ class LLaDA(nn.Module):
         if output_positions is not None:
             x = x[output_positions]  # (N, d)
         if targets is not None:
-            return chunked_head_ce(x.reshape(-1, x.shape[-1]), self.lm_head, targets.reshape(-1), self.head_chunk)
-        return self.lm_head(x)
+            return chunked_head_ce(x.reshape(-1, x.shape[-1]), self.head, targets.reshape(-1), self.head_chunk)
+        return self.head(x)
+
+    def head(self, h):
+        """h (..., d) -> logits (..., V): W_head h, with W_head = E when the embeddings are tied."""
+        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed_tokens.weight)
 
     def init_weights(self):
         """From-scratch init, LLaDA's config "mitchell" (OLMo): trunc-normal(0, 1/sqrt(fan_in)) cut at
@@ -202,7 +249,8 @@ class LLaDA(nn.Module):
             nn.init.trunc_normal_(w, std=std, a=-3 * std, b=3 * std)
         d = self.cfg.d_model
         tn(self.embed_tokens.weight, 1 / math.sqrt(d))
-        tn(self.lm_head.weight, 1 / math.sqrt(d))
+        if self.lm_head is not None:  # tied: E above is the head too
+            tn(self.lm_head.weight, 1 / math.sqrt(d))
         for i, b in enumerate(self.layers):
             for lin in (b.q_proj, b.k_proj, b.v_proj, b.gate_proj, b.up_proj):
                 tn(lin.weight, 1 / math.sqrt(lin.in_features))
@@ -213,8 +261,9 @@ class LLaDA(nn.Module):
                 nn.init.ones_(m.weight)
 
 
-def chunked_head_ce(h, head: nn.Linear, targets, chunk: int = 0):
-    """Per-row CE(head(h_i).float(), target_i) for h (N, d), targets (N,) -> (N,). With chunk > 0 the rows
+def chunked_head_ce(h, head, targets, chunk: int = 0):
+    """Per-row CE(head(h_i).float(), target_i) for h (N, d), targets (N,) -> (N,); head: h -> logits (an
+    nn.Linear, or LLaDA.head when tied). With chunk > 0 the rows
     go through head + cross-entropy `chunk` at a time under activation checkpointing: only h is kept
     for backward and at most chunk x V logits exist at once (N x V fp32 logits, their log-softmax and
     two gradients of that size are what dominates the loss's memory at a 126k vocabulary)."""
@@ -371,7 +420,8 @@ def step_flops(mc, n_tokens: int, seq_len: int, n_masked: int, n_images: int, tr
     """Matmul FLOPs of one optimizer step (see the module docstring). n_tokens: non-pad tokens in the
     step (image tokens included), seq_len: padded length, n_masked: positions the head runs at."""
     lm, vc = mc.lm, mc.vision
-    p_block = lm.n_layers * (4 * lm.d_model ** 2 + 3 * lm.d_model * lm.mlp_hidden)
+    d_kv = lm.kv_heads * lm.head_dim  # = d_model without grouped-query attention
+    p_block = lm.n_layers * (2 * lm.d_model ** 2 + 2 * lm.d_model * d_kv + 3 * lm.d_model * lm.mlp_hidden)
     c_llm = 6 if train_llm else 4 if (train_projector or train_vision) else 2
     flops = c_llm * n_tokens * (p_block + 2 * lm.n_layers * seq_len * lm.d_model)
     flops += c_llm * n_masked * lm.d_model * lm.vocab_size

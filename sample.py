@@ -33,6 +33,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from data import SYSTEM_PROMPT, answer_text, chat_template, default_system, llada_v_messages, prompt_batch, sft_example
+from data import tokenizer_image_token  # the official inference prompt (answer_pretrained)
 from diffusion import CountingModel, choose, generate, generate_fast, generate_llada_v, mode_kwargs
 from distributed import autocast
 from model import LLaDAV
@@ -127,7 +128,7 @@ def answer_pretrained(model, tok, image, question, history=(), think=None, gen_l
         kw["image_features"] = model.encode_image_crops(crops.to(device), size)  # (N, d), once
         n_img = [kw["image_features"].shape[0]]
     msgs = llada_v_messages(question, SYSTEM_PROMPT if is_v else None, len(n_img), think, history)
-    ids = torch.tensor([tok.encode_with_image(chat_template(msgs), n_img)], device=device)
+    ids = torch.tensor([tokenizer_image_token(tok, chat_template(msgs), n_img)], device=device)  # official form: drops "\n" after <image>
     cfg = model.cfg.lm if is_v else model.cfg
     if ids.shape[1] + gen_length > cfg.max_seq_len:
         raise ValueError(f"prompt ({ids.shape[1]} tokens) + gen_length ({gen_length}) exceeds the context "

@@ -23,7 +23,7 @@ from functools import lru_cache
 import torch
 from PIL import Image, ImageDraw
 
-from data import SYSTEM_PROMPT, chat_prompt, collate, sft_example
+from data import SYSTEM_PROMPT, chat_template, collate, llada_v_messages, sft_example
 from tokenizer import PAT_STR, SPECIAL_TOKENS, Tokenizer, train_bpe
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 230),
@@ -190,8 +190,8 @@ def _toy_corpus():
             questions += [f"What color is the {s}?", f"What shape is the {c} object?"]
             questions += [f"Which is {w}, the {c} {s} or the {c} {s}?" for w in RELATIONS]
             answers += [c, s, f"{c} {s}, {c} {s}", f"the {c} {s}"]
-    texts = [chat_prompt(q, system=None) for q in questions] + answers
-    return texts + [chat_prompt("", system=SYSTEM_PROMPT), " /think /no_think"]
+    texts = [chat_template(llada_v_messages(q, None)) for q in questions] + answers
+    return texts + [chat_template(llada_v_messages("", SYSTEM_PROMPT)), " /think /no_think"]
 
 
 # Held-out and demo samples come from seed ranges that the training stream never reaches.

@@ -42,30 +42,33 @@ class Tokenizer:
     inside a checkpoint as JSON-able dicts (to_dict / from_dict; nanoGPT's meta.pkl idea, without pickle)."""
 
     def __init__(self, ranks: dict, special_tokens: dict, pat_str: str = PAT_STR, nfc: bool = False,
-                 name: str = "llada"):
-        missing = [s for s in SPECIAL_TOKENS if s not in special_tokens]
+                 name: str = "llada", mask_id: int | None = None):
+        # mask_id: the [MASK] id when it is not <|mdm_mask|>'s (a model config's mask_token_id, e.g. iLLaDA's 5)
+        missing = [s for s in SPECIAL_TOKENS if s not in special_tokens and not (s == "<|mdm_mask|>" and mask_id is not None)]
         if missing:
             raise ValueError(f"tokenizer lacks LLaDA special tokens {missing}; build it with all of {SPECIAL_TOKENS}")
         self.ranks, self.special, self.pat_str = ranks, dict(special_tokens), pat_str
         self.nfc = nfc  # apply Unicode NFC before encoding (the official tokenizer.json's normalizer)
         self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=self.special)
         st = self.special
-        self.bos_id, self.eos_id, self.mask_id = st["<|startoftext|>"], st["<|endoftext|>"], st["<|mdm_mask|>"]
+        self.bos_id, self.eos_id = st["<|startoftext|>"], st["<|endoftext|>"]
+        self.mask_id = st["<|mdm_mask|>"] if mask_id is None else int(mask_id)
         self.start_header_id, self.end_header_id = st["<|start_header_id|>"], st["<|end_header_id|>"]
         self.eot_id = st["<|eot_id|>"]
         self.pad_id = self.eos_id  # LLaDA pads with EOS (REFERENCE 1.2)
         self.vocab_size = self.enc.n_vocab
 
     def to_dict(self) -> dict:
-        """JSON-able: {"ranks": {hex bytes: id}, "special_tokens", "pat_str", "nfc"}."""
+        """JSON-able: {"ranks": {hex bytes: id}, "special_tokens", "pat_str", "nfc", "mask_id"}."""
         return {"ranks": {b.hex(): i for b, i in self.ranks.items()}, "special_tokens": self.special,
-                "pat_str": self.pat_str, "nfc": self.nfc}
+                "pat_str": self.pat_str, "nfc": self.nfc, "mask_id": self.mask_id}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tokenizer":
         try:
             return cls({bytes.fromhex(h): int(i) for h, i in d["ranks"].items()},
-                       {str(k): int(v) for k, v in d["special_tokens"].items()}, str(d["pat_str"]), bool(d["nfc"]))
+                       {str(k): int(v) for k, v in d["special_tokens"].items()}, str(d["pat_str"]), bool(d["nfc"]),
+                       mask_id=d.get("mask_id"))  # absent in older checkpoints: <|mdm_mask|>'s id
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"the stored tokenizer is malformed ({type(e).__name__}: {e})") from None
 
@@ -175,7 +178,7 @@ def _needs_nfc(norm) -> bool:
     return bool(steps)
 
 
-def tokenizer_from_json(path) -> Tokenizer:
+def tokenizer_from_json(path, mask_id: int | None = None) -> Tokenizer:
     """Convert a Hugging Face byte-level BPE tokenizer.json into a Tokenizer (tiktoken ranks, NFC flag).
     ranks: each vocabulary piece mapped back through GPT-2's byte table to raw bytes, rank = its id;
     pat_str: the pre-tokenizer's regex; special tokens: the added tokens with their ids.
@@ -210,7 +213,10 @@ def tokenizer_from_json(path) -> Tokenizer:
             raise ValueError(f"{path}: merge {k} ({a!r} + {b!r}) gives id {r}, out of the order of the merges "
                              f"list (previous merge's id {last}); tiktoken's rank-order BPE would encode differently")
         last = r
-    return Tokenizer(ranks, added, _pre_tokenizer_regex(j.get("pre_tokenizer")), _needs_nfc(j.get("normalizer")))
+    if mask_id is not None and not 0 <= int(mask_id) < len(ranks) + len(added):
+        raise ValueError(f"mask id {mask_id} is not a token of {path} (ids 0..{len(ranks) + len(added) - 1})")
+    return Tokenizer(ranks, added, _pre_tokenizer_regex(j.get("pre_tokenizer")), _needs_nfc(j.get("normalizer")),
+                     mask_id=mask_id)
 
 
 # Public records of the real LLaDA tokenizer's output (REFERENCE 1.2): text -> ids. Note "assistant" is
@@ -239,16 +245,25 @@ def self_check(tok: Tokenizer, source: str = "tokenizer"):
                              f"{want}: token {i} is {g}, expected {w} (is this LLaDA's tokenizer.json?)")
 
 
-def get_tokenizer(path: str) -> Tokenizer:
+def get_tokenizer(path: str, mask_id: int | None = None) -> Tokenizer:
     """A tokenizer.json, or a model directory holding one (e.g. GSAI-ML/LLaDA-V). LLaDA's own tokenizer
     is checked against the public ids of REFERENCE 1.2. (The toy tokenizer travels inside the toy's
-    checkpoints; synthetic.toy_tokenizer() learns it.)"""
+    checkpoints; synthetic.toy_tokenizer() learns it.)
+    The [MASK] id: mask_id if given (a flag, or the model config's), else, for a model directory, its
+    config.json's mask_token_id (iLLaDA: 5), else the id of <|mdm_mask|> (LLaDA: 126336)."""
     p = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    cfg = os.path.join(path, "config.json")  # a model directory's own config, not one that merely sits nearby
+    if mask_id is None and os.path.isdir(path) and os.path.isfile(cfg):
+        try:
+            with open(cfg) as f:
+                mask_id = json.load(f).get("mask_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{cfg} (read for mask_token_id) is not a valid config.json ({type(e).__name__}: {e})") from None
     if not os.path.isfile(p):
         raise ValueError(f"no tokenizer at {path!r}: pass a tokenizer.json or a model directory that holds one "
                          f"(download tokenizer.json from GSAI-ML/LLaDA-V)")
     try:
-        tok = tokenizer_from_json(p)
+        tok = tokenizer_from_json(p, mask_id)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{p} is not a valid tokenizer.json ({type(e).__name__}: {e})") from None
     if len(tok.ranks) == LLADA_BASE_TOKENS:

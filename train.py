@@ -343,7 +343,8 @@ def train(tc: TrainConfig, mc, quiet=False):
     if tc.tokenizer:
         mc.tokenizer = tc.tokenizer  # recorded in the checkpoint's config, so sample.py finds it again
     try:
-        tok = toy_tokenizer() if mc.tokenizer == "toy" else get_tokenizer(mc.tokenizer)
+        flag = mc.lm.mask_id if mc.lm.mask_id != 126336 else None  # --lm.mask_id=5 (iLLaDA); else the tokenizer's
+        tok = toy_tokenizer() if mc.tokenizer == "toy" else get_tokenizer(mc.tokenizer, flag)
     except ValueError as e:
         sys.exit(f"preset {tc.preset!r} needs the {mc.tokenizer!r} tokenizer; pass --tokenizer=<tokenizer.json or "
                  f"model dir> ({e})")

@@ -217,7 +217,7 @@ def test_bad_directories_get_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="00002"):
         pretrained.from_pretrained(d)
     with open(d / "config.json", "w") as f:
-        json.dump(dict(LM_LLAMA, num_key_value_heads=1), f)
+        json.dump(dict(LM_LLAMA, num_key_value_heads=3), f)  # 3 does not divide H = 4 (GQA needs a divisor)
     with pytest.raises(ValueError, match="num_key_value_heads"):
         pretrained.from_pretrained(d)
     # LLaDA-V image settings: the saved list form of the (1x1)..(6x6) grid is read; anything else is refused
@@ -272,6 +272,7 @@ def test_llada_plus_siglip_make_a_llada_v(tmp_path):
     write_dir(tmp_path / "sig", {"model_type": "siglip", "vision_config": VCFG}, vis_t)
     m = pretrained.from_pretrained(tmp_path / "lm", vision_path=tmp_path / "sig", dtype=torch.bfloat16)
     assert isinstance(m, LLaDAV) and m.cfg.image_aspect_ratio == "square" and not hasattr(m, "image_newline")
+    assert m.cfg.lm.rope_fp32 is False  # LLaDA-V's LLaMA-style port rotates in the activation dtype (REFERENCE 11.4)
     assert torch.equal(m.llm.lm_head.weight, lm_t["model.transformer.ff_out.weight"].bfloat16())
     assert torch.equal(m.vision.patch_embedding.bias, vis_t["vision_model.embeddings.patch_embedding.bias"].bfloat16())
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16} and not any(p.is_meta for p in m.parameters())

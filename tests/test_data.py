@@ -16,24 +16,28 @@ ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 LLADA_V_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
                   "that the user provides, and assist the user with a variety of tasks using natural language.")
 
-def test_chat_prompt_matches_llada_v_template():
-    """Default prompt == REFERENCE 3.3's string with LLaDA-V's system prompt."""
+def test_default_messages_match_llada_v_template():
+    """Default messages, rendered == REFERENCE 3.3's string with LLaDA-V's system prompt."""
     want = ("<|startoftext|><|start_header_id|>system<|end_header_id|>\n\n" + LLADA_V_SYSTEM + "<|eot_id|>"
             "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is in the picture?<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert data.chat_prompt("What is in the picture?") == want
+    assert data.chat_template(data.llada_v_messages("What is in the picture?")) == want
     assert data.default_system("toy") is None and data.default_system("llada-v") == LLADA_V_SYSTEM
 
 
-def test_chat_prompt_without_system():
-    """No system: BOS once, user turn with trimmed content, ends with the assistant header; image=False
+def prompt(question, system=data.SYSTEM_PROMPT, n_images=1):
+    return data.chat_template(data.llada_v_messages(question, system, n_images))
+
+
+def test_prompt_without_system():
+    """No system: BOS once, user turn with trimmed content, ends with the assistant header; n_images=0
     leaves out "<image>\\n"."""
-    p = data.chat_prompt("  How many?\n ", system=None)
+    p = prompt("  How many?\n ", system=None)
     assert p == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n<image>\nHow many?<|eot_id|>"
                  + ASSISTANT_HEADER)
-    assert data.chat_prompt(" Hi ", system=None, image=False) == (
+    assert prompt(" Hi ", system=None, n_images=0) == (
         "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>" + ASSISTANT_HEADER)
-    q = data.chat_prompt("Q", system="  Be brief.  ")
+    q = prompt("Q", system="  Be brief.  ")
     assert q.count("<|startoftext|>") == 1 and q.startswith("<|startoftext|>") and "\n\nBe brief.<|eot_id|>" in q
     assert q.endswith(ASSISTANT_HEADER)
 
@@ -60,7 +64,7 @@ def test_sft_example_layout():
     assert labels[P:] == ids[P:]
     ans = TOK.encode("red")
     assert ids[P:] == ans + [TOK.eot_id] + [TOK.eos_id] * (G - len(ans) - 1)
-    assert ids[:P] == TOK.encode_with_image(data.chat_prompt("What color is the circle?", None), n_img)
+    assert ids[:P] == TOK.encode_with_image(prompt("What color is the circle?", None), n_img)
     assert ids[:P].count(IMAGE_TOKEN_INDEX) == n_img
     assert ids[P - 4:P] == TOK.encode(ASSISTANT_HEADER)
     # a system turn lands in the (ignored) prompt only
@@ -96,7 +100,7 @@ def test_prompt_batch_left_pads():
     ids, attn = data.prompt_batch(TOK, qs, 4)
     head = TOK.encode(ASSISTANT_HEADER)
     for i, q in enumerate(qs):
-        p = TOK.encode_with_image(data.chat_prompt(q, None), 4)
+        p = TOK.encode_with_image(prompt(q, None), 4)
         n_pad = ids.shape[1] - len(p)
         assert ids[i, n_pad:].tolist() == p and ids[i, -len(head):].tolist() == head
         assert (ids[i, :n_pad] == TOK.pad_id).all()
@@ -118,7 +122,7 @@ def test_chat_template_llada_instruct_and_llada_v():
         "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
     one = data.chat_template(data.llada_v_messages("What is it?"))
-    assert one == data.chat_prompt("What is it?")  # the toy's single-turn prompt is the same template
+    assert one.endswith("user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|>" + ASSISTANT_HEADER)
     multi = data.chat_template(data.llada_v_messages("And now?", think="think", history=[("Hi", "Hello!")]))
     assert multi == ("<|startoftext|><|start_header_id|>system<|end_header_id|>\n\n" + data.SYSTEM_PROMPT + "<|eot_id|>"
                      "<|start_header_id|>user<|end_header_id|>\n\n<image>\nHi /think<|eot_id|>"

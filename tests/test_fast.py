@@ -268,7 +268,7 @@ def test_eval_choice_scores_every_candidate_canvas(checkpoint, monkeypatch):
     """evaluate_choice hands diffusion.choose the chat prompt with the image placeholders and one answer
     canvas per candidate (answer, <|eot_id|>, EOS padding); the pick is scored against the truth."""
     import sample
-    from data import chat_prompt
+    from data import chat_template, llada_v_messages
     from checkpoint import load_checkpoint
     from synthetic import SyntheticVQA
     model, _, _ = load_checkpoint(checkpoint)
@@ -282,7 +282,7 @@ def test_eval_choice_scores_every_candidate_canvas(checkpoint, monkeypatch):
     def fake_choose(m, prompt, choices, **kw):
         img, q, truth, kind = closed[len(seen)]
         seen.append(q)
-        assert prompt.tolist() == tok.encode_with_image(chat_prompt(q, None), n_img)
+        assert prompt.tolist() == tok.encode_with_image(chat_template(llada_v_messages(q, None)), n_img)
         texts = [sample.answer_text(tok, c) for c in choices]
         # a fixed list per kind; for relation the two objects the question names, the truth among them
         assert texts == (sample.CHOICES[kind] or q[:-1].split(", ")[1].split(" or "))

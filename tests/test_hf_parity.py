@@ -57,3 +57,43 @@ def test_llama_style_llada_parity_and_save_back(tmp_path):
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids, attention_mask=full).logits, ref)
+
+
+def test_gqa_tied_llama_parity_and_save_back(tmp_path):
+    """The iLLaDA shape: grouped-query attention (2 key/value heads for 4 query heads) and tied input/output
+    embeddings. transformers saves no lm_head for a tied model; ours loads it with the head = E, matches
+    LlamaForCausalLM's full-attention logits, and our save -> load is bit-exact and readable by transformers."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=128,
+                                   attn_implementation="eager", pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.1)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight  # transformers ties them
+    hf.save_pretrained(tmp_path / "hf")
+    ours = pretrained.from_pretrained(tmp_path / "hf")
+    assert ours.cfg.kv_heads == 2 and ours.cfg.tie_embeddings and ours.lm_head is None
+    assert ours.layers[0].k_proj.weight.shape == (32, 64)  # 2 heads of 16
+    ids = torch.randint(0, 100, (2, 12))
+    full = torch.ones(2, 1, 12, 12, dtype=torch.bool)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=full).logits
+        out = ours(ours.embed_tokens(ids))
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    pretrained.save_pretrained(ours, tmp_path / "ours")
+    c = json.load(open(tmp_path / "ours" / "config.json"))
+    assert c["num_key_value_heads"] == 2 and c["tie_word_embeddings"] is True
+    again = pretrained.from_pretrained(tmp_path / "ours")
+    assert again.cfg == ours.cfg
+    for (n, a), (m, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert n == m and torch.equal(a, b), n
+    with torch.no_grad():
+        assert torch.equal(again(again.embed_tokens(ids)), out)
+    c.update(pad_token_id=None, bos_token_id=None, eos_token_id=None)  # LLaDA's ids do not fit a 100-token vocab
+    json.dump(c, open(tmp_path / "ours" / "config.json", "w"))
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids, attention_mask=full).logits, ref)

@@ -55,7 +55,7 @@ def test_dataset_text_is_one_token_per_pretoken():
     split = "|".join(map(re.escape, SPECIAL_TOKENS + ["<image>"]))
     for i in range(60):
         _, q, a, _ = synthetic.make_sample(i, SIZE)
-        for text in (q, a, data.chat_prompt(q, system=None)):
+        for text in (q, a, data.chat_template(data.llada_v_messages(q, None))):
             n_pre = sum(len(regex.findall(tokenizer.PAT_STR, t)) for t in re.split(split, text))
             n_special = sum(text.count(s) for s in SPECIAL_TOKENS)
             assert len(TOK.encode_with_image(text, 0)) == n_pre + n_special, text

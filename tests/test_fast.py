@@ -1,14 +1,15 @@
-"""Tests for fast decoding in diffusion.py and diffusion.KVCache: the approximate KV caches (prefix, dual) and confidence-threshold
-parallel decoding. Tiny random models, CPU only."""
+"""Tests for fast decoding, the options of diffusion.generate (the one sampler) that Fast-dLLM adds: the approximate
+KV caches (prefix, dual, diffusion.KVCache) and confidence-threshold parallel decoding; each also against the frozen
+pre-merge generate_fast (tests/reference_samplers.py); fast decoding of the official model through sample.py.
+Tiny random models, CPU only."""
 
 import pytest
 import torch
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest on a shared 2-core machine
 
-from diffusion import generate
-from diffusion import CountingModel, MODES, generate_fast, mode_kwargs
-from diffusion import KVCache
+from diffusion import CountingModel, KVCache, MODES, generate, mode_kwargs
+import reference_samplers as ref
 from model import LLaDA
 from test_diffusion import GEN, MASK, PAD, V, fixed_logits_model, prompt, tiny_cfg, tiny_vlm_and_prompt
 
@@ -23,8 +24,9 @@ def tiny_llm(seed=0, n_layers=2):
 
 
 def lm_fn(llm):
-    """The sampler's model interface for a bare LLaDA: model(x, attention_mask=..., cache=...)."""
-    return lambda x, attention_mask=None, cache=None: llm(llm.embed_tokens(x), attention_mask, cache=cache)
+    """The sampler's model interface for a bare LLaDA: model(x, attention_mask=..., cache=..., output_positions=...)."""
+    return lambda x, attention_mask=None, **kw: llm(llm.embed_tokens(x), attention_mask, **kw)
+
 
 
 def left_padded(prompts):
@@ -86,7 +88,7 @@ def test_fast_path_with_refresh_every_step_is_token_identical_to_exact(cache):
         kw = dict(steps=12, gen_length=12, block_length=4, **GEN)
         ref, fast = [], []
         a = generate(m, p, callback=lambda x, s, b: ref.append(x.clone()), **kw)
-        b = generate_fast(m, p, cache=cache, refresh_every=1, callback=lambda x, s, b: fast.append(x.clone()), **kw)
+        b = generate(m, p, cache=cache, refresh_every=1, callback=lambda x, s, b: fast.append(x.clone()), **kw)
         assert torch.equal(a, b)
         assert len(ref) == len(fast) == 12 and all(torch.equal(u, v) for u, v in zip(ref, fast))
 
@@ -98,7 +100,7 @@ def test_threshold_above_one_is_one_token_per_step():
     p = prompt(5, seed=4)
     kw = dict(gen_length=8, block_length=4, **GEN)
     st = {}
-    out = generate_fast(m, p, threshold=1.01, stats=st, **kw)
+    out = generate(m, p, threshold=1.01, stats=st, **kw)
     assert torch.equal(out, generate(m, p, steps=8, **kw))
     assert st["nfe"] == 8 == st["full_nfe"]
 
@@ -113,13 +115,13 @@ def test_threshold_reveals_every_confident_position_at_once():
         return [c if v == top else 0.0 for v in range(V)]
     rows = [row(10, 20.0), row(11, 1.0), row(12, 20.0), row(13, 2.0)]  # two sure, two unsure positions
     snaps, st = [], {}
-    out = generate_fast(fixed_logits_model(rows), prompt(3), gen_length=4, block_length=4, threshold=0.9,
+    out = generate(fixed_logits_model(rows), prompt(3), gen_length=4, block_length=4, threshold=0.9,
                         callback=lambda x, s, b: snaps.append(x[0, 3:].clone()), stats=st, **GEN)
     assert out[0, 3:].tolist() == [10, 11, 12, 13]
     revealed = [(s != MASK).nonzero()[:, 0].tolist() for s in snaps]
     assert revealed == [[0, 2], [0, 2, 3], [0, 1, 2, 3]] and st["nfe"] == 3
     st = {}
-    generate_fast(fixed_logits_model(rows), prompt(3), gen_length=4, block_length=2, threshold=0.0, stats=st, **GEN)
+    generate(fixed_logits_model(rows), prompt(3), gen_length=4, block_length=2, threshold=0.0, stats=st, **GEN)
     assert st["nfe"] == 2  # one call per block
 
 
@@ -131,7 +133,7 @@ def test_every_mode_fills_the_canvas_block_by_block_and_never_remasks(mode):
     p = prompt(5, seed=5)
     snaps, st = [], {}
     kw = dict(steps=8, gen_length=8, block_length=4, **GEN, **mode_kwargs(mode, threshold=0.3))
-    out = generate_fast(m, p, callback=lambda x, s, b: snaps.append((x.clone(), b)), stats=st, **kw)
+    out = generate(m, p, callback=lambda x, s, b: snaps.append((x.clone(), b)), stats=st, **kw)
     assert torch.equal(out[:, :5], p) and not (out == MASK).any()
     prev = torch.cat([p, torch.full((1, 8), MASK)], 1)
     for x, b in snaps:
@@ -153,9 +155,9 @@ def test_fast_batched_left_padding_matches_single(mode):
     prompts = [prompt(3, seed=1)[0], prompt(7, seed=2)[0], prompt(5, seed=3)[0]]
     batch, am, P = left_padded(prompts)
     kw = dict(steps=8, gen_length=8, block_length=4, **GEN, **mode_kwargs(mode, threshold=0.2))
-    out = generate_fast(m, batch, attention_mask=am, **kw)
+    out = generate(m, batch, attention_mask=am, **kw)
     for q, o in zip(prompts, out):
-        assert torch.equal(o[P:], generate_fast(m, q[None], **kw)[0, len(q):])
+        assert torch.equal(o[P:], generate(m, q[None], **kw)[0, len(q):])
 
 
 def test_fast_with_cfg_and_image_features():
@@ -165,9 +167,9 @@ def test_fast_with_cfg_and_image_features():
     with torch.no_grad():
         f = m.encode_images(torch.rand(1, 3, 16, 16) * 2 - 1)
     kw = dict(steps=6, gen_length=6, block_length=3, cfg_scale=1.0, image_features=f, **GEN)
-    assert torch.equal(generate(m, p, **kw), generate_fast(m, p, cache="dual", refresh_every=1, **kw))
+    assert torch.equal(generate(m, p, **kw), generate(m, p, cache="dual", refresh_every=1, **kw))
     st = {}
-    out = generate_fast(m, p, cache="dual", stats=st, **kw)
+    out = generate(m, p, cache="dual", stats=st, **kw)
     assert not (out == MASK).any() and st["full_nfe"] == 2 and st["nfe"] == 6
 
 
@@ -177,7 +179,7 @@ def test_counting_model_and_bad_arguments():
     generate(cm, prompt(), steps=6, gen_length=6, block_length=3, **GEN)
     assert cm.nfe == 6
     with pytest.raises(ValueError, match="prefix"):
-        generate_fast(cm, prompt(), gen_length=4, block_length=4, steps=4, cache="kv", **GEN)
+        generate(cm, prompt(), gen_length=4, block_length=4, steps=4, cache="kv", **GEN)
     with pytest.raises(ValueError, match="threshold\\+dual"):
         mode_kwargs("turbo")
 

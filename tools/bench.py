@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoint import load_checkpoint
 from data import default_system, prompt_batch
-from diffusion import MODES, CountingModel, diffusion_loss, forward_process, generate, generate_fast, mode_kwargs
+from diffusion import LLADA_V_BANNED, MODES, diffusion_loss, forward_process, generate, mode_kwargs
 from distributed import autocast, pick_device
 from model import Block, LLaDAV, device_peak, get_config, rope_cos_sin
 from synthetic import SyntheticVQA, toy_tokenizer
@@ -237,12 +237,7 @@ def bench_sampling(model, bc, device):
         def run():
             st = {}
             with autocast(device):
-                if mode == "exact":
-                    cm = CountingModel(model)
-                    out = generate(cm, prompt, **kw)
-                    st = {"nfe": cm.nfe, "full_nfe": cm.nfe, "cache_bytes": 0}
-                else:
-                    out = generate_fast(model, prompt, stats=st, **fk, **kw)
+                out = generate(model, prompt, stats=st, **fk, **kw)
             sync(device)
             return out, st
         out, st = run()  # warm-up

@@ -80,8 +80,8 @@ def test_stale_cache_is_approximate_and_refresh_fixes_it():
 
 @pytest.mark.parametrize("cache", [None, "prefix", "dual"])
 def test_fast_path_with_refresh_every_step_is_token_identical_to_exact(cache):
-    """One token per step (steps = gen_length) and the cache re-recorded every step: generate_fast gives the
-    exact sampler's tokens, step by step, over several semi-autoregressive blocks and several prompts."""
+    """One token per step (steps = gen_length) and the cache re-recorded every step: the cached modes give
+    the exact sampler's tokens, step by step, over several semi-autoregressive blocks and several prompts."""
     m = lm_fn(tiny_llm(1))
     for seed in range(3):
         p = prompt(6, seed=seed)
@@ -185,6 +185,109 @@ def test_counting_model_and_bad_arguments():
 
 
 # ----------------------------------------------------------------------------------------------
+# Against the frozen pre-merge generate_fast (tests/reference_samplers.py)
+
+def fast_cases():
+    """(name, model, prompt, kwargs) of the situations the fast tests above exercise."""
+    batch, am, _ = left_padded([prompt(3, seed=1)[0], prompt(7, seed=2)[0], prompt(5, seed=3)[0]])
+    vlm, vp = tiny_vlm_and_prompt()
+    with torch.no_grad():
+        f = vlm.encode_images(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    return [
+        ("3 blocks", lm_fn(tiny_llm(1)), prompt(6, seed=0), dict(steps=12, gen_length=12, block_length=4)),
+        ("left padding", lm_fn(tiny_llm(4)), batch, dict(steps=8, gen_length=8, block_length=4, attention_mask=am)),
+        ("image, CFG", vlm, vp, dict(steps=6, gen_length=6, block_length=3, cfg_scale=1.0, image_features=f)),
+        ("T = 1, flags", lm_fn(tiny_llm(2)), prompt(5, seed=4), dict(steps=8, gen_length=8, block_length=4,
+                                                                    temperature=1.0, logits_eos_inf=True,
+                                                                    confidence_eos_eot_inf=True)),
+    ]
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "exact"])
+@pytest.mark.parametrize("refresh_every", [0, 2])
+def test_fast_modes_are_the_frozen_generate_fast(mode, refresh_every):
+    """Every fast mode (threshold 0.3 and 1.01, refresh at block starts or every 2 steps) gives the frozen
+    generate_fast's tokens at every step and the same statistics (nfe, full_nfe, positions, cache_bytes), on a
+    multi-block prompt, a left-padded batch, LLaDA-V with an image and CFG, and T > 0 with both EOS flags.
+    ('exact' is the official mode, tested against the frozen generate in test_diffusion.py: at T > 0 it draws the
+    noise over the whole sequence as generate.py does, where generate_fast drew it over the block.)"""
+    for name, m, p, kw in fast_cases():
+        for tau in (0.3, 1.01):
+            runs = []
+            for sampler in (generate, ref.generate_fast):
+                snaps, st = [], {}
+                torch.manual_seed(3)
+                out = sampler(m, p, refresh_every=refresh_every, stats=st, **GEN, **kw, **mode_kwargs(mode, tau),
+                              callback=lambda x, s, b: snaps.append((x.clone(), s, b)))
+                runs.append((out, snaps, st))
+            (a, sa, ta), (b, sb, tb) = runs
+            assert torch.equal(a, b) and ta == tb, (name, tau)
+            assert len(sa) == len(sb) and all(torch.equal(u, v) and s == t and c == d
+                                              for (u, s, c), (v, t, d) in zip(sa, sb)), (name, tau)
+            if not MODES[mode]["threshold"]:
+                break  # tau is unused
+
+
+def test_fast_modes_with_llada_v_options():
+    """LLaDA-V's options (banned ids, a stop, a suffix) combine with the caches and the threshold: one token per
+    step and the cache refreshed every step is LLaDA-V's exact sampler, stop and early end included; with the
+    cache kept for the whole block the answer is still cut at the stop and carries the suffix."""
+    m, p = tiny_vlm_and_prompt(2)
+    with torch.no_grad():
+        f = m.encode_images(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1)
+    kw = dict(gen_length=8, block_length=4, mask_id=MASK, banned_ids=(62,), suffix=[5], image_features=f)
+    (free,) = generate(m, p, steps=8, stop_sequences=[], **kw)
+    stops = [[free[2]]]
+    exact_st = {}
+    (exact,) = generate(m, p, steps=8, stop_sequences=stops, stats=exact_st, **kw)
+    assert len(exact) <= 3 and exact[-1] == 5 and exact_st["nfe"] < 8
+    for mode in ("threshold", "threshold+prefix", "threshold+dual"):
+        st = {}
+        (out,) = generate(m, p, stop_sequences=stops, refresh_every=1, stats=st, **kw, **mode_kwargs(mode, 1.01))
+        assert out == exact and st == dict(exact_st, cache_bytes=st["cache_bytes"]), mode
+    for mode in ("prefix", "dual", "threshold+dual"):
+        (out,) = generate(m, p, steps=8, stop_sequences=stops, **kw, **mode_kwargs(mode, 0.5))
+        assert out[-1] == 5 and free[2] not in out[:-1], mode
+
+
+def test_official_model_cli_fast_mode_equals_exact(tmp_path, capsys, monkeypatch):
+    """sample.py --checkpoint=<Hugging Face dir> with --mode=threshold+dual: a tiny LLaDA-V saved with the real key
+    names (checkpoint.save_pretrained) and the toy tokenizer. With the cache refreshed every step and one token
+    revealed per step (a threshold above 1, steps = gen_length) the answer is the exact sampler's, with as many
+    model calls; with the default refresh the cached mode runs with fewer full passes."""
+    import sample
+    from checkpoint import save_pretrained
+    from model import LLaDAConfig, LLaDAV, LLaDAVConfig
+    from vision import VisionConfig
+    from PIL import Image
+    torch.manual_seed(0)
+    cfg = LLaDAVConfig(lm=LLaDAConfig(vocab_size=512, d_model=16, n_layers=1, n_heads=2, mlp_hidden=32),
+                       vision=VisionConfig(image_size=28, patch_size=14, d_model=8, n_layers=2, n_heads=2,
+                                           mlp_hidden=16), tokenizer="toy")
+    m = LLaDAV(cfg)
+    m.init_weights()
+    save_pretrained(m, tmp_path / "v")
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "g.png")
+    common = [f"--checkpoint={tmp_path / 'v'}", "--tokenizer=toy", f"--image={tmp_path / 'g.png'}",
+              "--question=What color?", "--gen_length=8", "--block_length=4", "--dtype=fp32"]
+
+    answers = []  # the answer ids the one sampler returns (the decoded text of a random model is mostly U+FFFD)
+    real = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **kw: answers.append(real(*a, **kw)) or answers[-1])
+
+    def run(*extra):
+        sample.main(common + list(extra))
+        out = capsys.readouterr().out
+        calls = out.split(" decoding: ")[1].split(" model calls (")
+        return answers[-1], out.split("answer:   ")[1].split("\n")[0], int(calls[0]), int(calls[1].split(" full")[0])
+    exact = run("--steps=8")
+    fast = run("--mode=threshold+dual", "--threshold=1.5", "--refresh_every=1")
+    assert exact == fast and exact[2] == exact[3] and len(exact[0][0]) > 0
+    cached = run("--mode=dual", "--steps=8", "--stop=,")  # no stop string: every step of both blocks runs
+    assert cached[2:] == (8, 2)  # one full pass per block, the rest on the cached keys/values
+
+
+# ----------------------------------------------------------------------------------------------
 # sample.py --eval / --gif, the animation, tools/bench.py
 
 @pytest.fixture(scope="module")
@@ -227,6 +330,31 @@ def test_sample_gif(checkpoint, tmp_path, capsys):
         return im.convert("RGB").getpixel((x, y))
     assert all(cell(0, i) == animate.MASK_FILL for i in range(12))
     assert all(cell(im.n_frames - 1, i) != animate.MASK_FILL for i in range(12))
+
+
+def test_inference_dtype_choice():
+    """REFERENCE 11.3: --dtype=auto loads the official weights in float16 on CUDA (the official inference precision)
+    and keeps the checkpoint's dtype (None) on a CPU; a named dtype wins anywhere; an unknown one is one clear error."""
+    import sample
+    assert sample.inference_dtype("auto", torch.device("cuda")) == torch.float16
+    assert sample.inference_dtype("auto", torch.device("cpu")) is None
+    assert sample.inference_dtype("bf16", torch.device("cuda")) == torch.bfloat16
+    assert sample.inference_dtype("fp32", torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="--dtype=int3: use auto or one of bf16, fp16, fp32"):
+        sample.inference_dtype("int3", torch.device("cpu"))
+
+
+def test_lmms_eval_decoding_option():
+    """REFERENCE 11.7: lmms_eval=True skips special tokens and strips ONE trailing "." (then white space); the
+    default decodes every token and strips white space only."""
+    import sample
+    from synthetic import toy_tokenizer
+    tok = toy_tokenizer()
+    ids = tok.encode(" red..") + [tok.eot_id]
+    assert sample.decode_answer(tok, ids) == "red..<|eot_id|>"
+    assert sample.decode_answer(tok, ids, lmms_eval=True) == "red."
+    assert sample.decode_answer(tok, tok.encode(" a circle. "), lmms_eval=True) == "a circle."  # the dot is not last
+    assert sample.decode_answer(tok, tok.encode("<|startoftext|>blue.") + [tok.eos_id], lmms_eval=True) == "blue"
 
 
 def test_step_colours_run_blue_to_red():

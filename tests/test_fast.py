@@ -379,6 +379,21 @@ def test_bench_runs_and_prints_every_mode(capsys):
         bench.main(["--nope=1"])
 
 
+def test_bench_official_path(capsys):
+    """tools/bench.py --official=1 at a tiny width: the real vocabulary, a 640x480 image in anyres_max_4 = 2,929
+    visual tokens, one markdown row per mode; the exact sampler makes `steps` full passes, the dual cache one per
+    block, and the first row agrees with itself."""
+    from tools import bench
+    bench.main(["--official=1", "--lm.d_model=32", "--lm.n_layers=1", "--lm.n_heads=2", "--lm.mlp_hidden=64",
+                "--vision.n_layers=2", "--vision.d_model=16", "--vision.n_heads=2", "--vision.mlp_hidden=32",
+                "--repeats=1", "--gen_length=4", "--block_length=2", "--steps=4", "--modes=exact,dual,threshold"])
+    out = capsys.readouterr().out
+    assert "vocabulary 126,464" in out and "5 crops -> 2,929 visual tokens" in out and "prompt 2,959 tokens" in out
+    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| mode")]
+    assert [r.split("|")[1].strip() for r in rows] == ["exact", "dual", "threshold"]
+    assert "| 4 (4) | 1.00x | 100% |" in rows[0] and "| 4 (2) |" in rows[1] and "| 4 (4) |" in rows[2]
+
+
 def test_flop_counter_sees_the_model():
     """The counted FLOPs of one training step are ~ 6 x parameters x tokens (language-model layers over the
     whole sequence, vision layers over the patches) plus attention and the head on masked rows: a sanity

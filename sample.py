@@ -77,16 +77,20 @@ def answer(model, tok, images, questions, gen_length=16, steps=16, block_length=
 
 def evaluate(model, tok, samples, batch_size=100, blank=False, **gen):
     """Exact-match accuracy per question kind on `samples` (image, question, answer, kind); for
-    'describe' also the per-object accuracy. blank=True replaces every image by an empty canvas."""
+    'describe' also the per-object accuracy. blank=True replaces every image by an empty canvas.
+    gen: answer()'s sampling options, decoding mode included (train.py's report and --eval use it).
+    Returns {kind: accuracy, "all": accuracy over every question, "describe_objects", "n"}."""
     was_training = model.training
-    model.eval()
+    model.eval()  # dropout-free and deterministic at T = 0; the training mode is put back at the end
     size = samples[0][0].size[0]
     hits, n, obj_hit, obj_n = defaultdict(int), defaultdict(int), 0, 0
     for i in range(0, len(samples), batch_size):
+        # one left-padded batch of questions through the one sampler (diffusion.generate)
         chunk = samples[i:i + batch_size]
+        # blank=True: the same questions about an empty canvas, a baseline for how much the image is used
         imgs = [draw([], size, blank=True) if blank else s[0] for s in chunk]
         preds = answer(model, tok, imgs, [s[1] for s in chunk], **gen)
-        for (_, _, truth, kind), pred in zip(chunk, preds):
+        for (_, _, truth, kind), pred in zip(chunk, preds):  # score: exact match, plus objects for 'describe'
             exact, oh, on = score(kind, pred, truth)
             hits[kind] += exact
             n[kind] += 1
@@ -173,7 +177,10 @@ def answer_pretrained(model, tok, image, question, history=(), think=None, gen_l
 
 
 def main_pretrained(args, device):
-    """sample.py --checkpoint=<Hugging Face dir>: the official LLaDA-V (or LLaDA) weights."""
+    """sample.py --checkpoint=<Hugging Face dir>: the official LLaDA-V (or LLaDA) weights, one question or
+    a --chat, through answer_pretrained and so the one sampler, in any --mode (fast decoding included).
+    Defaults are the official demo's: steps = gen_length = block_length = 128, T = 0, <|eot_id|> stop,
+    float16 on CUDA (inference_dtype). Prints each answer with its decoding mode, model calls and time."""
     from checkpoint import from_pretrained
     from tokenizer import get_tokenizer as load_tokenizer
     try:
@@ -189,16 +196,18 @@ def main_pretrained(args, device):
         sys.exit(str(e))
     print(f"loaded {args['checkpoint']} ({type(model).__name__}, {next(model.parameters()).dtype}) on {device} "
           f"in {time.time() - t0:.1f}s")
+    # sampling options: unset lengths default to the official demo's (128 / 128 / 128, one block)
     G = int(args["gen_length"] or 128)
     gen = dict(gen_length=G, steps=int(args["steps"] or G), block_length=int(args["block_length"] or G),
                temperature=float(args["temperature"]), cfg_scale=float(args["cfg_scale"]),
                remasking=args["remasking"], think=args["think"], mode=args["mode"],
                threshold=float(args["threshold"]), refresh_every=int(args["refresh_every"]),
                stop=tuple(x.replace("\\n", "\n").replace("\\t", "\t") for x in args["stop"].split(",")))  # typed \n, \t: newline, tab
-    if args["show_steps"]:
+    if args["show_steps"]:  # the first row's canvas after every step: "_" for a mask, else the token
         gen["callback"] = lambda x, step, block: print(f"step {step + 1:3d} (block {block}): " + " ".join(
             "_" if t == tok.mask_id else repr(tok.decode([t]))[1:-1] for t in x[0, -G:].tolist()))
-    torch.manual_seed(int(args["seed"]))
+    torch.manual_seed(int(args["seed"]))  # T > 0 or random remasking: a reproducible draw
+    # history: the earlier (question, answer) turns of a --chat, re-rendered through the template each turn
     history, question = [], args["question"] or (None if args["chat"] else "Describe the image." if img else "")
     if question == "":
         sys.exit("no --image and no --question: pass --question=\"...\" (or --chat to type questions)")
@@ -219,15 +228,17 @@ def main_pretrained(args, device):
               f"({stats['full_nfe']} full), gen_length {G}, block_length {gen['block_length']}, {time.time() - t0:.2f}s)")
         if not args["chat"]:
             return
-        history.append((question, text))
+        history.append((question, text))  # the next turn's prompt carries this answer
         question = None
 
 
 def eval_modes(model, tok, samples, modes, batch_size=1, **gen):
-    """Held-out accuracy, model calls and wall time for each decoding mode -> list of result dicts."""
+    """Held-out accuracy, model calls and wall time for each decoding mode -> list of result dicts (evaluate()'s,
+    plus mode, seconds, and nfe / full_nfe: model calls / full-sequence passes per batch). Every mode answers the
+    same questions with the same sampler, so the rows differ only in the decoding options."""
     rows = []
     for mode in modes:
-        stats = {}
+        stats = {}  # answer() adds each batch's calls here
         t0 = time.perf_counter()
         res = evaluate(model, tok, samples, batch_size=batch_size, mode=mode, stats=stats, **gen)
         res.update(mode=mode, seconds=time.perf_counter() - t0,

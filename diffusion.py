@@ -1,6 +1,6 @@
 """
-Masked diffusion: the forward (masking) process, the likelihood-bound loss, and the reverse-process
-sampler with low-confidence remasking.
+Masked diffusion: the forward (masking) process, the likelihood-bound loss, the one reverse-process
+sampler (low-confidence remasking, with LLaDA-V's and fast decoding's options), and the likelihood.
 
 Where this sits in the flow:  image -> ViT -> projector -> token sequence -> [masked diffusion].
 
@@ -14,17 +14,45 @@ Loss: cross-entropy on the masked tokens weighted by 1/p_mask, an upper bound on
     SFT / LLaDA-V: L = 1/B  sum_b  1/|A_b|  sum_{i masked} CE(f(x_t)_i, x_0^i) / p_mask_b
 where |A_b| is sample b's number of maskable (answer) positions, EOS padding included.
 
-Reverse process (the official generate.py, REFERENCE 5.1). Start from the prompt followed by
-gen_length [MASK]s, split the canvas into blocks of block_length, give each block
-steps / n_blocks steps, and at every step:
+Reverse process: ONE sampler, `generate`, for every model and entry point (REFERENCE 5.1, 5.2, 11.5,
+11.6). Its defaults are the official LLaDA generate.py, bit for bit. Start from the prompt followed by
+gen_length [MASK]s (and an optional fixed suffix), split the canvas into blocks of block_length, and at
+every step, on the logits of a window of positions:
     x0_hat  = argmax(logits + Gumbel noise at temperature T)            (float64 noise)
     conf_i  = softmax(logits)_i[x0_hat_i]   ('low_confidence')  or U(0,1) ('random')
-    conf_i  = -inf  where i is not masked or lies after the current block
-    reveal the k_s most confident positions, k_s from the even schedule  k = m // s (+1 for the
-    first m % s steps), m = masks in the block at its start, s = steps per block.
-Revealed tokens are never masked again. Unsupervised classifier-free guidance (cfg_scale w > 0):
+    conf_i  = -inf  unless i is masked, in the window, before the current block's end (and the stop)
+    reveal the k most confident positions,
+        k = k_s from the even schedule  m // s (+1 for the first m % s steps), m = masks in the block at
+            its start, s = steps / n_blocks                                        (official), or
+        k = #{i : conf_i > tau}, at least 1                       (confidence threshold, Fast-dLLM)
+Revealed tokens are never masked again. Unsupervised classifier-free guidance (cfg_scale w > 0), written
+once (cfg_logits) and shared with the likelihood:
     logits = u + (w + 1)(c - u),   c = f(x),  u = f(x with every prompt position -> [MASK]).
-(Fast decoding, below, adds approximate KV caches and confidence-threshold parallel decoding.)
+Options of the same loop:
+  - LLaDA-V (modeling_llada.py::generate_with_embeds), switched on by stop_sequences (a list): banned ids
+    (EOS, BOS, header ids) get -inf logits, the confidence is a float64 softmax, the canvas is scanned for
+    stop sequences after every step (the first LISTED one found wins, then only the first is re-scanned),
+    confidence is -inf from the stop on, the loop ends once every mask before the stop is filled (or a
+    block is full), and the answer is x[P:stop] followed by the suffix ids.
+  - Fast decoding (Fast-dLLM, Wu et al. 2025): an approximate KV cache and/or the threshold rule above.
+The window is what the logits are computed and noised over: the whole sequence (official: the same
+random draws as generate.py), the canvas (LLaDA-V: a float64 softmax over a 3,000-token anyres prompt x
+126,464 ids would take 3 GB), or the current block (fast decoding).
+
+Approximate KV cache. The exact sampler runs the whole sequence x = prompt ++ canvas (length L) through
+the model at every step: NFE = steps full passes. Attention is bidirectional, so no key/value is ever
+exactly reusable: every revealed token changes every other token's hidden states. But within one
+semi-autoregressive block only the block's tokens change, and the keys/values elsewhere drift little.
+So, per block:
+    step 0 of the block:  a full pass over x (B, L); record K_l, V_l (B, H, L, hd) of every layer l
+    later steps:          recompute only a span of queries, attend to   K = [cached | fresh span | cached]
+        prefix cache:  span = [block start, L)          (the prompt and finished blocks are cached)
+        dual cache:    span = [block start, block end)  (the masked blocks after it are cached too)
+The cost of a cached step is ~ span / L of a full pass. `refresh_every=k` re-records the cache every k
+steps inside a block as well; with k = 1 every step is a full pass and the sampler is exact.
+Why the threshold rule is safe (Fast-dLLM, Theorem 1, roughly): when each revealed marginal is close to
+1, the product of the marginals and the true joint have the same argmax, so revealing them together
+agrees with revealing them one at a time. Easy positions (EOS padding) fall in one step.
 
 Log-likelihood (the official get_log_likelihood.py, REFERENCE 6). For a prompt p and an answer a of
 length A, the bound of LLaDA Eq. 6 with the number of masks l drawn uniformly:
@@ -34,35 +62,6 @@ Monte Carlo with stratified counts: per mini-batch of b copies, k ~ U{1..A} and
 each copy masks l_j random answer positions; the estimate is minus the mean over mini-batches of
     1/b sum_j (A / l_j) sum_{i masked in copy j} CE_i.
 Multiple choice: score every choice this way and pick the highest (lm-eval's loglikelihood).
-
-Fast decoding (Fast-dLLM, Wu et al. 2025): approximate KV caches and confidence-threshold parallel
-decoding on top of the official sampler.Wu et al. 2025), on top of the official low-confidence sampler of diffusion.py.
-
-
-The exact sampler (diffusion.generate) runs the whole sequence x = prompt ++ canvas (length L) through
-the model at every step: NFE = steps full passes. Two independent tricks cut that cost:
-
-1. Approximate KV cache. Attention is bidirectional, so no key/value is ever exactly reusable: every
-   revealed token changes every other token's hidden states. But within one semi-autoregressive block
-   only the block's tokens change, and the keys/values elsewhere drift little. So, per block:
-       step 0 of the block:  a full pass over x (B, L); record K_l, V_l (B, H, L, hd) of every layer l
-       later steps:          recompute only a span of queries, attend to   K = [cached | fresh span | cached]
-           prefix cache:  span = [block start, L)          (the prompt and finished blocks are cached)
-           dual cache:    span = [block start, block end)  (the masked blocks after it are cached too)
-   The cost of a cached step is ~ span / L of a full pass. `refresh_every=k` re-records the cache every
-   k steps inside a block as well; with k = 1 every step is a full pass and the sampler is exact.
-
-2. Confidence-threshold parallel decoding. Instead of the fixed schedule (m / s tokens per step),
-   reveal every masked position i of the current block whose confidence c_i = p(x0_hat_i) > tau, and
-   at least the single most confident one, until the block is full. Easy positions (EOS padding)
-   fall in one step; hard ones get their own. NFE per block <= block_length, usually far fewer.
-   Why it is safe (Fast-dLLM, Theorem 1, roughly): when each revealed marginal is close to 1, the
-   product of the marginals and the true joint have the same argmax, so revealing them together
-   agrees with revealing them one at a time.
-
-Everything else (Gumbel noise in float64, confidence from the un-noised softmax, CFG, the two *_inf
-flags, left-padded batches) is the official sampler's. At T > 0 the noise is drawn over the block only,
-so random samples differ from diffusion.generate's for the same seed (same distribution).
 """
 import torch
 import torch.nn.functional as F
@@ -133,7 +132,7 @@ def diffusion_loss(logits_masked, labels, masked, p_mask, mode: str = "sft", wei
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampler
+# Sampler: the pieces (noise, schedule, CFG, stop scan, KV cache), then the one loop
 
 def add_gumbel_noise(logits, temperature: float):
     """argmax(exp(l) / (-log U)^T) = argmax(l / T + Gumbel): a sample from softmax(l / T). In float64,
@@ -156,166 +155,11 @@ def get_num_transfer_tokens(block_mask_index, steps: int):
     return num
 
 
-@torch.no_grad()
-def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
-             temperature=0.0, cfg_scale=0.0, remasking="low_confidence", mask_id=126336,
-             logits_eos_inf=False, confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
-             callback=None, **model_kwargs):
-    """The official LLaDA sampler (generate.py), with its argument names and defaults.
-
-    model: called as model(x, attention_mask=..., **model_kwargs) -> logits (B, L, V); for LLaDA-V pass
-        image_features=... (see model.LLaDAV.forward), computed once outside the loop.
-    prompt: (B, P) token ids (IMAGE_TOKEN_INDEX placeholders allowed), left-padded when B > 1;
-    attention_mask: (B, P) or None.  eos_id / eot_id: the ids the two *_inf flags refer to.
-    callback(x, step, block): called after each step with the canvas (B, P + gen_length).
-    Returns x (B, P + gen_length): the prompt followed by the generated tokens."""
-    if gen_length % block_length:
-        raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block_length}; "
-                         f"pick a block_length that divides it")
-    num_blocks = gen_length // block_length
-    if steps % num_blocks:
-        raise ValueError(f"steps={steps} is not divisible by the {num_blocks} blocks "
-                         f"(gen_length / block_length); use a multiple of {num_blocks}")
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"remasking={remasking!r}: use 'low_confidence' or 'random'")
-    steps_per_block = steps // num_blocks
-    B, P = prompt.shape
-    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)
-    x[:, :P] = prompt
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype,
-                                                               device=prompt.device)], dim=1)
-    prompt_index = x != mask_id  # (B, P + G): the prompt (image included); used by CFG
-
-    for nb in range(num_blocks):
-        start, end = P + nb * block_length, P + (nb + 1) * block_length
-        num_transfer_tokens = get_num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
-        for i in range(steps_per_block):
-            mask_index = x == mask_id
-            if cfg_scale > 0:
-                un_x = x.clone()
-                un_x[prompt_index] = mask_id  # the unconditional branch sees no prompt and no image
-                am = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-                logits = model(torch.cat([x, un_x]), attention_mask=am, **model_kwargs)
-                cond, uncond = logits.chunk(2)
-                logits = uncond + (cfg_scale + 1) * (cond - uncond)
-            else:
-                logits = model(x, attention_mask=attention_mask, **model_kwargs)  # (B, L, V)
-            if logits_eos_inf:
-                logits[:, :, eos_id] = -torch.inf
-            logits_with_noise = add_gumbel_noise(logits, temperature)
-            x0 = torch.argmax(logits_with_noise, dim=-1)  # (B, L)
-            if confidence_eos_eot_inf:
-                # Official quirk, kept: the chained assignment hits EOS in the noised logits and EoT in the
-                # clean ones, *after* the argmax. At T = 0 both are one tensor, so both get confidence 0.
-                logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
-            if remasking == "low_confidence":
-                p = F.softmax(logits, dim=-1)
-                x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)  # (B, L) confidence of the choice
-            else:
-                x0_p = torch.rand(x0.shape, device=x0.device)
-            x0_p[:, end:] = -torch.inf  # never reveal past the current block (semi-autoregressive)
-            x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, torch.full_like(x0_p, -torch.inf))
-            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
-            for j in range(B):
-                _, select = torch.topk(confidence[j], k=int(num_transfer_tokens[j, i]))
-                transfer_index[j, select] = True
-            x[transfer_index] = x0[transfer_index]
-            if callback is not None:
-                callback(x, nb * steps_per_block + i, nb)
-    return x
-
-
-# ----------------------------------------------------------------------------------------------
-# LLaDA-V's sampler (modeling_llada.py::generate_with_embeds, REFERENCE 5.2)
-
-# Never generated by LLaDA-V: EOS, BOS and the two header ids get -inf logits at masked positions, so an
-# answer ends with <|eot_id|> (a stop string) rather than EOS padding.
-LLADA_V_BANNED = (126081, 126080, 126346, 126347)
-
-
-def find_stop(tokens, stop_sequences):
-    """First position in `tokens` (a list) where one of the stop sequences (lists of ids) starts, or None."""
-    for i in range(len(tokens)):
-        if any(s and tokens[i:i + len(s)] == list(s) for s in stop_sequences):
-            return i
-    return None
-
-
-@torch.no_grad()
-def generate_llada_v(model, prompt, steps=128, gen_length=128, block_length=128, temperature=0.0,
-                     cfg_scale=0.0, remasking="low_confidence", mask_id=126336, banned_ids=LLADA_V_BANNED,
-                     stop_sequences=((126348,),), suffix=None, callback=None, **model_kwargs):
-    """generate() with LLaDA-V's differences, batch size 1 as in the official code:
-      - banned_ids get -inf logits (the canvas is never filled with EOS);
-      - the low-confidence softmax is taken in float64;
-      - suffix: fixed ids after the canvas that are never overwritten (generation_suffix);
-      - after every step the canvas is scanned for the first stop sequence (default <|eot_id|>); from there
-        on confidence is -inf, generation ends once every mask before it is filled (blocks past it are
-        skipped), and the answer is cut just before it.
-    model(x, **model_kwargs) -> logits (1, L, V). Returns the answer's token ids (a list)."""
-    if prompt.shape[0] != 1:
-        raise ValueError(f"generate_llada_v takes one prompt (batch 1, like the official code), got {prompt.shape[0]}")
-    if gen_length % block_length or steps % (gen_length // block_length):
-        raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}, and steps={steps} "
-                         f"a multiple of the number of blocks")
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"remasking={remasking!r}: use 'low_confidence' or 'random'")
-    P, steps_per_block = prompt.shape[1], steps // (gen_length // block_length)
-    tail = torch.tensor([list(suffix or [])], dtype=torch.long, device=prompt.device)
-    x = torch.cat([prompt, torch.full((1, gen_length), mask_id, dtype=torch.long, device=prompt.device), tail], 1)
-    prompt_index = torch.zeros_like(x, dtype=torch.bool)
-    prompt_index[:, :P] = True
-    stop = None  # position of the first stop sequence in the canvas
-    for nb in range(gen_length // block_length):
-        start, end = P + nb * block_length, P + (nb + 1) * block_length
-        if stop is not None and P + stop <= start:
-            break
-        num_transfer_tokens = get_num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
-        for i in range(steps_per_block):
-            mask_index = x == mask_id
-            allowed = mask_index.clone()
-            allowed[:, end:] = False
-            if stop is not None:
-                allowed[:, P + stop:] = False
-            if not allowed.any():  # the block (or everything before the stop) is filled: stop early
-                break
-            if cfg_scale > 0:
-                un_x = x.clone()
-                un_x[prompt_index] = mask_id  # the prompt, image included, becomes [MASK]
-                cond, uncond = model(torch.cat([x, un_x]), **model_kwargs).chunk(2)
-                logits = uncond + (cfg_scale + 1) * (cond - uncond)
-            else:
-                logits = model(x, **model_kwargs)  # (1, L, V)
-            # only canvas positions are ever revealed: keep their logits (a float64 softmax over a
-            # 3,000-token anyres prompt x 126,464 ids would take 3 GB)
-            logits = logits[:, P:P + gen_length]  # (1, G, V)
-            logits[:, :, list(banned_ids)] = -torch.inf
-            x0 = torch.argmax(add_gumbel_noise(logits, temperature), dim=-1)
-            if remasking == "low_confidence":
-                p = F.softmax(logits.to(torch.float64), dim=-1)
-                x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
-            else:
-                x0_p = torch.rand(x0.shape, device=x0.device, dtype=torch.float64)
-            confidence = torch.where(allowed[:, P:P + gen_length], x0_p, -torch.inf)  # (1, G)
-            k = min(int(num_transfer_tokens[0, i]), int(allowed.sum()))
-            select = torch.topk(confidence[0], k).indices
-            x[0, P + select] = x0[0, select]
-            s = find_stop(x[0, P:P + gen_length].tolist(), stop_sequences)
-            if s is not None:
-                stop = s if stop is None else min(stop, s)
-            if callback is not None:
-                callback(x, nb * steps_per_block + i, nb)
-    answer = x[0, P:P + gen_length].tolist()
-    return answer[:stop] if stop is not None else answer
-
-
-# Classifier-free guidance, log-likelihood bound, multiple choice
-
 def cfg_logits(model, x, prompt_index, cfg_scale, mask_id, attention_mask=None, **model_kwargs):
-    """model logits for x (B, L), with unsupervised CFG when cfg_scale > 0: one call on [x; x with every
-    prompt_index position -> mask_id], then u + (w + 1)(c - u). The same formula as generate()'s."""
+    """Model logits for x (B, L), with unsupervised classifier-free guidance when cfg_scale w > 0: one call on
+    the batch [x; x with every prompt_index position -> mask_id] (the unconditional half sees no prompt and
+    no image), then u + (w + 1)(c - u). The only place CFG is written (the sampler and the likelihood use it).
+    model_kwargs go to the call as they are (an output_positions mask must then cover the 2B rows)."""
     if cfg_scale <= 0:
         return model(x, attention_mask=attention_mask, **model_kwargs)
     un_x = x.clone()
@@ -324,6 +168,263 @@ def cfg_logits(model, x, prompt_index, cfg_scale, mask_id, attention_mask=None, 
     cond, uncond = model(torch.cat([x, un_x]), attention_mask=am, **model_kwargs).chunk(2)
     return uncond + (cfg_scale + 1) * (cond - uncond)
 
+
+# Never generated by LLaDA-V: EOS, BOS and the two header ids get -inf logits, so an answer ends with
+# <|eot_id|> (a stop sequence) rather than EOS padding (REFERENCE 5.2).
+LLADA_V_BANNED = (126081, 126080, 126346, 126347)
+
+
+def first_occurrence(canvas, seq):
+    """canvas (B, G) ids, seq a list of n ids -> (B,) start of seq's first occurrence in each row, G where
+    it does not occur. A masked position matches nothing, so a stop is found only once fully revealed."""
+    B, G = canvas.shape
+    if len(seq) > G:
+        return torch.full((B,), G, dtype=torch.long, device=canvas.device)
+    windows = canvas.unfold(1, len(seq), 1)                                     # (B, G - n + 1, n)
+    hit = (windows == torch.tensor(seq, device=canvas.device)).all(-1)         # (B, G - n + 1)
+    start = torch.arange(hit.shape[1], device=canvas.device).expand_as(hit)
+    return torch.where(hit, start, G).min(1).values
+
+
+def find_stop(canvas, stop_sequences, stop):
+    """LLaDA-V's stop scan after one step (REFERENCE 11.5), for a batch. canvas (B, G) ids; stop (B,) the
+    stop position so far (G = none yet) -> the new stop (B,). As the official loop does:
+      - a row with no stop yet takes the FIRST LISTED sequence that occurs in its canvas (at that
+        sequence's first occurrence), not the earliest position of any sequence;
+      - a row that has a stop re-scans only stop_sequences[0] and keeps the smaller position.
+    Official quirk, kept: with stops ["\\n", "<|eot_id|>"] (lmms-eval's ChartQA order) a later "\\n" before
+    a found <|eot_id|> moves the stop to it; with the order reversed, a found "\\n" is never moved by
+    another "\\n" revealed before it. With one stop sequence both rules are "cut at its first occurrence"."""
+    G = canvas.shape[1]
+    new, pending = stop.clone(), stop >= G                                      # pending: no stop yet
+    for n, seq in enumerate(stop_sequences):
+        pos = first_occurrence(canvas, seq)                                     # (B,)
+        if n == 0:  # rows with a stop: only the first sequence is looked at again
+            new = torch.where(pending, new, torch.minimum(stop, pos))
+        hit = pending & (pos < G)
+        new = torch.where(hit, pos, new)
+        pending = pending & ~hit
+    return new
+
+
+class KVCache:
+    """Every layer's keys and values (B, H, L, hd) of one full forward pass, for the approximate caches
+    of fast diffusion decoding (Fast-dLLM; see the module docstring). A diffusion LM attends both ways, so
+    cached keys go stale as soon as any token changes; the sampler decides when to refresh (record) them.
+
+        cache = KVCache(); model(x, cache=cache)      # record: a full pass, keys/values stored
+        cache.span = (s, e); model(x, cache=cache)    # reuse: only x[:, s:e] is recomputed, its fresh
+                                                      # keys/values overwrite the cache's s..e-1
+    prefix cache: span = (block start, L);  dual cache: span = (block start, block end)."""
+
+    def __init__(self):
+        self.k, self.v, self.span = [], [], None
+
+    def update(self, layer, k, v):
+        if self.span is None:                 # recording pass: k, v cover the whole sequence
+            if layer == len(self.k):
+                self.k.append(k)
+                self.v.append(v)
+            else:
+                self.k[layer], self.v[layer] = k, v
+            return k, v
+        s, e = self.span
+        self.k[layer][:, :, s:e] = k          # in place: the span is recomputed at every step anyway
+        self.v[layer][:, :, s:e] = v
+        return self.k[layer], self.v[layer]
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+CACHES = (None, "prefix", "dual")
+
+
+def reveal(x, logits, lo, allowed, k, threshold=None, temperature=0.0, remasking="low_confidence",
+           float64=False, logits_eos_inf=False, confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
+           banned_ids=()):
+    """One reverse step, shared by every mode: x (B, L) is updated in place.
+    logits (B, W, V): the model's logits at positions lo..lo+W-1 (the window); allowed (B, L) bool: where
+    a token may be revealed (masked, in the window, before the block's end and the stop); k (B,) the
+    schedule's count, or None with a threshold tau: every allowed position with confidence > tau, at
+    least one. Never more than the allowed count (see generate() on the official LLaDA-V code)."""
+    B, W = logits.shape[:2]
+    if logits_eos_inf:
+        logits[:, :, eos_id] = -torch.inf
+    if banned_ids:  # LLaDA-V bans them at masked positions; elsewhere a ban changes nothing (never revealed)
+        logits[:, :, list(banned_ids)] = -torch.inf
+    logits_with_noise = add_gumbel_noise(logits, temperature)
+    x0 = torch.argmax(logits_with_noise, dim=-1)                                # (B, W)
+    if confidence_eos_eot_inf:
+        # Official quirk, kept: the chained assignment hits EOS in the noised logits and EoT in the clean
+        # ones, *after* the argmax. At T = 0 both are one tensor, so both get confidence 0.
+        logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
+    if remasking == "low_confidence":  # p(x0_hat): un-noised softmax, in float64 for LLaDA-V
+        p = F.softmax(logits.to(torch.float64) if float64 else logits, dim=-1)
+        x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)                   # (B, W)
+    else:
+        x0_p = torch.rand(x0.shape, device=x0.device, dtype=torch.float64 if float64 else None)
+    # confidence over the whole sequence (-inf outside the window), so that top-k sees the same vector,
+    # and breaks ties the same way, as the official code
+    confidence = torch.full(x.shape, -torch.inf, dtype=x0_p.dtype, device=x.device)   # (B, L)
+    confidence[:, lo:lo + W] = torch.where(allowed[:, lo:lo + W], x0_p, -torch.inf)
+    n_allowed = allowed.sum(1).tolist()
+    transfer = torch.zeros_like(allowed)
+    for j in range(B):
+        kj = int(k[j]) if threshold is None else max(1, int((confidence[j] > threshold).sum()))
+        transfer[j, torch.topk(confidence[j], k=min(kj, n_allowed[j])).indices] = True
+    x[:, lo:lo + W] = torch.where(transfer[:, lo:lo + W], x0, x[:, lo:lo + W])
+    return x
+
+
+@torch.no_grad()
+def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
+             temperature=0.0, cfg_scale=0.0, remasking="low_confidence", mask_id=126336,
+             logits_eos_inf=False, confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
+             banned_ids=(), stop_sequences=None, suffix=(), cache=None, threshold=None, refresh_every=0,
+             callback=None, stats=None, **model_kwargs):
+    """The one sampler. With its defaults: the official LLaDA generate.py (same names, defaults, outputs).
+
+    model: called as model(x, attention_mask=..., **model_kwargs) -> logits (B, L, V); for LLaDA-V pass
+        image_features=... (model.LLaDAV.forward), computed once outside the loop. With a cache, the
+        LLaDA-V options or a threshold it also gets cache= and output_positions= (model.LLaDA takes both).
+    prompt: (B, P) token ids (IMAGE_TOKEN_INDEX placeholders allowed), left-padded when B > 1;
+    attention_mask: (B, P) or None.  eos_id / eot_id: the ids the two *_inf flags refer to.
+    LLaDA-V (generate_with_embeds; any batch size here, the official one is batch 1):
+      stop_sequences: None = off. A list of id lists switches LLaDA-V's behaviour on: the stop scan of
+          find_stop after every step, confidence -inf from the stop on, an early end once no allowed mask
+          is left (all filled before the stop, or the block full), a float64 confidence, logits over the
+          canvas only, and the output below. [] = all of that without a stop.
+      banned_ids: ids given -inf logits (LLaDA-V: LLADA_V_BANNED).  suffix: ids fixed after the canvas,
+          seen by the model, never overwritten (generation_suffix).
+    Fast decoding (Fast-dLLM): cache None | "prefix" | "dual"; refresh_every = k re-records the cache every
+        k steps inside a block too (0: only at block starts; 1: every step, exact). threshold: None = the
+        official schedule; tau = reveal every allowed position of the block with confidence > tau (at
+        least one) until the block is full; `steps` is then unused.
+    callback(x, step, block): called after each step with x (B, P + gen_length + len(suffix)).
+    stats: a dict filled with nfe (model calls), full_nfe (full-sequence calls), positions (query
+        positions computed per sequence, summed over calls) and cache_bytes (largest cache held).
+    Returns x (B, P + gen_length [+ suffix]): the prompt followed by the canvas, as generate.py; with
+    stop_sequences, as generate_with_embeds, the B answers: lists of ids x[P:stop] + suffix.
+
+    Where this departs from the official LLaDA-V code (the official one being unreproducible or wasteful):
+    after a stop the official code still asks top-k for the schedule's k positions; the surplus falls on
+    -inf ties, i.e. wherever the top-k kernel puts them (prompt, revealed or masked positions after the
+    stop: implementation-defined), so here k is capped at the allowed count. Gumbel noise and random
+    confidences are drawn over the canvas, not the whole sequence: same distribution, other draws."""
+    if gen_length % block_length:
+        raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block_length}; "
+                         f"pick a block_length that divides it")
+    num_blocks = gen_length // block_length
+    if threshold is None and steps % num_blocks:
+        raise ValueError(f"steps={steps} is not divisible by the {num_blocks} blocks "
+                         f"(gen_length / block_length); use a multiple of {num_blocks}")
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"remasking={remasking!r}: use 'low_confidence' or 'random'")
+    if cache not in CACHES:
+        raise ValueError(f"cache={cache!r}: use None, 'prefix' or 'dual'")
+    if threshold is not None and remasking != "low_confidence":
+        raise ValueError("threshold decoding compares model confidences; use remasking='low_confidence'")
+    llada_v = stop_sequences is not None
+    stop_sequences = [[int(t) for t in s] for s in stop_sequences or ()]
+    if any(len(s) == 0 for s in stop_sequences):
+        raise ValueError("a stop sequence is empty (an empty stop string?); drop it, or pass [] for no stop")
+    fast = cache is not None or threshold is not None
+    steps_per_block = steps // num_blocks
+    B, P = prompt.shape
+    G, dev, suffix = gen_length, prompt.device, [int(t) for t in suffix or ()]
+    x = torch.full((B, P + G + len(suffix)), mask_id, dtype=torch.long, device=dev)
+    x[:, :P] = prompt
+    x[:, P + G:] = torch.tensor(suffix, dtype=torch.long, device=dev)
+    L = x.shape[1]
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, torch.ones(B, L - P, dtype=attention_mask.dtype, device=dev)], 1)
+    pos = torch.arange(L, device=dev)
+    prompt_index = (pos < P)[None]  # (1, L): the prompt (image included); CFG masks it
+    stop = torch.full((B,), G, dtype=torch.long, device=dev)  # stop position in the canvas, G = none yet
+    st = {"nfe": 0, "full_nfe": 0, "positions": 0, "cache_bytes": 0}
+    step = 0
+    for nb in range(num_blocks):
+        start, end = P + nb * block_length, P + (nb + 1) * block_length
+        # the window whose logits are decoded: the current block (fast), the canvas (LLaDA-V) or everything
+        lo, hi = (start, end) if fast else (P, P + G) if llada_v else (0, L)
+        if threshold is None:
+            num_transfer_tokens = get_num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)  # (B, s)
+        kv, i = None, 0
+        while threshold is not None or i < steps_per_block:
+            # where this step may reveal: masked, in the window, before the block's end and the stop (B, L)
+            allowed = (x == mask_id) & (pos >= lo) & (pos < end) & (pos[None] < P + stop[:, None])
+            if (threshold is not None or llada_v) and not allowed.any():
+                break  # block full (threshold), or LLaDA-V's early end; the official schedule runs all steps
+            # ---- one model call: a full pass, or the cached span; logits only for the window
+            full = cache is None or i == 0 or (refresh_every > 0 and i % refresh_every == 0)
+            kw = {}
+            if cache is not None:
+                if full:
+                    kv = KVCache()  # record: a full pass, fresh keys/values for the whole sequence
+                else:
+                    kv.span = (start, L) if cache == "prefix" else (start, end)
+                kw["cache"] = kv
+            s, e = (0, L) if full else kv.span  # the call computes queries s..e-1
+            if (lo, hi) != (s, e):  # ask for the window's rows only: the LM head is the biggest matmul
+                rows = B * (2 if cfg_scale > 0 else 1)
+                kw["output_positions"] = ((pos[s:e] >= lo) & (pos[s:e] < hi)).expand(rows, -1)
+            logits = cfg_logits(model, x, prompt_index, cfg_scale, mask_id, attention_mask, **kw, **model_kwargs)
+            logits = logits.reshape(B, hi - lo, -1)                             # (B, W, V)
+            st["nfe"] += 1
+            st["full_nfe"] += full
+            st["positions"] += e - s
+            if kv is not None:
+                st["cache_bytes"] = max(st["cache_bytes"], kv.nbytes())
+            # ---- the step itself, then LLaDA-V's stop scan
+            reveal(x, logits, lo, allowed, None if threshold is not None else num_transfer_tokens[:, i],
+                   threshold, temperature, remasking, llada_v, logits_eos_inf, confidence_eos_eot_inf, eos_id,
+                   eot_id, banned_ids)
+            if stop_sequences:
+                stop = find_stop(x[:, P:P + G], stop_sequences, stop)
+            if callback is not None:
+                callback(x, step, nb)
+            i += 1
+            step += 1
+    if stats is not None:
+        stats.update(st)
+    if not llada_v:
+        return x
+    return [x[b, P:P + int(stop[b])].tolist() + suffix for b in range(B)]
+
+
+class CountingModel:
+    """Wraps a model to count its calls (NFE); generate(stats=...) counts them too."""
+
+    def __init__(self, model):
+        self.model, self.nfe = model, 0
+
+    def __call__(self, *args, **kwargs):
+        self.nfe += 1
+        return self.model(*args, **kwargs)
+
+
+# Decoding modes by name, for sample.py (--mode, --eval), tools/bench.py and the README table.
+MODES = {
+    "exact":            dict(cache=None, threshold=False),
+    "prefix":           dict(cache="prefix", threshold=False),
+    "dual":             dict(cache="dual", threshold=False),
+    "threshold":        dict(cache=None, threshold=True),
+    "threshold+prefix": dict(cache="prefix", threshold=True),
+    "threshold+dual":   dict(cache="dual", threshold=True),
+}
+
+
+def mode_kwargs(mode: str, threshold: float = 0.9) -> dict:
+    """generate() keyword arguments for a named mode ('exact' = the official schedule, no cache)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown decoding mode {mode!r}; choose from {', '.join(MODES)}")
+    m = MODES[mode]
+    return dict(cache=m["cache"], threshold=threshold if m["threshold"] else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-likelihood bound, multiple choice
 
 def mc_mask_counts(b: int, A: int, generator=None):
     """The official stratified mask counts for b copies of an answer of A tokens: k ~ U{1..A}, then
@@ -368,166 +469,3 @@ def choose(model, prompt, choices, **kw):
     prompt (P,) and every choice (A_c,) are 1-D token ids; kw go to get_log_likelihood."""
     scores = [get_log_likelihood(model, prompt, c, **kw) for c in choices]
     return max(range(len(scores)), key=scores.__getitem__), scores
-
-
-# ----------------------------------------------------------------------------------------------
-# Fast decoding: approximate KV caches and confidence-threshold decoding (Fast-dLLM)
-
-class KVCache:
-    """Every layer's keys and values (B, H, L, hd) of one full forward pass, for the approximate caches
-    of fast diffusion decoding (Fast-dLLM; generate_fast below). A diffusion LM attends both ways, so cached
-    keys go stale as soon as any token changes; the sampler decides when to refresh (record) them.
-
-        cache = KVCache(); model(x, cache=cache)      # record: a full pass, keys/values stored
-        cache.span = (s, e); model(x, cache=cache)    # reuse: only x[:, s:e] is recomputed, its fresh
-                                                      # keys/values overwrite the cache's s..e-1
-    prefix cache: span = (block start, L);  dual cache: span = (block start, block end)."""
-
-    def __init__(self):
-        self.k, self.v, self.span = [], [], None
-
-    def update(self, layer, k, v):
-        if self.span is None:                 # recording pass: k, v cover the whole sequence
-            if layer == len(self.k):
-                self.k.append(k)
-                self.v.append(v)
-            else:
-                self.k[layer], self.v[layer] = k, v
-            return k, v
-        s, e = self.span
-        self.k[layer][:, :, s:e] = k          # in place: the span is recomputed at every step anyway
-        self.v[layer][:, :, s:e] = v
-        return self.k[layer], self.v[layer]
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-CACHES = (None, "prefix", "dual")
-
-
-@torch.no_grad()
-def generate_fast(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
-                  temperature=0.0, cfg_scale=0.0, remasking="low_confidence", mask_id=126336,
-                  logits_eos_inf=False, confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
-                  cache=None, threshold=None, refresh_every=0, callback=None, stats=None, **model_kwargs):
-    """diffusion.generate's arguments and output, plus:
-    cache: None (a full pass every step), "prefix" or "dual" (see the module docstring). The model must
-        accept cache=KVCache() (model.LLaDA / model.LLaDAV do).
-    threshold: None = the official schedule (steps / n_blocks steps per block); a float tau = reveal every
-        masked block position with confidence > tau, at least one per step, until the block is full
-        (`steps` is then unused).
-    refresh_every: with a cache, also re-record it every this many steps inside a block (0 = only at
-        block starts; 1 = every step, i.e. exact).
-    stats: a dict to fill with nfe (model calls), full_nfe (full-sequence calls), positions (query
-        positions computed per sequence, summed over calls) and cache_bytes (largest cache held)."""
-    if gen_length % block_length:
-        raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block_length}; "
-                         f"pick a block_length that divides it")
-    num_blocks = gen_length // block_length
-    if threshold is None and steps % num_blocks:
-        raise ValueError(f"steps={steps} is not divisible by the {num_blocks} blocks "
-                         f"(gen_length / block_length); use a multiple of {num_blocks}")
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"remasking={remasking!r}: use 'low_confidence' or 'random'")
-    if cache not in CACHES:
-        raise ValueError(f"cache={cache!r}: use None, 'prefix' or 'dual'")
-    if threshold is not None and remasking != "low_confidence":
-        raise ValueError("threshold decoding compares model confidences; use remasking='low_confidence'")
-    steps_per_block = steps // num_blocks
-    B, P = prompt.shape
-    L = P + gen_length
-    x = torch.full((B, L), mask_id, dtype=torch.long, device=prompt.device)
-    x[:, :P] = prompt
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype,
-                                                               device=prompt.device)], dim=1)
-    prompt_index = x != mask_id  # (B, L): the prompt (image included); used by CFG
-    st = {"nfe": 0, "full_nfe": 0, "positions": 0, "cache_bytes": 0}
-    step = 0
-    for nb in range(num_blocks):
-        start, end = P + nb * block_length, P + (nb + 1) * block_length
-        if threshold is None:
-            num_transfer_tokens = get_num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
-        kv, i = None, 0
-        # schedule: exactly steps_per_block steps (as the official sampler); threshold: until the block is full
-        while (i < steps_per_block) if threshold is None else bool((x[:, start:end] == mask_id).any()):
-            full = cache is None or i == 0 or (refresh_every > 0 and i % refresh_every == 0)
-            if cache is None:
-                kw = {}
-            elif full:
-                kv = KVCache()           # record: a full pass, fresh keys/values for the whole sequence
-                kw = {"cache": kv}
-            else:
-                kv.span = (start, L) if cache == "prefix" else (start, end)
-                kw = {"cache": kv}
-            logits = cfg_logits(model, x, prompt_index, cfg_scale, mask_id, attention_mask, **kw, **model_kwargs)
-            offset = 0 if full else start  # logits cover positions offset.. of x
-            logits = logits[:, start - offset:end - offset]                   # (B, block_length, V)
-            st["nfe"] += 1
-            st["full_nfe"] += full
-            st["positions"] += L if full else kv.span[1] - kv.span[0]
-            if kv is not None:
-                st["cache_bytes"] = max(st["cache_bytes"], kv.nbytes())
-
-            # ---- the official step, restricted to the current block (diffusion.generate) ----
-            if logits_eos_inf:
-                logits[:, :, eos_id] = -torch.inf
-            logits_with_noise = add_gumbel_noise(logits, temperature)
-            x0 = torch.argmax(logits_with_noise, dim=-1)                      # (B, block_length)
-            if confidence_eos_eot_inf:  # the official chained-assignment quirk, see diffusion.generate
-                logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
-            if remasking == "low_confidence":
-                x0_p = torch.gather(F.softmax(logits, dim=-1), -1, x0[..., None]).squeeze(-1)
-            else:
-                x0_p = torch.rand(x0.shape, device=x0.device)
-            mask_index = x[:, start:end] == mask_id
-            x0 = torch.where(mask_index, x0, x[:, start:end])
-            # full-length confidence (-inf outside the block) so that top-k breaks ties as the official does
-            confidence = torch.full((B, L), -torch.inf, device=x.device, dtype=x0_p.dtype)
-            confidence[:, start:end] = torch.where(mask_index, x0_p, -torch.inf)
-            transfer_index = torch.zeros_like(confidence, dtype=torch.bool)
-            for j in range(B):
-                if threshold is None:
-                    k = int(num_transfer_tokens[j, i])
-                else:  # every position above tau, and at least the best one while masks remain
-                    k = min(int(mask_index[j].sum()), max(1, int((confidence[j] > threshold).sum())))
-                _, select = torch.topk(confidence[j], k=k)
-                transfer_index[j, select] = True
-            x[:, start:end] = torch.where(transfer_index[:, start:end], x0, x[:, start:end])
-            if callback is not None:
-                callback(x, step, nb)
-            i += 1
-            step += 1
-    if stats is not None:
-        stats.update(st)
-    return x
-
-
-class CountingModel:
-    """Wraps a model to count its calls (NFE) for the exact sampler, which keeps no statistics."""
-
-    def __init__(self, model):
-        self.model, self.nfe = model, 0
-
-    def __call__(self, *args, **kwargs):
-        self.nfe += 1
-        return self.model(*args, **kwargs)
-
-
-# Decoding modes by name, for sample.py --eval, tools/bench.py and the README table.
-MODES = {
-    "exact":            dict(cache=None, threshold=False),
-    "prefix":           dict(cache="prefix", threshold=False),
-    "dual":             dict(cache="dual", threshold=False),
-    "threshold":        dict(cache=None, threshold=True),
-    "threshold+prefix": dict(cache="prefix", threshold=True),
-    "threshold+dual":   dict(cache="dual", threshold=True),
-}
-
-
-def mode_kwargs(mode: str, threshold: float = 0.9) -> dict:
-    """generate_fast keyword arguments for a named mode ('exact' is diffusion.generate's behaviour)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown decoding mode {mode!r}; choose from {', '.join(MODES)}")
-    m = MODES[mode]
-    return dict(cache=m["cache"], threshold=threshold if m["threshold"] else None)

@@ -18,7 +18,9 @@ Usage:
 The official model (a Hugging Face directory, e.g. GSAI-ML/LLaDA-V; see README "Run the official model"):
     python sample.py --checkpoint=LLaDA-V --image=cat.jpg --question="What is in the picture?"
     python sample.py --checkpoint=LLaDA-V --image=cat.jpg --chat        # multi-turn, questions from stdin
-    extra flags: --dtype=bf16|fp16|fp32 (default: bf16 on CUDA, the checkpoint's dtype on CPU),
+    python sample.py --checkpoint=LLaDA-V --image=cat.jpg --mode=threshold+dual    # fast decoding, as above
+    extra flags: --dtype=bf16|fp16|fp32 (default: fp16 on CUDA as the official inference, the checkpoint's
+                 dtype on CPU),
                  --think=think|no_think, --stop="<|eot_id|>" (comma-separated), --tokenizer=<path>
 This file also holds `answer()` and `evaluate()` (held-out accuracy per question kind), which
 train.py uses for its reports.
@@ -32,9 +34,9 @@ from collections import defaultdict
 import torch
 
 from checkpoint import load_checkpoint
-from data import SYSTEM_PROMPT, answer_text, chat_template, default_system, llada_v_messages, prompt_batch, sft_example
-from data import tokenizer_image_token  # the official inference prompt (answer_pretrained)
-from diffusion import CountingModel, choose, generate, generate_fast, generate_llada_v, mode_kwargs
+from data import (SYSTEM_PROMPT, answer_text, chat_template, default_system, llada_v_messages, prompt_batch,
+                  sft_example, tokenizer_image_token)
+from diffusion import choose, generate, mode_kwargs
 from distributed import autocast
 from model import LLaDAV
 from synthetic import CHOICES, DEMO_OFFSET, KINDS, SyntheticVQA, candidates, draw, make_sample, score, toy_tokenizer
@@ -45,9 +47,12 @@ from vision import load_image, preprocess, process_image
 def answer(model, tok, images, questions, gen_length=16, steps=16, block_length=16, temperature=0.0,
            cfg_scale=0.0, remasking="low_confidence", callback=None, return_canvas=False,
            mode="exact", threshold=0.9, refresh_every=0, stats=None):
-    """Answer a batch of (image, question) pairs. Returns the answer strings (and the raw canvases).
-    mode: a decoding mode of fast.MODES ('exact' = diffusion.generate); threshold / refresh_every: see
-    fast.generate_fast. stats: a dict into which model calls (nfe, full_nfe) are added up."""
+    """Answer a batch of (image, question) pairs with our toy model. Returns the answer strings (and the
+    raw canvases). The sampler is diffusion.generate with its official defaults (left-padded batch,
+    EOS/EoT not banned: the toy model pads its answers with EOS, and each one is cut at its first
+    <|eot_id|> / EOS). mode: a decoding mode of diffusion.MODES ('exact' = the official schedule);
+    threshold / refresh_every: see diffusion.generate. stats: a dict into which model calls (nfe,
+    full_nfe) are added up."""
     device = next(model.parameters()).device
     size = model.cfg.vision.image_size
     pixels = torch.stack([preprocess(im, size) for im in images]).to(device)
@@ -58,18 +63,12 @@ def answer(model, tok, images, questions, gen_length=16, steps=16, block_length=
     if P + gen_length > model.cfg.lm.max_seq_len:
         raise ValueError(f"prompt ({P} tokens) + gen_length ({gen_length}) exceeds the model's context "
                          f"max_seq_len={model.cfg.lm.max_seq_len}; shorten the question or lower --gen_length")
-    kw = dict(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
-              cfg_scale=cfg_scale, remasking=remasking, mask_id=tok.mask_id, eos_id=tok.eos_id,
-              eot_id=tok.eot_id, callback=callback, image_features=feats)
+    st = {}
     with autocast(device):
-        if mode == "exact":
-            counted = CountingModel(model)
-            out = generate(counted, ids.to(device), attn.to(device), **kw)
-            st = {"nfe": counted.nfe, "full_nfe": counted.nfe}
-        else:
-            st = {}
-            out = generate_fast(model, ids.to(device), attn.to(device), refresh_every=refresh_every, stats=st,
-                                **mode_kwargs(mode, threshold), **kw)
+        out = generate(model, ids.to(device), attn.to(device), steps=steps, gen_length=gen_length,
+                       block_length=block_length, temperature=temperature, cfg_scale=cfg_scale, remasking=remasking,
+                       mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.eot_id, refresh_every=refresh_every,
+                       callback=callback, stats=st, image_features=feats, **mode_kwargs(mode, threshold))
     if stats is not None:
         for k in ("nfe", "full_nfe"):
             stats[k] = stats.get(k, 0) + st[k]
@@ -79,16 +78,20 @@ def answer(model, tok, images, questions, gen_length=16, steps=16, block_length=
 
 def evaluate(model, tok, samples, batch_size=100, blank=False, **gen):
     """Exact-match accuracy per question kind on `samples` (image, question, answer, kind); for
-    'describe' also the per-object accuracy. blank=True replaces every image by an empty canvas."""
+    'describe' also the per-object accuracy. blank=True replaces every image by an empty canvas.
+    gen: answer()'s sampling options, decoding mode included (train.py's report and --eval use it).
+    Returns {kind: accuracy, "all": accuracy over every question, "describe_objects", "n"}."""
     was_training = model.training
-    model.eval()
+    model.eval()  # dropout-free and deterministic at T = 0; the training mode is put back at the end
     size = samples[0][0].size[0]
     hits, n, obj_hit, obj_n = defaultdict(int), defaultdict(int), 0, 0
     for i in range(0, len(samples), batch_size):
+        # one left-padded batch of questions through the one sampler (diffusion.generate)
         chunk = samples[i:i + batch_size]
+        # blank=True: the same questions about an empty canvas, a baseline for how much the image is used
         imgs = [draw([], size, blank=True) if blank else s[0] for s in chunk]
         preds = answer(model, tok, imgs, [s[1] for s in chunk], **gen)
-        for (_, _, truth, kind), pred in zip(chunk, preds):
+        for (_, _, truth, kind), pred in zip(chunk, preds):  # score: exact match, plus objects for 'describe'
             exact, oh, on = score(kind, pred, truth)
             hits[kind] += exact
             n[kind] += 1
@@ -110,14 +113,42 @@ def format_eval(res) -> str:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def inference_dtype(name: str, device: torch.device):
+    """--dtype for the official weights -> a torch dtype, or None for the checkpoint's own. 'auto' is
+    float16 on CUDA, the official inference precision (REFERENCE 11.3: weights loaded in float16, images
+    cast to it, generation under autocast); on a CPU, where float16 matmuls are slow, the checkpoint's
+    dtype (bf16 for the released weights). Raises ValueError for an unknown name."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if name not in DTYPES:
+        raise ValueError(f"--dtype={name}: use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def decode_answer(tok, ids, lmms_eval=False) -> str:
+    """Answer ids -> text. Default: decode everything and strip white space. lmms_eval=True is how
+    LLaDA-V's benchmark numbers were read (REFERENCE 11.7): special tokens skipped (here: every token of
+    the tokenizer's special / added set), then ONE trailing "." removed, then white space stripped."""
+    if not lmms_eval:
+        return tok.decode(ids).strip()
+    special = set(tok.special.values())
+    text = tok.decode([i for i in ids if i not in special])
+    return (text[:-1] if text.endswith(".") else text).strip()
+
+
 @torch.no_grad()
 def answer_pretrained(model, tok, image, question, history=(), think=None, gen_length=128, steps=128,
                       block_length=128, temperature=0.0, cfg_scale=0.0, remasking="low_confidence",
-                      stop=("<|eot_id|>",), callback=None):
-    """One turn with an official model: LLaDAV (image optional) or a text-only LLaDA. LLaDA-V's template
-    (system prompt for LLaDA-V, image first, think suffix), its image mode, and its sampler; a text-only
-    LLaDA uses LLaDA's own sampler. Earlier turns are re-rendered through the template (the official chat
-    loops append to the previous output instead: the same tokens, up to re-tokenisation of the answers)."""
+                      stop=("<|eot_id|>",), callback=None, mode="exact", threshold=0.9, refresh_every=0,
+                      stats=None, lmms_eval=False):
+    """One turn with an official model: LLaDAV (image optional) or a text-only LLaDA, through the one
+    sampler (diffusion.generate) in any decoding mode (mode / threshold / refresh_every as in answer()).
+    LLaDA-V: its template (system prompt, image first, think suffix), its image mode, and its sampler's
+    options: EOS / BOS / header ids banned, the `stop` strings in the official order (REFERENCE 11.5; an
+    empty string is dropped), float64 confidence. A text-only LLaDA: the plain generate.py sampler (as
+    LLaDA's chat.py), cut at the first EoT / EOS. lmms_eval: decode as lmms-eval does (decode_answer).
+    Earlier turns are re-rendered through the template (the official chat loops append to the previous
+    output instead: the same tokens, up to re-tokenisation of the answers). stats: filled as generate's."""
     device = next(model.parameters()).device
     is_v = isinstance(model, LLaDAV)
     kw, n_img = {}, []
@@ -133,44 +164,51 @@ def answer_pretrained(model, tok, image, question, history=(), think=None, gen_l
     if ids.shape[1] + gen_length > cfg.max_seq_len:
         raise ValueError(f"prompt ({ids.shape[1]} tokens) + gen_length ({gen_length}) exceeds the context "
                          f"{cfg.max_seq_len}; shorten the conversation or lower --gen_length")
-    if not is_v:  # LLaDA-8B-Instruct: its own sampler (generate.py, as in LLaDA's chat.py), cut at EoT / EOS
-        out = generate(lambda x, attention_mask=None: model(model.embed_tokens(x), attention_mask), ids,
-                       steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
-                       cfg_scale=cfg_scale, remasking=remasking, mask_id=tok.mask_id, eos_id=tok.eos_id,
-                       eot_id=tok.eot_id, callback=callback)
-        return answer_text(tok, out[0, ids.shape[1]:].tolist())
-    out = generate_llada_v(model, ids, steps=steps, gen_length=gen_length, block_length=block_length,
-                           temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, mask_id=tok.mask_id,
-                           banned_ids=(tok.eos_id, tok.bos_id, tok.start_header_id, tok.end_header_id),
-                           stop_sequences=[tok.encode(s) for s in stop], callback=callback, **kw)
-    return tok.decode(out).strip()
+    gen = dict(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
+               cfg_scale=cfg_scale, remasking=remasking, mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.eot_id,
+               refresh_every=refresh_every, callback=callback, stats=stats, **mode_kwargs(mode, threshold))
+    if not is_v:  # LLaDA-8B-Instruct: a bare LLaDA takes embeddings; the sampler hands it token ids
+        out = generate(lambda x, attention_mask=None, **k: model(model.embed_tokens(x), attention_mask, **k), ids, **gen)
+        ids_out = out[0, ids.shape[1]:].tolist()
+        cut = next((i for i, t in enumerate(ids_out) if t in (tok.eot_id, tok.eos_id)), len(ids_out))
+        return decode_answer(tok, ids_out[:cut], lmms_eval)
+    (out,) = generate(model, ids, banned_ids=(tok.eos_id, tok.bos_id, tok.start_header_id, tok.end_header_id),
+                      stop_sequences=[tok.encode(s) for s in stop if s], **gen, **kw)
+    return decode_answer(tok, out, lmms_eval)
 
 
 def main_pretrained(args, device):
-    """sample.py --checkpoint=<Hugging Face dir>: the official LLaDA-V (or LLaDA) weights."""
+    """sample.py --checkpoint=<Hugging Face dir>: the official LLaDA-V (or LLaDA) weights, one question or
+    a --chat, through answer_pretrained and so the one sampler, in any --mode (fast decoding included).
+    Defaults are the official demo's: steps = gen_length = block_length = 128, T = 0, <|eot_id|> stop,
+    float16 on CUDA (inference_dtype). Prints each answer with its decoding mode, model calls and time."""
     from checkpoint import from_pretrained
     from tokenizer import get_tokenizer as load_tokenizer
-    name = args["dtype"] if args["dtype"] != "auto" else "bf16" if device.type == "cuda" else None
-    if name is not None and name not in DTYPES:
-        sys.exit(f"--dtype={name}: use one of {', '.join(DTYPES)}")
+    try:
+        dtype = inference_dtype(args["dtype"], device)
+    except ValueError as e:
+        sys.exit(str(e))
     t0 = time.time()
     try:
-        model = from_pretrained(args["checkpoint"], dtype=DTYPES.get(name), device=device)
+        model = from_pretrained(args["checkpoint"], dtype=dtype, device=device)
         tok = toy_tokenizer() if args["tokenizer"] == "toy" else load_tokenizer(args["tokenizer"] or args["checkpoint"])
         img = load_image(args["image"]) if args["image"] else None
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
     print(f"loaded {args['checkpoint']} ({type(model).__name__}, {next(model.parameters()).dtype}) on {device} "
           f"in {time.time() - t0:.1f}s")
+    # sampling options: unset lengths default to the official demo's (128 / 128 / 128, one block)
     G = int(args["gen_length"] or 128)
     gen = dict(gen_length=G, steps=int(args["steps"] or G), block_length=int(args["block_length"] or G),
                temperature=float(args["temperature"]), cfg_scale=float(args["cfg_scale"]),
-               remasking=args["remasking"], think=args["think"],
+               remasking=args["remasking"], think=args["think"], mode=args["mode"],
+               threshold=float(args["threshold"]), refresh_every=int(args["refresh_every"]),
                stop=tuple(x.replace("\\n", "\n").replace("\\t", "\t") for x in args["stop"].split(",")))  # typed \n, \t: newline, tab
-    if args["show_steps"]:
+    if args["show_steps"]:  # the first row's canvas after every step: "_" for a mask, else the token
         gen["callback"] = lambda x, step, block: print(f"step {step + 1:3d} (block {block}): " + " ".join(
             "_" if t == tok.mask_id else repr(tok.decode([t]))[1:-1] for t in x[0, -G:].tolist()))
-    torch.manual_seed(int(args["seed"]))
+    torch.manual_seed(int(args["seed"]))  # T > 0 or random remasking: a reproducible draw
+    # history: the earlier (question, answer) turns of a --chat, re-rendered through the template each turn
     history, question = [], args["question"] or (None if args["chat"] else "Describe the image." if img else "")
     if question == "":
         sys.exit("no --image and no --question: pass --question=\"...\" (or --chat to type questions)")
@@ -182,23 +220,26 @@ def main_pretrained(args, device):
                 return
             if question in ("", "exit", "quit"):
                 return
-        t0 = time.time()
+        t0, stats = time.time(), {}
         try:
-            text = answer_pretrained(model, tok, img, question, history, **gen)  # image stays in turn 1
+            text = answer_pretrained(model, tok, img, question, history, stats=stats, **gen)  # image: turn 1 only
         except ValueError as e:
             sys.exit(str(e))
-        print(f"question: {question}\nanswer:   {text}\n({gen['steps']} steps, gen_length {G}, {time.time() - t0:.2f}s)")
+        print(f"question: {question}\nanswer:   {text}\n({gen['mode']} decoding: {stats['nfe']} model calls "
+              f"({stats['full_nfe']} full), gen_length {G}, block_length {gen['block_length']}, {time.time() - t0:.2f}s)")
         if not args["chat"]:
             return
-        history.append((question, text))
+        history.append((question, text))  # the next turn's prompt carries this answer
         question = None
 
 
 def eval_modes(model, tok, samples, modes, batch_size=1, **gen):
-    """Held-out accuracy, model calls and wall time for each decoding mode -> list of result dicts."""
+    """Held-out accuracy, model calls and wall time for each decoding mode -> list of result dicts (evaluate()'s,
+    plus mode, seconds, and nfe / full_nfe: model calls / full-sequence passes per batch). Every mode answers the
+    same questions with the same sampler, so the rows differ only in the decoding options."""
     rows = []
     for mode in modes:
-        stats = {}
+        stats = {}  # answer() adds each batch's calls here
         t0 = time.perf_counter()
         res = evaluate(model, tok, samples, batch_size=batch_size, mode=mode, stats=stats, **gen)
         res.update(mode=mode, seconds=time.perf_counter() - t0,

@@ -251,8 +251,8 @@ def test_sample_cli_runs_a_hugging_face_directory(tmp_path, capsys, monkeypatch)
     assert "LLaDAV" in out and "question: What color is it?" in out and "answer:" in out
     assert "step   1 (block 0): " in out
     prompts = []
-    real = sample.generate_llada_v
-    monkeypatch.setattr(sample, "generate_llada_v", lambda fn, ids, **kw: prompts.append(ids) or real(fn, ids, **kw))
+    real = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda fn, ids, **kw: prompts.append(ids) or real(fn, ids, **kw))
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("first?\nsecond?\n"))
     sample.main(common + ["--chat"])
     out = capsys.readouterr().out

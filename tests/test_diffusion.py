@@ -1,5 +1,7 @@
 """Tests for diffusion.py: the forward masking process, the likelihood-bound loss, Gumbel-max sampling, the
-transfer schedule and the official generate.py sampler (REFERENCE 4, 5.1). Tiny models, CPU only."""
+transfer schedule, the one sampler in its official generate.py mode and its LLaDA-V options (REFERENCE 4, 5.1,
+5.2, 11.5, 11.6), each also against the frozen pre-merge samplers (tests/reference_samplers.py). Tiny models,
+CPU only. Fast decoding is tested in test_fast.py."""
 import math
 
 import pytest
@@ -26,12 +28,12 @@ def tiny_cfg():
 
 
 def tiny_lm(seed=0):
-    """A random LLaDA wrapped to the sampler's model(x, attention_mask=...) interface."""
+    """A random LLaDA wrapped to the sampler's model(x, attention_mask=..., [output_positions, cache]) interface."""
     torch.manual_seed(seed)
     llm = LLaDA(tiny_cfg().lm)
     llm.init_weights()
     llm.eval()
-    return lambda x, attention_mask=None: llm(llm.embed_tokens(x), attention_mask)
+    return lambda x, attention_mask=None, **kw: llm(llm.embed_tokens(x), attention_mask, **kw)
 
 
 def prompt(n=5, seed=0, B=1):
@@ -45,15 +47,21 @@ def run(model, p, **kw):
     return out, snaps
 
 
-def fixed_logits_model(rows):
-    """A fake model whose logits at canvas position j (counted from the end) are rows[j]; a fresh tensor
-    every call (the sampler edits logits in place)."""
+def fixed_logits_model(rows, P=None, seen=None):
+    """A fake model whose logits at canvas position j are rows[j] (the canvas starts at P, default: it ends
+    the sequence); a fresh tensor every call (the sampler edits logits in place). It answers the sampler's
+    output_positions (the rows it asks for) and ignores a cache; seen: a list that collects every input."""
     rows = torch.tensor(rows, dtype=torch.float32)  # (G, V)
 
-    def f(x, attention_mask=None):
+    def f(x, attention_mask=None, output_positions=None, cache=None):
+        if seen is not None:
+            seen.append(x.clone())
         out = torch.zeros(x.shape[0], x.shape[1], rows.shape[1])
-        out[:, -rows.shape[0]:] = rows
-        return out
+        start = x.shape[1] - rows.shape[0] if P is None else P
+        out[:, start:start + rows.shape[0]] = rows
+        if cache is not None and cache.span is not None:
+            out = out[:, cache.span[0]:cache.span[1]]
+        return out if output_positions is None else out[output_positions]
     return f
 
 
@@ -406,49 +414,203 @@ def test_generate_with_image_features():
 
 
 # ----------------------------------------------------------------------------------------------
-# LLaDA-V's sampler (REFERENCE 5.2)
+# The official mode against the frozen pre-merge generate (tests/reference_samplers.py)
 
-from diffusion import find_stop, generate_llada_v
+import reference_samplers as ref
 
 
-def test_generate_llada_v_without_its_extras_is_generate():
+def _left_padded(prompts):
+    P = max(len(q) for q in prompts)
+    batch = torch.stack([torch.cat([torch.full((P - len(q),), PAD), q]) for q in prompts])
+    am = torch.stack([torch.cat([torch.zeros(P - len(q)), torch.ones(len(q))]) for q in prompts]).long()
+    return batch, am
+
+
+def _conf_rows():
+    def row(top, c):
+        return [c if v == top else 0.0 for v in range(V)]
+    return [row(EOS, 20.0), row(EOT, 19.0), row(5, 3.0), row(6, 2.0)]
+
+
+def official_cases():
+    """(name, model, prompt, kwargs): every situation the sampler tests above exercise."""
+    batch, am = _left_padded([prompt(3, seed=1)[0], prompt(7, seed=2)[0], prompt(5, seed=3)[0]])
+    eos_rows = [[5.0 if v == EOS else (1.0 if v == 7 else 0.0) for v in range(V)]] * 6
+    vlm, vp = tiny_vlm_and_prompt()
+    with torch.no_grad():
+        feats = vlm.encode_images(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    return [
+        ("one block", tiny_lm(), prompt(), dict(steps=8, gen_length=8, block_length=8)),
+        ("3 blocks, uneven schedule", tiny_lm(), prompt(), dict(steps=9, gen_length=12, block_length=4)),
+        ("more steps than masks", tiny_lm(2), prompt(seed=2), dict(steps=8, gen_length=6, block_length=3)),
+        ("left padding", tiny_lm(1), batch, dict(steps=8, gen_length=8, block_length=4, attention_mask=am)),
+        ("left padding, CFG", tiny_lm(1), batch, dict(steps=8, gen_length=8, block_length=4, attention_mask=am,
+                                                      cfg_scale=1.5)),
+        ("CFG, no mask", tiny_lm(3), prompt(seed=3), dict(steps=4, gen_length=4, block_length=4, cfg_scale=2.0)),
+        ("logits_eos_inf", fixed_logits_model(eos_rows), prompt(), dict(steps=6, gen_length=6, block_length=6,
+                                                                        logits_eos_inf=True)),
+        ("confidence_eos_eot_inf", fixed_logits_model(_conf_rows()), prompt(3),
+         dict(steps=4, gen_length=4, block_length=4, confidence_eos_eot_inf=True)),
+        ("confidence_eos_eot_inf, T > 0", fixed_logits_model(_conf_rows()), prompt(3),
+         dict(steps=4, gen_length=4, block_length=4, confidence_eos_eot_inf=True, temperature=0.05)),
+        ("both flags, random model", tiny_lm(4), prompt(seed=4), dict(steps=8, gen_length=8, block_length=4,
+                                                                      logits_eos_inf=True, confidence_eos_eot_inf=True)),
+        ("random remasking", tiny_lm(), prompt(), dict(steps=4, gen_length=8, block_length=4, remasking="random")),
+        ("T = 1", tiny_lm(), prompt(), dict(steps=8, gen_length=8, block_length=4, temperature=1.0)),
+        ("T = 1, left padding, CFG", tiny_lm(1), batch, dict(steps=8, gen_length=8, block_length=4,
+                                                             attention_mask=am, temperature=1.0, cfg_scale=1.0)),
+        ("image features, CFG", vlm, vp, dict(steps=6, gen_length=6, block_length=3, cfg_scale=1.0,
+                                              image_features=feats)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(official_cases())))
+def test_official_mode_is_the_frozen_generate(case):
+    """The one sampler with generate.py's arguments is token-identical to the frozen pre-merge generate, at every
+    step (same canvases, same callback arguments), with the same random draws under one seed."""
+    name, m, p, kw = official_cases()[case]
+    runs = []
+    for sampler in (generate, ref.generate):
+        snaps = []
+        torch.manual_seed(7)
+        out = sampler(m, p, callback=lambda x, s, b: snaps.append((x.clone(), s, b)), **GEN, **kw)
+        runs.append((out, snaps))
+    (a, sa), (b, sb) = runs
+    assert torch.equal(a, b), name
+    assert len(sa) == len(sb) == kw["steps"] and all(torch.equal(u, v) and (s, bl) == (t, cl)
+                                                     for (u, s, bl), (v, t, cl) in zip(sa, sb)), name
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaDA-V's options (REFERENCE 5.2, 11.5, 11.6)
+
+from diffusion import find_stop
+
+
+def test_llada_v_options_without_extras_are_generate():
     """No banned ids, no stop: the same answer as the official LLaDA sampler at temperature 0 (semi-AR too)."""
     m, p = tiny_lm(), prompt()
     for bl in (8, 4):
-        ref = generate(m, p, steps=8, gen_length=8, block_length=bl, **GEN)[0, 5:].tolist()
-        out = generate_llada_v(m, p, steps=8, gen_length=8, block_length=bl, mask_id=MASK, banned_ids=(),
-                               stop_sequences=())
-        assert out == ref
+        want = generate(m, p, steps=8, gen_length=8, block_length=bl, **GEN)[0, 5:].tolist()
+        (out,) = generate(m, p, steps=8, gen_length=8, block_length=bl, mask_id=MASK, banned_ids=(),
+                          stop_sequences=[])
+        assert out == want
 
 
-def test_generate_llada_v_bans_eos_and_cuts_at_the_stop():
+def test_llada_v_bans_eos_cuts_at_the_stop_and_appends_the_suffix():
     """EOS is the model's favourite everywhere but banned; the canvas is filled left to right
     ("a b c EOT ..."): after the EOT is revealed generation ends (4 model calls, not 8), the answer is cut
-    before it, later blocks are skipped, and the suffix is visible to the model, never overwritten."""
+    before it, later blocks are skipped, and the suffix is visible to the model, never overwritten. REFERENCE
+    11.6: the suffix ids are appended to the returned answer (the frozen pre-merge sampler dropped them)."""
     G, target = 8, [3, 4, 5, EOT, 6, 7, 8, 9]
     rows = torch.zeros(G, V)
     for j, t in enumerate(target):
         rows[j, t] = 10.0 - j   # earlier positions more confident -> left-to-right reveal
         rows[j, EOS] = 50.0     # banned
-    seen = []
-
-    def model(x):
-        seen.append(x.clone())
-        out = torch.zeros(1, x.shape[1], V)
-        out[:, 5:5 + G] = rows
-        return out
-    out = generate_llada_v(model, prompt(), steps=8, gen_length=G, block_length=4, mask_id=MASK,
-                           banned_ids=(EOS,), stop_sequences=[[EOT]], suffix=[11, 12])
-    assert out == [3, 4, 5]
-    assert len(seen) == 4 and all(s[0, -2:].tolist() == [11, 12] for s in seen)
+    seen, st = [], {}
+    kw = dict(steps=8, gen_length=G, block_length=4, mask_id=MASK, banned_ids=(EOS,), stop_sequences=[[EOT]],
+              suffix=[11, 12])
+    (out,) = generate(fixed_logits_model(rows.tolist(), P=5, seen=seen), prompt(), stats=st, **kw)
+    assert out == [3, 4, 5, 11, 12]                           # x[P:stop] + suffix
+    assert len(seen) == 4 == st["nfe"] and all(s[0, -2:].tolist() == [11, 12] for s in seen)
     assert (seen[-1][0, 5 + 4:5 + G] == MASK).all()  # the block after the stop was never run
-    # a two-token stop string that appears later: no early end before it is complete
-    assert find_stop([1, 2, 3, 2, 3], [[2, 3], [9]]) == 1 and find_stop([1, MASK, 3], [[1, 3]]) is None
+    assert ref.generate_llada_v(fixed_logits_model(rows.tolist(), P=5), prompt(), **kw) == [3, 4, 5]
 
 
-def test_generate_llada_v_batch_of_one_only():
-    with pytest.raises(ValueError, match="batch 1"):
-        generate_llada_v(tiny_lm(), prompt(B=2), steps=4, gen_length=4, block_length=4, mask_id=MASK)
+def test_find_stop_official_rule():
+    """REFERENCE 11.5, the official scan: a row without a stop takes the FIRST LISTED sequence found (at its first
+    occurrence), not the earliest position; a row with a stop re-scans only the first sequence; a masked position
+    matches nothing; multi-token sequences match whole."""
+    NL = 9
+    canvas = torch.tensor([[3, NL, 4, EOT, 5], [3, 4, 5, 6, NL], [1, 2, 3, 2, 3], [1, MASK, 3, 1, 3]])
+    none = torch.full((4,), 5)
+    assert find_stop(canvas, [[EOT], [NL]], none).tolist() == [3, 4, 5, 5]    # EOT listed first: 3, not NL's 1
+    assert find_stop(canvas, [[NL], [EOT]], none).tolist() == [1, 4, 5, 5]
+    assert find_stop(canvas, [[2, 3], [1, 3]], none).tolist() == [5, 5, 1, 3]  # [1, MASK, 3] is no [1, 3]
+    # rows that already stopped at 4: only stop_sequences[0] moves them, and only earlier
+    four = torch.full((4,), 4)
+    assert find_stop(canvas, [[EOT], [NL]], four).tolist() == [3, 4, 4, 4]    # row 0's NL at 1 is not looked at
+    assert find_stop(canvas, [[NL], [EOT]], four).tolist() == [1, 4, 4, 4]
+
+
+def test_llada_v_stop_rule_over_a_run():
+    """REFERENCE 11.5 over a whole run, with stops [EOT, NL] (EOT first). Reveal order (by confidence): NL at 4,
+    NL at 1, then 0, 3, EOT at 2. The official loop stops at 4 (only NL found), does NOT move to the NL revealed
+    at 1 (after a stop only EOT is re-scanned), moves to 2 when EOT appears, and ends: answer [3, NL], 5 calls.
+    The frozen pre-merge sampler took the earliest position of any stop: [3] after 3 calls. With the order
+    [NL, EOT] the official rule re-scans NL and agrees with the earliest-position rule."""
+    NL, G = 9, 8
+    target = [3, NL, EOT, 5, NL, 6, 7, 8]
+    order = [4, 1, 0, 3, 2, 5, 6, 7]  # reveal order
+    rows = torch.zeros(G, V)
+    for rank, j in enumerate(order):
+        rows[j, target[j]] = 20.0 - rank
+    kw = dict(steps=G, gen_length=G, block_length=G, mask_id=MASK)
+    st = {}
+    (out,) = generate(fixed_logits_model(rows.tolist(), P=5), prompt(), stop_sequences=[[EOT], [NL]], stats=st, **kw)
+    assert out == [3, NL] and st["nfe"] == 5
+    assert ref.generate_llada_v(fixed_logits_model(rows.tolist(), P=5), prompt(), banned_ids=(),
+                                stop_sequences=[[EOT], [NL]], **kw) == [3]
+    (out,) = generate(fixed_logits_model(rows.tolist(), P=5), prompt(), stop_sequences=[[NL], [EOT]], stats=st, **kw)
+    assert out == [3] and st["nfe"] == 3
+
+
+def _vlm_case(seed=0, G=8):
+    """A tiny random LLaDA-V, a prompt with an image, its features, and stop sequences taken from what it writes
+    without stops (so that they do occur): one token, two tokens, and one absent sequence listed second."""
+    m, p = tiny_vlm_and_prompt(seed)
+    with torch.no_grad():
+        f = m.encode_images(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1)
+    (free,) = generate(m, p, steps=G, gen_length=G, block_length=G, mask_id=MASK, banned_ids=(EOS,),
+                       stop_sequences=[], image_features=f)
+    return m, p, f, [[[free[3]]], [free[2:4]], [[free[4]], [1, 2, 3]]]
+
+
+@pytest.mark.parametrize("kw", [dict(steps=8, block_length=8), dict(steps=8, block_length=4),
+                                dict(steps=4, block_length=4, cfg_scale=1.0),
+                                dict(steps=8, block_length=8, temperature=1.0),
+                                dict(steps=8, block_length=4, remasking="random")])
+def test_llada_v_mode_is_the_frozen_generate_llada_v(kw):
+    """Batch 1, banned ids and stop sequences (one token, two tokens, an absent second one), suffix: the one
+    sampler's answer is the frozen generate_llada_v's followed by the suffix (REFERENCE 11.6), at every step,
+    with the same random draws (T > 0, random remasking) under one seed."""
+    for seed in range(3):
+        m, p, f, stops_list = _vlm_case(seed)
+        for stops in stops_list:
+            outs, snaps = [], ([], [])
+            for n, sampler in enumerate((generate, ref.generate_llada_v)):
+                torch.manual_seed(seed)
+                out = sampler(m, p, gen_length=8, mask_id=MASK, banned_ids=(EOS, 0, 1),
+                              stop_sequences=stops, suffix=[5, 6], image_features=f,
+                              callback=lambda x, s, b: snaps[n].append(x.clone()), **kw)
+                outs.append(out)
+            assert outs[0] == [outs[1] + [5, 6]]  # a list of B = 1 answers; the suffix appended
+            assert len(snaps[0]) == len(snaps[1]) and all(torch.equal(u, v) for u, v in zip(*snaps))
+
+
+def test_llada_v_batch_of_left_padded_prompts():
+    """The LLaDA-V options on a left-padded batch (three prompts of different lengths, each with its own image, a
+    stop that cuts some answers): each answer equals that prompt run alone (batch 1), and every row stops at
+    its own place."""
+    m, _ = tiny_vlm_and_prompt(1)
+    n = m.cfg.vision.n_patches
+    prompts = [torch.tensor([1, 2] + [IMAGE_TOKEN_INDEX] * n + t) for t in ([3, 4], [5, 6, 7, 8, 9], [10])]
+    with torch.no_grad():
+        feats = m.encode_images(torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+    batch, am = _left_padded(prompts)
+    kw = dict(steps=8, gen_length=8, block_length=4, mask_id=MASK, banned_ids=(EOS,))
+    free = generate(m, batch, am, stop_sequences=[], image_features=feats, **kw)
+    stop = [[free[0][2]]]  # a token of the first answer
+    outs = generate(m, batch, am, stop_sequences=stop, image_features=feats, **kw)
+    singles = [generate(m, q[None], stop_sequences=stop, image_features=feats[i:i + 1], **kw)[0]
+               for i, q in enumerate(prompts)]
+    assert outs == singles and len(outs[0]) <= 2
+    assert not all(len(o) == 8 for o in outs)
+
+
+def test_llada_v_rejects_an_empty_stop_sequence():
+    with pytest.raises(ValueError, match="stop sequence is empty"):
+        generate(tiny_lm(), prompt(), steps=4, gen_length=4, block_length=4, mask_id=MASK, stop_sequences=[[]])
 
 
 # Monte-Carlo log-likelihood bound (get_log_likelihood.py) and multiple choice

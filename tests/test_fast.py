@@ -1,14 +1,15 @@
-"""Tests for fast decoding in diffusion.py and diffusion.KVCache: the approximate KV caches (prefix, dual) and confidence-threshold
-parallel decoding. Tiny random models, CPU only."""
+"""Tests for fast decoding, the options of diffusion.generate (the one sampler) that Fast-dLLM adds: the approximate
+KV caches (prefix, dual, diffusion.KVCache) and confidence-threshold parallel decoding; each also against the frozen
+pre-merge generate_fast (tests/reference_samplers.py); fast decoding of the official model through sample.py.
+Tiny random models, CPU only."""
 
 import pytest
 import torch
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest on a shared 2-core machine
 
-from diffusion import generate
-from diffusion import CountingModel, MODES, generate_fast, mode_kwargs
-from diffusion import KVCache
+from diffusion import CountingModel, KVCache, MODES, generate, mode_kwargs
+import reference_samplers as ref
 from model import LLaDA
 from test_diffusion import GEN, MASK, PAD, V, fixed_logits_model, prompt, tiny_cfg, tiny_vlm_and_prompt
 
@@ -23,8 +24,9 @@ def tiny_llm(seed=0, n_layers=2):
 
 
 def lm_fn(llm):
-    """The sampler's model interface for a bare LLaDA: model(x, attention_mask=..., cache=...)."""
-    return lambda x, attention_mask=None, cache=None: llm(llm.embed_tokens(x), attention_mask, cache=cache)
+    """The sampler's model interface for a bare LLaDA: model(x, attention_mask=..., cache=..., output_positions=...)."""
+    return lambda x, attention_mask=None, **kw: llm(llm.embed_tokens(x), attention_mask, **kw)
+
 
 
 def left_padded(prompts):
@@ -78,15 +80,15 @@ def test_stale_cache_is_approximate_and_refresh_fixes_it():
 
 @pytest.mark.parametrize("cache", [None, "prefix", "dual"])
 def test_fast_path_with_refresh_every_step_is_token_identical_to_exact(cache):
-    """One token per step (steps = gen_length) and the cache re-recorded every step: generate_fast gives the
-    exact sampler's tokens, step by step, over several semi-autoregressive blocks and several prompts."""
+    """One token per step (steps = gen_length) and the cache re-recorded every step: the cached modes give
+    the exact sampler's tokens, step by step, over several semi-autoregressive blocks and several prompts."""
     m = lm_fn(tiny_llm(1))
     for seed in range(3):
         p = prompt(6, seed=seed)
         kw = dict(steps=12, gen_length=12, block_length=4, **GEN)
         ref, fast = [], []
         a = generate(m, p, callback=lambda x, s, b: ref.append(x.clone()), **kw)
-        b = generate_fast(m, p, cache=cache, refresh_every=1, callback=lambda x, s, b: fast.append(x.clone()), **kw)
+        b = generate(m, p, cache=cache, refresh_every=1, callback=lambda x, s, b: fast.append(x.clone()), **kw)
         assert torch.equal(a, b)
         assert len(ref) == len(fast) == 12 and all(torch.equal(u, v) for u, v in zip(ref, fast))
 
@@ -98,7 +100,7 @@ def test_threshold_above_one_is_one_token_per_step():
     p = prompt(5, seed=4)
     kw = dict(gen_length=8, block_length=4, **GEN)
     st = {}
-    out = generate_fast(m, p, threshold=1.01, stats=st, **kw)
+    out = generate(m, p, threshold=1.01, stats=st, **kw)
     assert torch.equal(out, generate(m, p, steps=8, **kw))
     assert st["nfe"] == 8 == st["full_nfe"]
 
@@ -113,13 +115,13 @@ def test_threshold_reveals_every_confident_position_at_once():
         return [c if v == top else 0.0 for v in range(V)]
     rows = [row(10, 20.0), row(11, 1.0), row(12, 20.0), row(13, 2.0)]  # two sure, two unsure positions
     snaps, st = [], {}
-    out = generate_fast(fixed_logits_model(rows), prompt(3), gen_length=4, block_length=4, threshold=0.9,
+    out = generate(fixed_logits_model(rows), prompt(3), gen_length=4, block_length=4, threshold=0.9,
                         callback=lambda x, s, b: snaps.append(x[0, 3:].clone()), stats=st, **GEN)
     assert out[0, 3:].tolist() == [10, 11, 12, 13]
     revealed = [(s != MASK).nonzero()[:, 0].tolist() for s in snaps]
     assert revealed == [[0, 2], [0, 2, 3], [0, 1, 2, 3]] and st["nfe"] == 3
     st = {}
-    generate_fast(fixed_logits_model(rows), prompt(3), gen_length=4, block_length=2, threshold=0.0, stats=st, **GEN)
+    generate(fixed_logits_model(rows), prompt(3), gen_length=4, block_length=2, threshold=0.0, stats=st, **GEN)
     assert st["nfe"] == 2  # one call per block
 
 
@@ -131,7 +133,7 @@ def test_every_mode_fills_the_canvas_block_by_block_and_never_remasks(mode):
     p = prompt(5, seed=5)
     snaps, st = [], {}
     kw = dict(steps=8, gen_length=8, block_length=4, **GEN, **mode_kwargs(mode, threshold=0.3))
-    out = generate_fast(m, p, callback=lambda x, s, b: snaps.append((x.clone(), b)), stats=st, **kw)
+    out = generate(m, p, callback=lambda x, s, b: snaps.append((x.clone(), b)), stats=st, **kw)
     assert torch.equal(out[:, :5], p) and not (out == MASK).any()
     prev = torch.cat([p, torch.full((1, 8), MASK)], 1)
     for x, b in snaps:
@@ -153,9 +155,9 @@ def test_fast_batched_left_padding_matches_single(mode):
     prompts = [prompt(3, seed=1)[0], prompt(7, seed=2)[0], prompt(5, seed=3)[0]]
     batch, am, P = left_padded(prompts)
     kw = dict(steps=8, gen_length=8, block_length=4, **GEN, **mode_kwargs(mode, threshold=0.2))
-    out = generate_fast(m, batch, attention_mask=am, **kw)
+    out = generate(m, batch, attention_mask=am, **kw)
     for q, o in zip(prompts, out):
-        assert torch.equal(o[P:], generate_fast(m, q[None], **kw)[0, len(q):])
+        assert torch.equal(o[P:], generate(m, q[None], **kw)[0, len(q):])
 
 
 def test_fast_with_cfg_and_image_features():
@@ -165,9 +167,9 @@ def test_fast_with_cfg_and_image_features():
     with torch.no_grad():
         f = m.encode_images(torch.rand(1, 3, 16, 16) * 2 - 1)
     kw = dict(steps=6, gen_length=6, block_length=3, cfg_scale=1.0, image_features=f, **GEN)
-    assert torch.equal(generate(m, p, **kw), generate_fast(m, p, cache="dual", refresh_every=1, **kw))
+    assert torch.equal(generate(m, p, **kw), generate(m, p, cache="dual", refresh_every=1, **kw))
     st = {}
-    out = generate_fast(m, p, cache="dual", stats=st, **kw)
+    out = generate(m, p, cache="dual", stats=st, **kw)
     assert not (out == MASK).any() and st["full_nfe"] == 2 and st["nfe"] == 6
 
 
@@ -177,9 +179,112 @@ def test_counting_model_and_bad_arguments():
     generate(cm, prompt(), steps=6, gen_length=6, block_length=3, **GEN)
     assert cm.nfe == 6
     with pytest.raises(ValueError, match="prefix"):
-        generate_fast(cm, prompt(), gen_length=4, block_length=4, steps=4, cache="kv", **GEN)
+        generate(cm, prompt(), gen_length=4, block_length=4, steps=4, cache="kv", **GEN)
     with pytest.raises(ValueError, match="threshold\\+dual"):
         mode_kwargs("turbo")
+
+
+# ----------------------------------------------------------------------------------------------
+# Against the frozen pre-merge generate_fast (tests/reference_samplers.py)
+
+def fast_cases():
+    """(name, model, prompt, kwargs) of the situations the fast tests above exercise."""
+    batch, am, _ = left_padded([prompt(3, seed=1)[0], prompt(7, seed=2)[0], prompt(5, seed=3)[0]])
+    vlm, vp = tiny_vlm_and_prompt()
+    with torch.no_grad():
+        f = vlm.encode_images(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    return [
+        ("3 blocks", lm_fn(tiny_llm(1)), prompt(6, seed=0), dict(steps=12, gen_length=12, block_length=4)),
+        ("left padding", lm_fn(tiny_llm(4)), batch, dict(steps=8, gen_length=8, block_length=4, attention_mask=am)),
+        ("image, CFG", vlm, vp, dict(steps=6, gen_length=6, block_length=3, cfg_scale=1.0, image_features=f)),
+        ("T = 1, flags", lm_fn(tiny_llm(2)), prompt(5, seed=4), dict(steps=8, gen_length=8, block_length=4,
+                                                                    temperature=1.0, logits_eos_inf=True,
+                                                                    confidence_eos_eot_inf=True)),
+    ]
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "exact"])
+@pytest.mark.parametrize("refresh_every", [0, 2])
+def test_fast_modes_are_the_frozen_generate_fast(mode, refresh_every):
+    """Every fast mode (threshold 0.3 and 1.01, refresh at block starts or every 2 steps) gives the frozen
+    generate_fast's tokens at every step and the same statistics (nfe, full_nfe, positions, cache_bytes), on a
+    multi-block prompt, a left-padded batch, LLaDA-V with an image and CFG, and T > 0 with both EOS flags.
+    ('exact' is the official mode, tested against the frozen generate in test_diffusion.py: at T > 0 it draws the
+    noise over the whole sequence as generate.py does, where generate_fast drew it over the block.)"""
+    for name, m, p, kw in fast_cases():
+        for tau in (0.3, 1.01):
+            runs = []
+            for sampler in (generate, ref.generate_fast):
+                snaps, st = [], {}
+                torch.manual_seed(3)
+                out = sampler(m, p, refresh_every=refresh_every, stats=st, **GEN, **kw, **mode_kwargs(mode, tau),
+                              callback=lambda x, s, b: snaps.append((x.clone(), s, b)))
+                runs.append((out, snaps, st))
+            (a, sa, ta), (b, sb, tb) = runs
+            assert torch.equal(a, b) and ta == tb, (name, tau)
+            assert len(sa) == len(sb) and all(torch.equal(u, v) and s == t and c == d
+                                              for (u, s, c), (v, t, d) in zip(sa, sb)), (name, tau)
+            if not MODES[mode]["threshold"]:
+                break  # tau is unused
+
+
+def test_fast_modes_with_llada_v_options():
+    """LLaDA-V's options (banned ids, a stop, a suffix) combine with the caches and the threshold: one token per
+    step and the cache refreshed every step is LLaDA-V's exact sampler, stop and early end included; with the
+    cache kept for the whole block the answer is still cut at the stop and carries the suffix."""
+    m, p = tiny_vlm_and_prompt(2)
+    with torch.no_grad():
+        f = m.encode_images(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1)
+    kw = dict(gen_length=8, block_length=4, mask_id=MASK, banned_ids=(62,), suffix=[5], image_features=f)
+    (free,) = generate(m, p, steps=8, stop_sequences=[], **kw)
+    stops = [[free[2]]]
+    exact_st = {}
+    (exact,) = generate(m, p, steps=8, stop_sequences=stops, stats=exact_st, **kw)
+    assert len(exact) <= 3 and exact[-1] == 5 and exact_st["nfe"] < 8
+    for mode in ("threshold", "threshold+prefix", "threshold+dual"):
+        st = {}
+        (out,) = generate(m, p, stop_sequences=stops, refresh_every=1, stats=st, **kw, **mode_kwargs(mode, 1.01))
+        assert out == exact and st == dict(exact_st, cache_bytes=st["cache_bytes"]), mode
+    for mode in ("prefix", "dual", "threshold+dual"):
+        (out,) = generate(m, p, steps=8, stop_sequences=stops, **kw, **mode_kwargs(mode, 0.5))
+        assert out[-1] == 5 and free[2] not in out[:-1], mode
+
+
+def test_official_model_cli_fast_mode_equals_exact(tmp_path, capsys, monkeypatch):
+    """sample.py --checkpoint=<Hugging Face dir> with --mode=threshold+dual: a tiny LLaDA-V saved with the real key
+    names (checkpoint.save_pretrained) and the toy tokenizer. With the cache refreshed every step and one token
+    revealed per step (a threshold above 1, steps = gen_length) the answer is the exact sampler's, with as many
+    model calls; with the default refresh the cached mode runs with fewer full passes."""
+    import sample
+    from checkpoint import save_pretrained
+    from model import LLaDAConfig, LLaDAV, LLaDAVConfig
+    from vision import VisionConfig
+    from PIL import Image
+    torch.manual_seed(0)
+    cfg = LLaDAVConfig(lm=LLaDAConfig(vocab_size=512, d_model=16, n_layers=1, n_heads=2, mlp_hidden=32),
+                       vision=VisionConfig(image_size=28, patch_size=14, d_model=8, n_layers=2, n_heads=2,
+                                           mlp_hidden=16), tokenizer="toy")
+    m = LLaDAV(cfg)
+    m.init_weights()
+    save_pretrained(m, tmp_path / "v")
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "g.png")
+    common = [f"--checkpoint={tmp_path / 'v'}", "--tokenizer=toy", f"--image={tmp_path / 'g.png'}",
+              "--question=What color?", "--gen_length=8", "--block_length=4", "--dtype=fp32"]
+
+    answers = []  # the answer ids the one sampler returns (the decoded text of a random model is mostly U+FFFD)
+    real = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **kw: answers.append(real(*a, **kw)) or answers[-1])
+
+    def run(*extra):
+        sample.main(common + list(extra))
+        out = capsys.readouterr().out
+        calls = out.split(" decoding: ")[1].split(" model calls (")
+        return answers[-1], out.split("answer:   ")[1].split("\n")[0], int(calls[0]), int(calls[1].split(" full")[0])
+    exact = run("--steps=8")
+    fast = run("--mode=threshold+dual", "--threshold=1.5", "--refresh_every=1")
+    assert exact == fast and exact[2] == exact[3] and len(exact[0][0]) > 0
+    cached = run("--mode=dual", "--steps=8", "--stop=,")  # no stop string: every step of both blocks runs
+    assert cached[2:] == (8, 2)  # one full pass per block, the rest on the cached keys/values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +332,31 @@ def test_sample_gif(checkpoint, tmp_path, capsys):
     assert all(cell(im.n_frames - 1, i) != animate.MASK_FILL for i in range(12))
 
 
+def test_inference_dtype_choice():
+    """REFERENCE 11.3: --dtype=auto loads the official weights in float16 on CUDA (the official inference precision)
+    and keeps the checkpoint's dtype (None) on a CPU; a named dtype wins anywhere; an unknown one is one clear error."""
+    import sample
+    assert sample.inference_dtype("auto", torch.device("cuda")) == torch.float16
+    assert sample.inference_dtype("auto", torch.device("cpu")) is None
+    assert sample.inference_dtype("bf16", torch.device("cuda")) == torch.bfloat16
+    assert sample.inference_dtype("fp32", torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="--dtype=int3: use auto or one of bf16, fp16, fp32"):
+        sample.inference_dtype("int3", torch.device("cpu"))
+
+
+def test_lmms_eval_decoding_option():
+    """REFERENCE 11.7: lmms_eval=True skips special tokens and strips ONE trailing "." (then white space); the
+    default decodes every token and strips white space only."""
+    import sample
+    from synthetic import toy_tokenizer
+    tok = toy_tokenizer()
+    ids = tok.encode(" red..") + [tok.eot_id]
+    assert sample.decode_answer(tok, ids) == "red..<|eot_id|>"
+    assert sample.decode_answer(tok, ids, lmms_eval=True) == "red."
+    assert sample.decode_answer(tok, tok.encode(" a circle. "), lmms_eval=True) == "a circle."  # the dot is not last
+    assert sample.decode_answer(tok, tok.encode("<|startoftext|>blue.") + [tok.eos_id], lmms_eval=True) == "blue"
+
+
 def test_step_colours_run_blue_to_red():
     from tools import draw as animate
     first, last = animate.step_colour(1, 10), animate.step_colour(10, 10)
@@ -247,6 +377,21 @@ def test_bench_runs_and_prints_every_mode(capsys):
     assert "| 8 (8) |" in rows[0] and "(2) |" in rows[1]
     with pytest.raises(SystemExit, match="key one of"):
         bench.main(["--nope=1"])
+
+
+def test_bench_official_path(capsys):
+    """tools/bench.py --official=1 at a tiny width: the real vocabulary, a 640x480 image in anyres_max_4 = 2,929
+    visual tokens, one markdown row per mode; the exact sampler makes `steps` full passes, the dual cache one per
+    block, and the first row agrees with itself."""
+    from tools import bench
+    bench.main(["--official=1", "--lm.d_model=32", "--lm.n_layers=1", "--lm.n_heads=2", "--lm.mlp_hidden=64",
+                "--vision.n_layers=2", "--vision.d_model=16", "--vision.n_heads=2", "--vision.mlp_hidden=32",
+                "--repeats=1", "--gen_length=4", "--block_length=2", "--steps=4", "--modes=exact,dual,threshold"])
+    out = capsys.readouterr().out
+    assert "vocabulary 126,464" in out and "5 crops -> 2,929 visual tokens" in out and "prompt 2,959 tokens" in out
+    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| mode")]
+    assert [r.split("|")[1].strip() for r in rows] == ["exact", "dual", "threshold"]
+    assert "| 4 (4) | 1.00x | 100% |" in rows[0] and "| 4 (2) |" in rows[1] and "| 4 (4) |" in rows[2]
 
 
 def test_flop_counter_sees_the_model():

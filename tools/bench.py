@@ -20,6 +20,10 @@ close the step gets to what this machine's matmul can do), and on a GPU the vend
     python -m tools.bench --preset=llada_v_8b --lm.n_layers=2    # --lm.* / --vision.* change the preset's model
     python -m tools.bench --preset=llada_v_8b --layer_only=1 --seq_len=8192 --train_batch=1   # one LLaDA block,
         bf16: forward + backward ms, TFLOP/s and MFU (FLOPs counted as above), peak memory on a GPU
+    python -m tools.bench --official=1 --lm.d_model=512 --lm.n_layers=4 --vision.n_layers=2 --repeats=1
+        the official path's decoding (main_official): LLaDA-V's shape with the real 126,464-token vocabulary,
+        random weights, a 640x480 image in anyres_max_4 (2,929 visual tokens) and a short random question,
+        LLaDA-V's sampler options; exact against each fast mode. Without overrides: the full 8B (a GPU).
 Training inputs are random token ids with one image's placeholders and random pixels; sampling uses
 held-out synthetic questions where the tokenizer exists (toy) and random ids otherwise, so the `small`
 preset runs without the official tokenizer.
@@ -34,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoint import load_checkpoint
 from data import default_system, prompt_batch
-from diffusion import MODES, CountingModel, diffusion_loss, forward_process, generate, generate_fast, mode_kwargs
+from diffusion import LLADA_V_BANNED, MODES, diffusion_loss, forward_process, generate, mode_kwargs
 from distributed import autocast, pick_device
 from model import Block, LLaDAV, device_peak, get_config, rope_cos_sin
 from synthetic import SyntheticVQA, toy_tokenizer
@@ -61,6 +65,7 @@ class BenchConfig:
     skip_train: bool = False
     layer_only: bool = False      # time one LLaDA block (bf16) instead: forward + backward of ...
     seq_len: int = 2048           # ... train_batch x seq_len tokens
+    official: bool = False        # time the official LLaDA-V path's decoding with a long visual prompt instead
 
 
 def parse(argv):
@@ -237,12 +242,7 @@ def bench_sampling(model, bc, device):
         def run():
             st = {}
             with autocast(device):
-                if mode == "exact":
-                    cm = CountingModel(model)
-                    out = generate(cm, prompt, **kw)
-                    st = {"nfe": cm.nfe, "full_nfe": cm.nfe, "cache_bytes": 0}
-                else:
-                    out = generate_fast(model, prompt, stats=st, **fk, **kw)
+                out = generate(model, prompt, stats=st, **fk, **kw)
             sync(device)
             return out, st
         out, st = run()  # warm-up
@@ -263,6 +263,68 @@ def bench_sampling(model, bc, device):
     return rows
 
 
+@torch.no_grad()
+def main_official(bc, overrides, device):
+    """The official path's decoding with a long visual prompt (issue 15, item 6). The llada_v_8b preset (the
+    real 126,464-token vocabulary, so the real special ids: [MASK] 126336, <|eot_id|> 126348) with the
+    --lm.* / --vision.* overrides, random weights, images in anyres_max_4 with spatial_unpad; one 640x480
+    image -> 5 crops -> 2,929 visual tokens, encoded once (timed apart). The prompt is a few random text ids,
+    the visual tokens and text_len random question ids; sample_batch copies decode together (each its own
+    question). Every mode runs diffusion.generate with LLaDA-V's options (banned ids, <|eot_id|> stop) as
+    sample.py's official path does. Random weights are never confident: the threshold modes then reveal
+    one token per step, and what the table shows of them is the caches' cost per call.
+    Prints a markdown table: wall time (median of `repeats`), model calls (full passes), speed-up, tokens
+    equal to the exact answer's. CUDA: bf16 weights; CPU: fp32."""
+    from PIL import Image
+    from vision import process_image
+    cfg = model_config("llada_v_8b", overrides)
+    cfg.image_aspect_ratio, cfg.mm_patch_merge_type = "anyres_max_4", "spatial_unpad"
+    with torch.device(device):  # built on the device: a full-size random 8B is initialised there, not on the CPU
+        model = LLaDAV(cfg)
+        model.init_weights()
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    model.eval()
+    g = torch.Generator().manual_seed(bc.seed)
+    img = Image.fromarray((torch.rand(480, 640, 3, generator=g) * 255).byte().numpy())
+    sync(device)
+    t0 = time.perf_counter()
+    crops, size = process_image(img, cfg.image_aspect_ratio, cfg.vision.image_size)
+    feats = model.encode_image_crops(crops.to(device, next(model.parameters()).dtype), size)  # (N, d)
+    sync(device)
+    t_img, N, B = time.perf_counter() - t0, feats.shape[0], bc.sample_batch
+    text = lambda n: torch.randint(0, 126080, (B, n), generator=g)  # ordinary (non-special) ids
+    prompt = torch.cat([text(6), torch.full((B, N), IMAGE_TOKEN_INDEX), text(bc.text_len)], 1).to(device)
+    kw = dict(steps=bc.steps, gen_length=bc.gen_length, block_length=bc.block_length, mask_id=126336,
+              banned_ids=LLADA_V_BANNED, stop_sequences=[[126348]], image_features=feats.repeat(B, 1))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"official path, random weights: {n_params / 1e6:,.1f}M parameters ({cfg.lm.n_layers} layers, d_model "
+          f"{cfg.lm.d_model}, vocabulary {cfg.lm.vocab_size:,}; vision {cfg.vision.n_layers} layers) on {device}, "
+          f"{next(model.parameters()).dtype}, {torch.get_num_threads()} CPU threads\n"
+          f"one 640x480 image, anyres_max_4: {crops.shape[0]} crops -> {N:,} visual tokens (encoded once in "
+          f"{t_img:.2f} s); prompt {prompt.shape[1]:,} tokens x batch {B}; gen_length {bc.gen_length}, block_length "
+          f"{bc.block_length}, exact steps {bc.steps}, threshold {bc.threshold}; median of {bc.repeats}\n")
+    rows, ref = [], None
+    for mode in bc.modes.split(","):
+        times = []
+        for _ in range(bc.repeats):
+            st = {}
+            sync(device)
+            t0 = time.perf_counter()
+            out = generate(model, prompt, stats=st, **mode_kwargs(mode, bc.threshold), **kw)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        ref = out if ref is None else ref
+        same = sum(a == b for o, r in zip(out, ref) for a, b in zip(o, r))
+        rows.append(dict(mode=mode, t=sorted(times)[len(times) // 2], nfe=st["nfe"], full=st["full_nfe"],
+                         same=same / max(1, sum(max(len(o), len(r)) for o, r in zip(out, ref)))))
+    print("| mode | wall time | tokens/s | model calls (full passes) | speed-up vs first | tokens equal to first |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['t']:.2f} s | {B * bc.gen_length / r['t']:,.1f} | {r['nfe']} ({r['full']}) | "
+              f"{rows[0]['t'] / r['t']:.2f}x | {100 * r['same']:.0f}% |")
+
+
 def main_layer(bc, overrides, device):
     lm, (peak, peak_src) = model_config(bc.preset, overrides).lm, peak_flops(device)
     r = bench_layer(lm, bc, device)
@@ -280,10 +342,15 @@ def main(argv):
     bc, overrides = parse(argv)
     device = pick_device(bc.device)
     torch.manual_seed(bc.seed)
-    if (overrides or bc.layer_only) and bc.checkpoint:
-        sys.exit("--lm.*, --vision.* and --layer_only=1 apply to a --preset's random-weight model; drop --checkpoint")
+    if (overrides or bc.layer_only or bc.official) and bc.checkpoint:
+        sys.exit("--lm.*, --vision.*, --layer_only=1 and --official=1 apply to a random-weight model; drop --checkpoint")
     if bc.layer_only:
         return main_layer(bc, overrides, device)
+    if bc.official:
+        if bc.gen_length % bc.block_length or bc.steps % (bc.gen_length // bc.block_length):
+            sys.exit(f"gen_length={bc.gen_length} must be a multiple of block_length={bc.block_length} and steps="
+                     f"{bc.steps} a multiple of the number of blocks; fix the three options")
+        return main_official(bc, overrides, device)
     if bc.checkpoint:
         try:
             model, _, _ = load_checkpoint(bc.checkpoint, device)

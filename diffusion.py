@@ -208,7 +208,8 @@ def find_stop(canvas, stop_sequences, stop):
 
 
 class KVCache:
-    """Every layer's keys and values (B, H, L, hd) of one full forward pass, for the approximate caches
+    """Every layer's keys and values (B, H_kv, L, hd) of one full forward pass (H_kv = n_kv_heads under
+    grouped-query attention), for the approximate caches
     of fast diffusion decoding (Fast-dLLM; see the module docstring). A diffusion LM attends both ways, so
     cached keys go stale as soon as any token changes; the sampler decides when to refresh (record) them.
 

@@ -92,7 +92,7 @@ class LLaDAVConfig:
 
 PRESETS = {
     # Trains on a 2-core CPU in minutes on the synthetic shapes data (1.06M parameters). A 96-wide language
-    # model learns more per second on a CPU than a 128-wide one (README, "What we learnt").
+    # model learns more per second on a CPU than a 128-wide one (docs/notebook.md).
     "toy": LLaDAVConfig(
         lm=LLaDAConfig(vocab_size=512, d_model=96, n_layers=4, n_heads=6, mlp_hidden=256, max_seq_len=256),
         vision=VisionConfig(image_size=64, patch_size=16, d_model=128, n_layers=3, n_heads=4, mlp_hidden=512),

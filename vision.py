@@ -152,10 +152,9 @@ def sincos_2d(grid: int, dim: int, base: float = 10.0) -> torch.Tensor:
     embedding stays learned (SigLIP's); only the from-scratch init uses them, so that a patch's row and
     column are linear in its token from the first step, which the toy's spatial questions need.
     base 10 (not MAE's 10000): the toy board is only 4 patches wide, and with 10000 most w_k are so low
-    that x w_k barely changes across it. init_weights installs the codes at unit scale: at 0.3x the
-    objects' content swamped them, and a linear probe read an object token's row and column after the
-    projector at 44-50% after training; at 1x, 70-73%. Held-out accuracy of the default run rose
-    62.0% -> 66.4% (README, "What we learnt")."""
+    that x w_k barely changes across it. init_weights installs the codes at unit scale: at a fraction of
+    it the objects' content swamped them, and a linear probe read an object token's row and column after
+    the projector much less often (the probes and runs: docs/notebook.md)."""
     q = dim // 4
     w = 1.0 / base ** (torch.arange(q, dtype=torch.float32) / q)                       # (q,)
     ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),

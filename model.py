@@ -91,7 +91,7 @@ class LLaDAVConfig:
 
 
 PRESETS = {
-    # Trains on a 2-core CPU in minutes on the synthetic shapes data (1.06M parameters). A 96-wide language
+    # Trains on a 2-core CPU in minutes on the synthetic shapes data. A 96-wide language
     # model learns more per second on a CPU than a 128-wide one (docs/notebook.md).
     "toy": LLaDAVConfig(
         lm=LLaDAConfig(vocab_size=512, d_model=96, n_layers=4, n_heads=6, mlp_hidden=256, max_seq_len=256),

@@ -370,6 +370,326 @@ def count_params(model: LLaDAV) -> dict:
             "projector": n(model.projector), "total": n(model)}
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Configuration from the command line
+#
+# nanoGPT's configurator idea with types and rules. Every script's options are the fields of one dataclass
+# (train.TrainConfig, sample.SampleConfig, tools.bench.BenchConfig, tools.plan.PlanConfig) and are written
+# --key=value with the field's own name: one spelling, underscores. A field may carry its rule beside it,
+#     steps: int = opt(16, min=1)      # sampler steps            <- the comment is the option's --help
+# and parse_config() checks every option (type, then rule, then the config's cross-field check()) before a
+# script does any work, so a typo costs one line, never a run. run_cli() wraps every script's main so that
+# what a user caused reads as one line with no traceback (LLADA_DEBUG=1 shows the traceback).
+
+import copy
+import difflib
+import inspect
+import io
+import os
+import re
+import sys
+import textwrap
+import tokenize
+import typing
+from dataclasses import fields
+
+# The rules a field may carry (dataclasses.field metadata, written with opt()):
+#   choices=(...)   the value is one of these             each=(...)   a comma list, every item one of these
+#   min= / max=     inclusive bounds                      gt= / lt=    exclusive bounds
+#   path="file" | "dir" | "any"   must exist when given (non-empty), unless it is one of also=(...)
+#   out="dir" | "file"            an output: not empty, and its folder exists or can be created, writably
+#   suffix=".gif"                 an output file must end so (nothing else gets overwritten by mistake)
+#   device=True                   auto, cpu, mps, cuda or cuda:N, and present on this machine
+RULES = ("choices", "each", "min", "max", "gt", "lt", "path", "also", "out", "suffix", "device")
+TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")  # the only booleans; any case
+
+
+def opt(default, **rule):
+    """A dataclass field whose command-line rule sits beside it: `x: int = opt(1, min=1)  # help`."""
+    if set(rule) - set(RULES):
+        raise TypeError(f"unknown option rule(s) {sorted(set(rule) - set(RULES))}; rules are {', '.join(RULES)}")
+    return field(default=default, metadata=rule)
+
+
+def field_notes(cls) -> list[tuple[str, str]]:
+    """The `# ...` comments of a dataclass's fields, read from its source with tokenize ->
+    [(field name, comment), ...] in source order. A comment on a field's line(s) is its note; a comment line
+    indented deeper than the fields continues the note above; one at the fields' own column is a section
+    heading (name ""). --help prints these, so the help cannot drift from the comments beside the code."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source file (a class made in a REPL): names without notes
+        return [(f.name, "") for f in fields(cls)]
+    notes, in_field, body_col, line_start = [], False, None, True
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        kind, (row, col) = tok.type, tok.start
+        if kind == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if in_field or (notes and notes[-1][0] and body_col is not None and col > body_col):
+                notes[-1] = (notes[-1][0], (notes[-1][1] + " " + text).strip())  # the field's note (goes on)
+            elif col == body_col:
+                notes.append(("", text))                                          # a section heading
+        elif kind == tokenize.NEWLINE:
+            in_field, line_start = False, True  # a logical line ends: a field's definition is complete
+        elif kind in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL):
+            continue  # layout only (NL: a blank line, a comment line, or a line break inside brackets)
+        elif line_start and col > 0:  # the first token of a statement in the class body
+            line_start = False
+            if tok.string in ("def", "@", "class"):
+                break  # methods follow the fields
+            body_col = col if body_col is None else body_col
+            if kind == tokenize.NAME:
+                notes.append((tok.string, ""))
+                in_field = True
+        else:
+            line_start = False
+    names = {f.name for f in fields(cls)}
+    return [(n, t) for n, t in notes if n == "" or n in names]
+
+
+def _rule_text(rule) -> str:
+    """What a rule allows, in words (for --help and for the error lines)."""
+    parts = []
+    if "choices" in rule:
+        parts.append("one of " + ", ".join(str(c) if c != "" else '""' for c in rule["choices"]))
+    if "each" in rule:
+        parts.append("a comma list of " + ", ".join(rule["each"]))
+    for k, op in (("min", ">="), ("gt", ">"), ("max", "<="), ("lt", "<")):
+        if k in rule:
+            parts.append(f"{op} {rule[k]}")
+    if "path" in rule:
+        kind = {"file": "an existing file", "dir": "an existing folder", "any": "an existing file or folder"}[rule["path"]]
+        parts.append(kind + ("" if "also" not in rule else " or " + ", ".join(rule["also"])))
+    if "out" in rule:
+        parts.append("a writable " + ("folder" if rule["out"] == "dir" else "file path")
+                     + (f" ending in {rule['suffix']}" if "suffix" in rule else ""))
+    if rule.get("device"):
+        parts.append("auto, cpu, cuda, cuda:N or mps")
+    return ", ".join(parts)
+
+
+def _fail(key, text, why, default=False) -> SystemExit:
+    """The one error line: the option as typed, what is wrong, what is allowed."""
+    return SystemExit(f"--{key}={text}{' (the default)' if default else ''}: {why}")
+
+
+def convert(key: str, text: str, typ):
+    """The command-line string `text` of option --key as a value of type `typ` (str, int, float, bool, or
+    one of them | None). Booleans take 1/0/true/false/yes/no in any case and nothing else."""
+    base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # `int | None` -> int
+    if base is bool:
+        if text.lower() in TRUE + FALSE:
+            return text.lower() in TRUE
+        raise _fail(key, text, "not a boolean; use 1/0, true/false or yes/no")
+    if base is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise _fail(key, text, "not an integer") from None
+    if base is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise _fail(key, text, "not a number") from None
+        if not math.isfinite(value):
+            raise _fail(key, text, "not a finite number")
+        return value
+    return text
+
+
+def _writable(path: str) -> str | None:
+    """Why an output at `path` could not be written, or None: the nearest existing folder above it must be
+    a writable folder (what is missing below it is created at the first save)."""
+    p = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        return f"{p} is a file, so no folder can be made under it"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable"
+    return None
+
+
+def check_option(key: str, value, rule: dict, text: str | None = None, default: bool = False):
+    """Check one typed option against its field's rule (see RULES); raise the one-line SystemExit."""
+    text = str(value) if text is None else text
+    if value is None or not rule:  # None: "not given" (e.g. gen_length from the checkpoint)
+        return
+    allowed = _rule_text(rule)
+    if "choices" in rule and value not in rule["choices"]:
+        raise _fail(key, text, f"not allowed; use {allowed}", default)
+    if "each" in rule:
+        bad = [v for v in value.split(",") if v not in rule["each"]]
+        if bad or not value:
+            raise _fail(key, text, f"{bad[0] if bad else 'empty'!r} is not allowed; use {allowed}", default)
+    for k, ok in (("min", lambda v, b: v >= b), ("gt", lambda v, b: v > b), ("max", lambda v, b: v <= b),
+                  ("lt", lambda v, b: v < b)):
+        if k in rule and not ok(value, rule[k]):
+            raise _fail(key, text, f"out of range; must be {allowed}", default)
+    if rule.get("path") and value and value not in rule.get("also", ()):
+        exists = {"file": os.path.isfile, "dir": os.path.isdir, "any": os.path.exists}[rule["path"]]
+        if not exists(value):
+            what = "does not exist" if not os.path.exists(value) else "is the wrong kind"
+            raise _fail(key, text, f"{what}; pass {allowed}", default)
+    if "out" in rule and (value or rule["out"] == "dir"):
+        if not value.strip():
+            raise _fail(key, text, f"empty; pass {allowed} (e.g. --{key}=out)", default)
+        if rule["out"] == "dir" and os.path.exists(value) and not os.path.isdir(value):
+            raise _fail(key, text, "is a file; pass a folder", default)
+        if rule["out"] == "file" and os.path.isdir(value):
+            raise _fail(key, text, "is a folder; pass a file path", default)
+        if "suffix" in rule and not value.endswith(rule["suffix"]):
+            raise _fail(key, text, f"must end in {rule['suffix']}", default)
+        why = _writable(os.path.join(value, "x") if rule["out"] == "dir" else value)
+        if why:
+            raise _fail(key, text, f"cannot write there ({why})", default)
+    if rule.get("device"):
+        m = re.fullmatch(r"auto|cpu|mps|cuda(?::(\d+))?", value)
+        if m is None:
+            raise _fail(key, text, f"not a device; use {allowed}", default)
+        if value.startswith("cuda") and not (torch.cuda.is_available() and int(m.group(1) or 0) < torch.cuda.device_count()):
+            raise _fail(key, text, f"no such CUDA device here ({torch.cuda.device_count()} visible); use auto or cpu", default)
+        if value == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise _fail(key, text, "MPS is not available here; use auto or cpu", default)
+
+
+MODEL_SECTIONS = {"lm": LLaDAConfig, "vision": VisionConfig}  # --lm.<field>, --vision.<field>
+
+
+def model_option(key: str, value):
+    """Type and check one --lm.<field> / --vision.<field> override -> (section, field name, value). Every
+    such field is a size (int >= 1) or a positive float (rope_theta, norm_eps, ln_eps)."""
+    section, _, name = key.partition(".")
+    part = MODEL_SECTIONS.get(section)
+    names = [f.name for f in fields(part)] if part else []
+    if name not in names:
+        valid = [f"--{s}.{f.name}" for s, c in MODEL_SECTIONS.items() for f in fields(c)]
+        near = difflib.get_close_matches(f"--{key}", valid, 1)
+        raise SystemExit(f"unknown option --{key}; " + (f"did you mean {near[0]}? " if near else "")
+                         + f"model options: {', '.join(valid)}")
+    typ = typing.get_type_hints(part)[name]
+    if isinstance(value, str):
+        value = convert(key, value, typ)
+    check_option(key, value, {"min": 1} if typ is int else {"gt": 0})
+    return section, name, value
+
+
+def model_config(preset: str, overrides: dict | None = None) -> LLaDAVConfig:
+    """The preset's LLaDAVConfig with --lm.* / --vision.* overrides ({"lm.n_layers": 2} or "2") applied and
+    the shapes checked (heads split the widths; RoPE needs an even head size; a patch fits the image)."""
+    if preset not in PRESETS:
+        raise SystemExit(f"--preset={preset}: not allowed; use one of {', '.join(PRESETS)}")
+    mc = get_config(preset)
+    for key, value in (overrides or {}).items():
+        section, name, value = model_option(key, value)
+        setattr(getattr(mc, section), name, value)
+    for s, c in (("lm", mc.lm), ("vision", mc.vision)):
+        if c.d_model % c.n_heads or (s == "lm" and (c.d_model // c.n_heads) % 2):
+            raise SystemExit(f"--{s}.d_model={c.d_model} does not split into --{s}.n_heads={c.n_heads} heads"
+                             + (" of even size (RoPE rotates pairs)" if s == "lm" else "") + "; change one of them")
+    if mc.vision.patch_size > mc.vision.image_size:
+        raise SystemExit(f"--vision.patch_size={mc.vision.patch_size} is larger than --vision.image_size="
+                         f"{mc.vision.image_size}; an image must hold at least one patch")
+    return mc
+
+
+def help_text(cfg, doc: str, model: bool) -> str:
+    """--help: the script's docstring, then every option with its default, its rule and its field comment."""
+    def row(option, value, note):  # one option per entry, its note wrapped under a hanging indent
+        shown = int(value) if isinstance(value, bool) else "" if value is None else value  # None: not set
+        return textwrap.fill(f"--{option}={shown}".ljust(32) + " " + note, 118, initial_indent="  ",
+                             subsequent_indent=" " * 35)
+    lines = [doc.strip(), "", "options (--key=value, spelled with underscores; booleans take 1/0, true/false or "
+             "yes/no, and a bare --flag means 1):"]
+    rules = {f.name: f.metadata for f in fields(cfg)}
+    for name, note in field_notes(type(cfg)):
+        rule = _rule_text(rules[name]) if name else ""
+        lines.append(row(name, getattr(cfg, name), note + (f" [{rule}]" if rule else "")) if name else f"  {note}")
+    if model:  # the preset's model fields, each a size >= 1 (or a positive float)
+        mc = get_config(cfg.preset)
+        lines.append(f"  model overrides (the values of preset {cfg.preset}; --preset=... changes them):")
+        for s, c in MODEL_SECTIONS.items():
+            notes = dict(field_notes(c))
+            lines += [row(f"{s}.{f.name}", getattr(getattr(mc, s), f.name), notes.get(f.name, "")) for f in fields(c)]
+    return "\n".join(lines)
+
+
+def parse_config(cfg, argv: list[str], doc: str = "", presets: tuple | None = None, model: bool = False):
+    """argv ['--key=value', ...] -> a copy of the dataclass instance (or class) `cfg` with those fields set,
+    each typed, checked against its rule, and then the whole config against its own check() method.
+    presets=(key, table): that option is read first and table[value] sets defaults that the explicit
+    options then override (train.py's --stage). model=True also takes --lm.<field> / --vision.<field> and
+    returns (cfg, overrides) for model_config(). Any bad option raises SystemExit with one line."""
+    cfg = cfg() if isinstance(cfg, type) else copy.deepcopy(cfg)
+    spec = {f.name: f for f in fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    raw = {}
+    for a in argv:
+        if a in ("-h", "--help"):
+            print(help_text(cfg, doc, model))
+            raise SystemExit(0)
+        key, eq, text = a[2:].partition("=")
+        if not a.startswith("--") or not key:
+            raise SystemExit(f"argument {a!r} is not of the form --key=value; see --help")
+        if "." in key and model:
+            model_option(key, text if eq else "")  # unknown model fields fail here, before anything runs
+        elif key not in spec:
+            fixed = key.replace("-", "_")
+            if fixed in spec or (model and "." in fixed):
+                raise SystemExit(f"unknown option --{key}: options are spelled with underscores; use --{fixed}")
+            near = difflib.get_close_matches(key, spec, 1)
+            raise SystemExit(f"unknown option --{key}; " + (f"did you mean --{near[0]}? " if near else "")
+                             + "valid options: " + ", ".join("--" + k for k in spec) + " (see --help)")
+        if not eq:  # a bare --flag: only booleans, and it means true
+            if "." in key or hints[key] is not bool:
+                raise SystemExit(f"--{key} needs a value: --{key}=<value> (see --help)")
+            text = "1"
+        if key in raw and raw[key] != text:
+            raise SystemExit(f"--{key} is given twice ({raw[key]!r} and {text!r}); give it once")
+        raw[key] = text
+    if presets and presets[0] in raw:  # the preset table first: explicit options override its values
+        key = presets[0]
+        value = convert(key, raw.pop(key), hints[key])
+        check_option(key, value, spec[key].metadata)
+        setattr(cfg, key, value)
+        for k, v in presets[1].get(value, {}).items():
+            setattr(cfg, k, v)
+    overrides = {}
+    for key, text in raw.items():
+        if "." in key:
+            overrides[key] = model_option(key, text)[2]
+        else:
+            setattr(cfg, key, convert(key, text, hints[key]))
+    for name, f in spec.items():  # every field, defaults too: a default path may not exist on this machine
+        check_option(name, getattr(cfg, name), f.metadata, raw.get(name), default=name not in raw)
+    if hasattr(cfg, "check"):
+        try:
+            cfg.check()
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    if model:
+        model_config(cfg.preset, overrides)  # the shapes too, before any work
+        return cfg, overrides
+    return cfg
+
+
+def run_cli(main, argv: list[str] | None = None):
+    """Every script's `if __name__ == "__main__":` calls run_cli(main). What a user can cause (a bad option,
+    a missing or malformed file: SystemExit with a message, ValueError, FileNotFoundError) ends as ONE line on
+    stderr and exit status 1, no traceback. LLADA_DEBUG=1 shows the full traceback instead."""
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except (SystemExit, ValueError, FileNotFoundError) as e:
+        msg = e.code if isinstance(e, SystemExit) else str(e)
+        if msg is None or isinstance(msg, int):  # sys.exit(0) after --help, or a plain status
+            raise
+        if os.environ.get("LLADA_DEBUG", "") not in ("", "0"):
+            import traceback
+            traceback.print_exc()
+        print(" ".join(str(msg).split()), file=sys.stderr)  # one line, whatever the message's layout
+        sys.exit(1)
+
 if __name__ == "__main__":
     # python model.py [preset]: parameter counts, built on the meta device (no memory, no time)
     import sys

@@ -579,7 +579,7 @@ if __name__ == "__main__":
                                        # process, print the peak resident memory against the checkpoint's size
         dir: str = opt("/tmp/llada_v_8b_2layers", out="dir")  # where --selftest_memory writes
         memory_report: str = opt("", path="dir")   # (the loader's half) load this Hugging Face folder and report
-        write_reduced_8b: str = opt("", out="dir")   # (the writer's half) write the reduced 8B checkpoint here
+        write_reduced_8b: str = ""                   # (the writer's half) write the reduced 8B checkpoint here
 
     def main(argv):
         tc = parse_config(CheckpointToolConfig, argv, __doc__)

@@ -398,7 +398,8 @@ from dataclasses import fields
 #   choices=(...)   the value is one of these             each=(...)   a comma list, every item one of these
 #   min= / max=     inclusive bounds                      gt= / lt=    exclusive bounds
 #   path="file" | "dir" | "any"   must exist when given (non-empty), unless it is one of also=(...)
-#   out="dir" | "file"            an output: not empty, and its folder exists or can be created, writably
+#   out="dir" | "file"            an output: its folder exists or can be created, writably ("dir": a folder that
+#                                 is always written, so not empty; "file": empty means none)
 #   suffix=".gif"                 an output file must end so (nothing else gets overwritten by mistake)
 #   device=True                   auto, cpu, mps, cuda or cuda:N, and present on this machine
 RULES = ("choices", "each", "min", "max", "gt", "lt", "path", "also", "out", "suffix", "device")
@@ -645,9 +646,8 @@ def parse_config(cfg, argv: list[str], doc: str = "", presets: tuple | None = No
             if "." in key or hints[key] is not bool:
                 raise SystemExit(f"--{key} needs a value: --{key}=<value> (see --help)")
             text = "1"
-        if key in raw and raw[key] != text:
-            raise SystemExit(f"--{key} is given twice ({raw[key]!r} and {text!r}); give it once")
-        raw[key] = text
+        raw.pop(key, None)
+        raw[key] = text  # given twice: the later one wins (a script can append overrides to a base command)
     if presets and presets[0] in raw:  # the preset table first: explicit options override its values
         key = presets[0]
         value = convert(key, raw.pop(key), hints[key])
@@ -661,8 +661,10 @@ def parse_config(cfg, argv: list[str], doc: str = "", presets: tuple | None = No
             overrides[key] = model_option(key, text)[2]
         else:
             setattr(cfg, key, convert(key, text, hints[key]))
-    for name, f in spec.items():  # every field, defaults too: a default path may not exist on this machine
-        check_option(name, getattr(cfg, name), f.metadata, raw.get(name), default=name not in raw)
+    # every field, defaults too (a default path may not exist on this machine), the ones typed first: a mistake
+    # the user made is named before a default that does not fit this machine
+    for name in sorted(spec, key=lambda n: n not in raw):
+        check_option(name, getattr(cfg, name), spec[name].metadata, raw.get(name), default=name not in raw)
     if hasattr(cfg, "check"):
         try:
             cfg.check()

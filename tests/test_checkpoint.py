@@ -246,7 +246,7 @@ def test_sample_cli_runs_a_hugging_face_directory(tmp_path, capsys, monkeypatch)
     Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "red.png")
     common = [f"--checkpoint={tmp_path / 'v'}", "--tokenizer=toy", f"--image={tmp_path / 'red.png'}",
               "--gen_length=8", "--steps=4", "--block_length=4", "--dtype=fp32"]
-    sample.main(common + ["--question=What color is it?", "--think=no_think", "--show-steps"])
+    sample.main(common + ["--question=What color is it?", "--think=no_think", "--show_steps"])
     out = capsys.readouterr().out
     assert "LLaDAV" in out and "question: What color is it?" in out and "answer:" in out
     assert "step   1 (block 0): " in out

@@ -569,10 +569,10 @@ def model_option(key: str, value):
         near = difflib.get_close_matches(f"--{key}", valid, 1)
         raise SystemExit(f"unknown option --{key}; " + (f"did you mean {near[0]}? " if near else "")
                          + f"model options: {', '.join(valid)}")
-    typ = typing.get_type_hints(part)[name]
-    if isinstance(value, str):
-        value = convert(key, value, typ)
-    check_option(key, value, {"min": 1} if typ is int else {"gt": 0})
+    typ, text = typing.get_type_hints(part)[name], value if isinstance(value, str) else None
+    if text is not None:
+        value = convert(key, text, typ)
+    check_option(key, value, {"min": 1} if typ is int else {"gt": 0}, text)
     return section, name, value
 
 

@@ -73,6 +73,7 @@ BAD = [
     ("train", ["--out_dir={file}"], "--out_dir={file}: is a file"),
     ("train", ["--out_dir={file}/run"], "--out_dir={file}/run: cannot write there"),
     ("train", ["--jsonl={tmp}"], "--jsonl={tmp}: is a folder"),
+    ("train", ["--out_dir=/proc/llada_run"], "--out_dir=/proc/llada_run: cannot write there"),
     # options that must agree (cross-field checks, before any work)
     ("train", ["--gen_length=12", "--block_length=5"], "--gen_length=12 must be divisible by --block_length=5"),
     ("train", ["--block_length=6", "--sample_steps=5"], "--sample_steps=5 by the number of blocks"),
@@ -90,7 +91,7 @@ BAD = [
     ("train", ["--lm.n-layers=3"], "unknown option --lm.n-layers"),
     ("train", ["--lm.n_layers=0"], "--lm.n_layers=0: out of range; must be >= 1"),
     ("train", ["--lm.n_layers=two"], "--lm.n_layers=two: not an integer"),
-    ("train", ["--lm.n_layers"], "--lm.n_layers=: not an integer"),
+    ("train", ["--lm.n_layers"], "--lm.n_layers needs a value"),
     ("train", ["--lm.d_model=100"], "--lm.d_model=100 does not split into --lm.n_heads=6 heads"),
     ("train", ["--vision.patch_size=99"], "--vision.patch_size=99 is larger than --vision.image_size=64"),
     ("train", ["--vision.ln_eps=0"], "--vision.ln_eps=0: out of range; must be > 0"),

@@ -472,7 +472,8 @@ def _rule_text(rule) -> str:
         if k in rule:
             parts.append(f"{op} {rule[k]}")
     if "path" in rule:
-        kind = {"file": "an existing file", "dir": "an existing folder", "any": "an existing file or folder"}[rule["path"]]
+        kind = {"file": "an existing file", "dir": "an existing folder",
+                "any": "an existing file or folder"}[rule["path"]]
         parts.append(kind + ("" if "also" not in rule else " or " + ", ".join(rule["also"])))
     if "out" in rule:
         parts.append("a writable " + ("folder" if rule["out"] == "dir" else "file path")

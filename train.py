@@ -60,10 +60,11 @@ class TrainConfig:
     max_steps: int = opt(5500, min=1)                 # optimizer steps
     lr: float = opt(1.5e-3, gt=0)                     # peak learning rate of the language model; lower it (e.g.
                                                       # 1e-4) for big models
-    vision_lr_scale: float = opt(0.2, min=0)     # vision tower lr = lr * this (LLaDA-V: 2e-6 / 1e-5 = 0.2; 0 freezes it).
-                                                 # From scratch it matters too: until the language model reads the image,
-                                                 # the vision path's gradient is noise, Adam turns noise into full-size
-                                                 # steps, and at the full lr its features blow up and stall
+    vision_lr_scale: float = opt(0.2, min=0)     # vision tower lr = lr * this (LLaDA-V: 2e-6 / 1e-5 = 0.2; 0
+                                                 # freezes it). From scratch it matters too: until the language model
+                                                 # reads the image, the vision path's gradient is noise, Adam turns
+                                                 # noise into full-size steps, and at the full lr its features blow
+                                                 # up and stall
     projector_lr_scale: float = opt(0.2, min=0)  # projector lr = lr * this
     min_lr: float = opt(1e-4, min=0)             # cosine decays to this (at most lr)
     warmup_steps: int = opt(100, min=0)          # linear warmup from 0 to lr

@@ -45,7 +45,7 @@ unexpected or mis-shaped key is reported, all of them in one error.
 Loading never holds two copies: the model is built on the meta device (no memory), then each tensor
 is read shard by shard and assigned in place of its meta parameter, converted to the target dtype and
 device on the way. On the CPU, with no dtype change, the tensor stays a copy-on-write view of the
-memory-mapped file, so peak memory is the checkpoint's size (see --selftest-memory).
+memory-mapped file, so peak memory is the checkpoint's size (see --selftest_memory=1).
 """
 import json
 import os
@@ -543,7 +543,7 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
 
 
 # ----------------------------------------------------------------------------------------------
-# python checkpoint.py --selftest-memory: the 8B shapes at reduced depth, peak memory of a fresh load
+# python checkpoint.py --selftest_memory=1: the 8B shapes at reduced depth, peak memory of a fresh load
 
 def _proc_status(field):
     with open("/proc/self/status") as fh:  # Linux; values in kB
@@ -602,25 +602,44 @@ def _write_reduced_8b(path, shard_bytes):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "--memory-report":
-        _memory_report(sys.argv[2])
-    elif len(sys.argv) >= 2 and sys.argv[1] == "--selftest-memory":
-        import shutil
-        import subprocess
-        out = sys.argv[2] if len(sys.argv) > 2 else "/tmp/llada_v_8b_2layers"
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
-        if free < 8e9:
-            sys.exit(f"{free / 1e9:.1f} GB free beside {out}: the checkpoint needs ~3.1 GB (and the writer ~3 GB RAM); "
-                     f"pass another directory: python checkpoint.py --selftest-memory <dir>")
-        print(f"writing llada_v_8b at 2+2 layers to {out} (1 GB shards) ...", flush=True)
-        # writer and loader each in their own process, started from this small one: Linux carries
-        # ru_maxrss over fork and exec, so the loader must not descend from the 3 GB writer
-        me = [sys.executable, os.path.abspath(__file__)]
-        if subprocess.run(me + ["--write-reduced-8b", out]).returncode == 0:
-            sys.exit(subprocess.run(me + ["--memory-report", out]).returncode)
-        sys.exit(1)
-    elif len(sys.argv) >= 2 and sys.argv[1] == "--write-reduced-8b":
-        _write_reduced_8b(sys.argv[2], shard_bytes=10**9)
-    else:
-        sys.exit("usage: python checkpoint.py --selftest-memory [dir]   (writes ~3.1 GB, loads it in a fresh "
-                 "process, prints peak RSS vs checkpoint size)")
+    # python checkpoint.py --selftest_memory=1 [--dir=/tmp/llada_v_8b_2layers]: one parser for every script
+    # (model.parse_config: --key=value, the comments below are --help; a bad option is one line)
+    from dataclasses import dataclass
+
+    from model import opt, parse_config, run_cli
+
+    @dataclass
+    class CheckpointToolConfig:
+        selftest_memory: bool = False  # write llada_v_8b at 2+2 layers (~3.1 GB) to --dir, load it in a fresh
+                                       # process, print the peak resident memory against the checkpoint's size
+        dir: str = opt("/tmp/llada_v_8b_2layers", out="dir")  # where --selftest_memory writes
+        memory_report: str = opt("", path="dir")   # (the loader's half) load this Hugging Face folder and report
+        write_reduced_8b: str = ""                   # (the writer's half) write the reduced 8B checkpoint here
+
+    def main(argv):
+        tc = parse_config(CheckpointToolConfig, argv, __doc__)
+        if tc.memory_report:
+            _memory_report(tc.memory_report)
+        elif tc.selftest_memory:
+            import shutil
+            import subprocess
+            out = tc.dir
+            os.makedirs(out, exist_ok=True)
+            free = shutil.disk_usage(out).free
+            if free < 8e9:
+                sys.exit(f"{free / 1e9:.1f} GB free at {out}: the checkpoint needs ~3.1 GB (and the writer ~3 GB RAM); "
+                         f"pass another folder: python checkpoint.py --selftest_memory=1 --dir=<folder>")
+            print(f"writing llada_v_8b at 2+2 layers to {out} (1 GB shards) ...", flush=True)
+            # writer and loader each in their own process, started from this small one: Linux carries
+            # ru_maxrss over fork and exec, so the loader must not descend from the 3 GB writer
+            me = [sys.executable, os.path.abspath(__file__)]
+            if subprocess.run(me + [f"--write_reduced_8b={out}"]).returncode == 0:
+                sys.exit(subprocess.run(me + [f"--memory_report={out}"]).returncode)
+            sys.exit(1)
+        elif tc.write_reduced_8b:
+            _write_reduced_8b(tc.write_reduced_8b, shard_bytes=10**9)
+        else:
+            sys.exit("nothing to do: python checkpoint.py --selftest_memory=1 [--dir=<folder>] (writes ~3.1 GB, loads "
+                     "it in a fresh process, prints peak RSS vs checkpoint size); see --help")
+
+    run_cli(main)

@@ -441,6 +441,366 @@ def count_params(model: LLaDAV) -> dict:
             "projector": n(model.projector), "total": n(model)}
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Configuration from the command line
+#
+# nanoGPT's configurator idea, with types and rules. Every script's options are the fields of one dataclass
+# (train.TrainConfig, sample.SampleConfig, tools.bench.BenchConfig, tools.plan.PlanConfig), written on the
+# command line as --key=value with the field's own name: one spelling, underscores. A field may carry its
+# rule beside it, and the comment after it is its --help:
+#     steps: int = opt(16, min=1)      # sampler steps
+# parse_config() reads argv in three passes, all before a script does any work, so that a typo costs one
+# line and never a run (nor a checkpoint overwritten by a run that was meant to resume):
+#     1. form:  every argument is --key=value (a bare --flag is a boolean's 1) and the key is a field
+#     2. type:  the text becomes the field's type (int, float, bool, str, or one of them | None)
+#     3. rules: each field against its own rule (RULES below), then the config's cross-field check()
+# Errors are SystemExit("one line"): Python prints the line and exits with status 1, tests catch it, and
+# run_cli() (every script's __main__) also turns a ValueError or FileNotFoundError raised deeper down into
+# such a line. LLADA_DEBUG=1 brings the traceback back for whoever debugs the code itself.
+#
+# These imports belong to this section only (the model above needs none of them).
+import copy
+import difflib
+import inspect
+import io
+import os
+import re
+import sys
+import tempfile
+import textwrap
+import tokenize
+import typing
+from dataclasses import fields
+
+# The rules a field may carry (its dataclasses.field metadata, written with opt()):
+#   choices=(...)   the value is one of these             each=(...)   a comma list, every item one of these
+#   min= / max=     inclusive bounds                      gt= / lt=    exclusive bounds
+#   path="file" | "dir" | "any"   must exist when given (non-empty), unless it is one of also=(...)
+#   out="dir" | "file"            an output: its folder exists or can be created, writably ("dir": a folder that
+#                                 is always written, so not empty; "file": empty means none)
+#   suffix=".gif"                 an output file must end so (nothing else gets overwritten by mistake)
+#   device=True                   auto, cpu, mps, cuda or cuda:N, and present on this machine
+RULES = ("choices", "each", "min", "max", "gt", "lt", "path", "also", "out", "suffix", "device")
+# The only booleans, in any case. Anything else is refused: "--resume=on" once read as false, and the run
+# then started over and overwrote the checkpoint it was meant to continue.
+TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
+def opt(default, **rule):
+    """A dataclass field whose command-line rule sits beside it: `x: int = opt(1, min=1)  # help`."""
+    if set(rule) - set(RULES):  # a misspelt rule would silently check nothing: refuse it when the class is made
+        raise TypeError(f"unknown option rule(s) {sorted(set(rule) - set(RULES))}; rules are {', '.join(RULES)}")
+    return field(default=default, metadata=rule)
+
+
+def field_notes(cls) -> list[tuple[str, str]]:
+    """The `# ...` comments of a dataclass's fields, read from its source with tokenize ->
+    [(field name, comment), ...] in source order. A comment on a field's line(s) is its note; a comment line
+    indented deeper than the fields continues the note above; one at the fields' own column is a section
+    heading (name ""). --help prints these, so the help cannot drift from the comments beside the code."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))  # dedent: a class defined inside a block or function
+    except (OSError, TypeError):  # no source file (a class made in a REPL): names without notes
+        return [(f.name, "") for f in fields(cls)]
+    # tokenize, not a regex on lines: it knows where a statement ends (a field's opt(...) may span lines),
+    # and what is a comment rather than a '#' inside a string default
+    notes, in_field, body_col, line_start = [], False, None, True
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        kind, col = tok.type, tok.start[1]
+        if kind == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if in_field or (notes and notes[-1][0] and body_col is not None and col > body_col):
+                notes[-1] = (notes[-1][0], (notes[-1][1] + " " + text).strip())  # the field's note (goes on)
+            elif col == body_col:
+                notes.append(("", text))                                          # a section heading
+        elif kind == tokenize.NEWLINE:
+            in_field, line_start = False, True  # a statement ends: a field's definition is complete
+        elif kind in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL):
+            continue  # layout only (NL: a blank line, a comment line, or a line break inside brackets)
+        elif line_start and col > 0:  # the first token of a statement in the class body
+            line_start = False
+            if tok.string in ("def", "@", "class"):
+                break  # methods (check()) follow the fields: their comments are not help
+            body_col = col if body_col is None else body_col
+            if kind == tokenize.NAME:  # `name: type = ...`; a docstring (a STRING) is skipped
+                notes.append((tok.string, ""))
+                in_field = True
+        else:
+            line_start = False
+    names = {f.name for f in fields(cls)}
+    return [(n, t) for n, t in notes if n == "" or n in names]
+
+
+def _rule_text(rule) -> str:
+    """What a rule allows, in words: the bracket after an option in --help, the tail of its error line."""
+    parts = []
+    if "choices" in rule:
+        parts.append("one of " + ", ".join(str(c) if c != "" else '""' for c in rule["choices"]))
+    if "each" in rule:
+        parts.append("a comma list of " + ", ".join(rule["each"]))
+    for k, op in (("min", ">="), ("gt", ">"), ("max", "<="), ("lt", "<")):
+        if k in rule:
+            parts.append(f"{op} {rule[k]}")
+    if "path" in rule:
+        kind = {"file": "an existing file", "dir": "an existing folder",
+                "any": "an existing file or folder"}[rule["path"]]
+        parts.append(kind + ("" if "also" not in rule else " or " + ", ".join(rule["also"])))
+    if "out" in rule:
+        parts.append("a writable " + ("folder" if rule["out"] == "dir" else "file path")
+                     + (f" ending in {rule['suffix']}" if "suffix" in rule else ""))
+    if rule.get("device"):
+        parts.append("auto, cpu, cuda, cuda:N or mps")
+    return ", ".join(parts)
+
+
+def _fail(key, text, why, default=False) -> SystemExit:
+    """The one error line: the option as typed (or its default, said so), what is wrong, what is allowed."""
+    return SystemExit(f"--{key}={text}{' (the default)' if default else ''}: {why}")
+
+
+def convert(key: str, text: str, typ):
+    """The command-line string `text` of option --key as a value of type `typ` (str, int, float, bool, or
+    one of them | None). Booleans take 1/0/true/false/yes/no in any case and nothing else."""
+    base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # `int | None` -> int
+    if base is bool:
+        if text.lower() in TRUE + FALSE:
+            return text.lower() in TRUE
+        raise _fail(key, text, "not a boolean; use 1/0, true/false or yes/no")
+    if base is int:  # int("1.5") and int("1e3") fail: a count is written as a whole number
+        try:
+            return int(text)
+        except ValueError:
+            raise _fail(key, text, "not an integer") from None
+    if base is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise _fail(key, text, "not a number") from None
+        if not math.isfinite(value):  # float() reads "nan" and "inf"; no option means either
+            raise _fail(key, text, "not a finite number")
+        return value
+    return text
+
+
+def _writable(path: str) -> str | None:
+    """Why an output at `path` could not be written, or None: the nearest existing folder above it must be
+    a writable folder (what is missing below it is created at the first save). Checked up front: an
+    unwritable out_dir used to fail only at the first checkpoint, after the work it was meant to keep."""
+    p = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        return f"{p} is a file, so no folder can be made under it"
+    try:  # a real probe, not os.access: root passes every access test, yet cannot write into /proc
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        return f"{p} is not writable: {e.strerror}"
+    return None
+
+
+def check_option(key: str, value, rule: dict, text: str | None = None, default: bool = False):
+    """Check one typed option against its field's rule (see RULES); raise the one-line SystemExit.
+    text: the option as the user typed it (shown in the message); default: the value was not typed."""
+    text = str(value) if text is None else text
+    if value is None or not rule:  # None: "not given" (e.g. gen_length then comes from the checkpoint)
+        return
+    allowed = _rule_text(rule)
+    if "choices" in rule and value not in rule["choices"]:
+        raise _fail(key, text, f"not allowed; use {allowed}", default)
+    if "each" in rule:  # a comma list: name the first item that is wrong
+        bad = [v for v in value.split(",") if v not in rule["each"]]
+        if bad or not value:
+            raise _fail(key, text, f"{bad[0] if bad else 'empty'!r} is not allowed; use {allowed}", default)
+    for k, ok in (("min", lambda v, b: v >= b), ("gt", lambda v, b: v > b), ("max", lambda v, b: v <= b),
+                  ("lt", lambda v, b: v < b)):
+        if k in rule and not ok(value, rule[k]):
+            raise _fail(key, text, f"out of range; must be {allowed}", default)
+    if rule.get("path") and value and value not in rule.get("also", ()):  # also: names that are not paths ("toy")
+        exists = {"file": os.path.isfile, "dir": os.path.isdir, "any": os.path.exists}[rule["path"]]
+        if not exists(value):
+            what = "does not exist" if not os.path.exists(value) else "is the wrong kind"
+            raise _fail(key, text, f"{what}; pass {allowed}", default)
+    if "out" in rule and (value or rule["out"] == "dir"):
+        if not value.strip():  # --out_dir= would write into the current folder
+            raise _fail(key, text, f"empty; pass {allowed} (e.g. --{key}=out)", default)
+        if rule["out"] == "dir" and os.path.exists(value) and not os.path.isdir(value):
+            raise _fail(key, text, "is a file; pass a folder", default)
+        if rule["out"] == "file" and os.path.isdir(value):
+            raise _fail(key, text, "is a folder; pass a file path", default)
+        if "suffix" in rule and not value.endswith(rule["suffix"]):
+            raise _fail(key, text, f"must end in {rule['suffix']}", default)
+        why = _writable(os.path.join(value, "x") if rule["out"] == "dir" else value)
+        if why:
+            raise _fail(key, text, f"cannot write there ({why})", default)
+    if rule.get("device"):  # the name, and that this machine has it (torch's own error would be a traceback)
+        m = re.fullmatch(r"auto|cpu|mps|cuda(?::(\d+))?", value)
+        if m is None:
+            raise _fail(key, text, f"not a device; use {allowed}", default)
+        n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if value.startswith("cuda") and int(m.group(1) or 0) >= n_cuda:
+            raise _fail(key, text, f"no such CUDA device here ({n_cuda} visible); use auto or cpu", default)
+        if value == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise _fail(key, text, "MPS is not available here; use auto or cpu", default)
+
+
+# --lm.<field> and --vision.<field> change the preset's model config: one implementation for every script
+MODEL_SECTIONS = {"lm": LLaDAConfig, "vision": VisionConfig}
+
+
+def model_option(key: str, value):
+    """Type and check one --lm.<field> / --vision.<field> override ("2" or 2) -> (section, field name,
+    value). A field is a size (int >= 1; n_kv_heads and mask_id may be 0), a positive float (rope_theta,
+    norm_eps, ln_eps) or a switch (bool: tie_embeddings, rope_fp32)."""
+    section, _, name = key.partition(".")
+    part = MODEL_SECTIONS.get(section)
+    names = [f.name for f in fields(part)] if part else []
+    if name not in names:
+        if name.replace("-", "_") in names:
+            raise SystemExit(f"unknown option --{key}: options are spelled with underscores; "
+                             f"use --{section}.{name.replace('-', '_')}")
+        valid = [f"--{s}.{f.name}" for s, c in MODEL_SECTIONS.items() for f in fields(c)]
+        near = difflib.get_close_matches(f"--{key}", valid, 1)
+        raise SystemExit(f"unknown option --{key}; " + (f"did you mean {near[0]}? " if near else "")
+                         + f"model options: {', '.join(valid)}")
+    typ, text = typing.get_type_hints(part)[name], value if isinstance(value, str) else None
+    if text is not None:
+        value = convert(key, text, typ)
+    if typ is not bool:
+        check_option(key, value, {"min": 0 if name in ("n_kv_heads", "mask_id") else 1} if typ is int else {"gt": 0}, text)
+    return section, name, value
+
+
+def model_config(preset: str, overrides: dict | None = None) -> LLaDAVConfig:
+    """The preset's LLaDAVConfig with --lm.* / --vision.* overrides ({"lm.n_layers": 2} or "2") applied and
+    the shapes checked (heads split the widths; RoPE needs an even head size; a patch fits the image), so
+    that a bad shape is one line here instead of a traceback from a layer's constructor."""
+    if preset not in PRESETS:
+        raise SystemExit(f"--preset={preset}: not allowed; use one of {', '.join(PRESETS)}")
+    mc = get_config(preset)  # a fresh copy: the preset table itself never changes
+    for key, value in (overrides or {}).items():
+        section, name, value = model_option(key, value)
+        setattr(getattr(mc, section), name, value)
+    for s, c in (("lm", mc.lm), ("vision", mc.vision)):
+        if c.d_model % c.n_heads or (s == "lm" and (c.d_model // c.n_heads) % 2):
+            raise SystemExit(f"--{s}.d_model={c.d_model} does not split into --{s}.n_heads={c.n_heads} heads"
+                             + (" of even size (RoPE rotates pairs)" if s == "lm" else "") + "; change one of them")
+    if mc.lm.n_heads % mc.lm.kv_heads:
+        raise SystemExit(f"--lm.n_kv_heads={mc.lm.n_kv_heads} does not divide --lm.n_heads={mc.lm.n_heads}: each "
+                         f"key/value head serves a whole group of query heads; use a divisor (0 = n_heads)")
+    if mc.vision.patch_size > mc.vision.image_size:
+        raise SystemExit(f"--vision.patch_size={mc.vision.patch_size} is larger than --vision.image_size="
+                         f"{mc.vision.image_size}; an image must hold at least one patch")
+    return mc
+
+
+def help_text(cfg, doc: str, model: bool) -> str:
+    """--help: the script's docstring, then every option with its default, its field comment and its rule
+    in brackets; with model=True also the preset's --lm.* / --vision.* fields and their values."""
+    def row(option, value, note):  # one option per entry, its note wrapped under a hanging indent
+        shown = int(value) if isinstance(value, bool) else "" if value is None else value  # None: not set
+        return textwrap.fill(f"--{option}={shown}".ljust(32) + " " + note, 118, initial_indent="  ",
+                             subsequent_indent=" " * 35)
+    lines = [doc.strip(), "", "options (--key=value, spelled with underscores; booleans take 1/0, true/false or "
+             "yes/no, and a bare --flag means 1):"]
+    rules = {f.name: f.metadata for f in fields(cfg)}
+    for name, note in field_notes(type(cfg)):
+        rule = _rule_text(rules[name]) if name else ""
+        lines.append(row(name, getattr(cfg, name), note + (f" [{rule}]" if rule else "")) if name else f"  {note}")
+    if model:
+        mc = get_config(cfg.preset)
+        lines.append(f"  model overrides (the values of preset {cfg.preset}; --preset=... changes them):")
+        for s, c in MODEL_SECTIONS.items():
+            notes = dict(field_notes(c))
+            lines += [row(f"{s}.{f.name}", getattr(getattr(mc, s), f.name), notes.get(f.name, "")) for f in fields(c)]
+    return "\n".join(lines)
+
+
+def parse_config(cfg, argv: list[str], doc: str = "", presets: tuple | None = None, model: bool = False):
+    """argv ['--key=value', ...] -> a copy of the dataclass instance (or class) `cfg` with those fields set,
+    each typed, checked against its rule, and then the whole config against its own check() method.
+    presets=(key, table): that option is read first and table[value] sets defaults that the explicit
+    options then override (train.py's --stage). model=True also takes --lm.<field> / --vision.<field> and
+    returns (cfg, overrides) for model_config(). Any bad option raises SystemExit with one line; --help
+    prints help_text() and exits with 0."""
+    cfg = cfg() if isinstance(cfg, type) else copy.deepcopy(cfg)  # never change the caller's instance
+    spec = {f.name: f for f in fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))  # real types even under `from __future__ import annotations`
+    raw = {}  # key -> the text as typed
+    # 1. form: --key=value with a known key
+    for a in argv:
+        if a in ("-h", "--help"):
+            print(help_text(cfg, doc, model))
+            raise SystemExit(0)
+        key, eq, text = a[2:].partition("=")
+        if not a.startswith("--") or not key:
+            raise SystemExit(f"argument {a!r} is not of the form --key=value; see --help")
+        if "." in key and model:
+            if not eq:
+                raise SystemExit(f"--{key} needs a value: --{key}=<value> (see --help)")
+            model_option(key, text)  # unknown model fields and bad values fail here, before anything runs
+        elif key not in spec:  # a hyphen for an underscore is the usual slip: say so; otherwise the nearest key
+            fixed = key.replace("-", "_")
+            if fixed in spec:
+                raise SystemExit(f"unknown option --{key}: options are spelled with underscores; use --{fixed}")
+            near = difflib.get_close_matches(key, spec, 1)
+            raise SystemExit(f"unknown option --{key}; " + (f"did you mean --{near[0]}? " if near else "")
+                             + "valid options: " + ", ".join("--" + k for k in spec) + " (see --help)")
+        elif not eq:  # a bare --flag: only booleans, and it means true
+            if hints[key] is not bool:
+                raise SystemExit(f"--{key} needs a value: --{key}=<value> (see --help)")
+            text = "1"
+        raw.pop(key, None)
+        raw[key] = text  # given twice: the later one wins (a script can append overrides to a base command)
+    # 2. type, the preset table first: explicit options override its values, whatever their order
+    if presets and presets[0] in raw:
+        key = presets[0]
+        value = convert(key, raw[key], hints[key])
+        check_option(key, value, spec[key].metadata, raw[key])
+        setattr(cfg, key, value)
+        for k, v in presets[1].get(value, {}).items():
+            setattr(cfg, k, v)
+    overrides = {}
+    for key, text in raw.items():
+        if "." in key:
+            overrides[key] = model_option(key, text)[2]
+        else:
+            setattr(cfg, key, convert(key, text, hints[key]))
+    # 3. rules: every field, defaults too (a default path may not exist on this machine), the typed ones
+    # first, so that a mistake the user made is named before a default that does not fit this machine
+    for name in sorted(spec, key=lambda n: n not in raw):
+        check_option(name, getattr(cfg, name), spec[name].metadata, raw.get(name), default=name not in raw)
+    if hasattr(cfg, "check"):  # the options that must agree with each other (e.g. gen_length and block_length)
+        try:
+            cfg.check()
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    if model:
+        model_config(cfg.preset, overrides)  # the shapes too, before any work
+        return cfg, overrides
+    return cfg
+
+
+def run_cli(main, argv: list[str] | None = None):
+    """Every script's `if __name__ == "__main__":` calls run_cli(main). What a user can cause (a bad option,
+    a missing or malformed file: SystemExit with a message, ValueError, FileNotFoundError) ends as ONE line on
+    stderr and exit status 1, no traceback. LLADA_DEBUG=1 shows the full traceback too. Anything else (a
+    KeyError, a RuntimeError) is a bug, not the user's doing, and keeps its traceback."""
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except (SystemExit, ValueError, FileNotFoundError) as e:
+        msg = e.code if isinstance(e, SystemExit) else str(e)
+        if msg is None or isinstance(msg, int):  # sys.exit(0) after --help, or a plain status: pass it on
+            raise
+        if os.environ.get("LLADA_DEBUG", "") not in ("", "0"):
+            import traceback
+            traceback.print_exc()
+        print(" ".join(str(msg).split()), file=sys.stderr)  # one line, whatever the message's layout
+        sys.exit(1)
+
+
+
 if __name__ == "__main__":
     # python model.py [preset]: parameter counts, built on the meta device (no memory, no time)
     import sys

@@ -9,12 +9,12 @@ Ask a trained LLaDA-V about an image: the reverse diffusion process end to end.
 Usage:
     python sample.py                                   # out/ckpt.pt, a fresh synthetic image
     python sample.py --image=cat.png --question="What color is the circle?"
-    python sample.py --show-steps                      # print the canvas after every step
+    python sample.py --show_steps                      # print the canvas after every step
     python sample.py --mode=threshold+dual             # fast decoding (diffusion.py): exact | prefix | dual |
                                                        # threshold | threshold+prefix | threshold+dual
     python sample.py --gif=out.gif                     # an animation of the denoising
     python sample.py --eval --modes=exact,threshold+dual   # held-out accuracy, NFE and time per mode
-    python sample.py --eval-choice                     # multiple choice by the likelihood bound
+    python sample.py --eval_choice                     # multiple choice by the likelihood bound
 The official model (a Hugging Face directory, e.g. GSAI-ML/LLaDA-V; see README "Run the official model"):
     python sample.py --checkpoint=LLaDA-V --image=cat.jpg --question="What is in the picture?"
     python sample.py --checkpoint=LLaDA-V --image=cat.jpg --chat        # multi-turn, questions from stdin
@@ -30,15 +30,16 @@ import os
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
 from checkpoint import load_checkpoint
 from data import (SYSTEM_PROMPT, answer_text, chat_template, default_system, llada_v_messages, prompt_batch,
                   sft_example, tokenizer_image_token)
-from diffusion import choose, generate, mode_kwargs
+from diffusion import MODES, choose, generate, mode_kwargs
 from distributed import autocast
-from model import LLaDAV
+from model import LLaDAV, opt, parse_config, run_cli
 from synthetic import CHOICES, DEMO_OFFSET, KINDS, SyntheticVQA, candidates, draw, make_sample, score, toy_tokenizer
 from vision import load_image, preprocess, process_image
 
@@ -177,7 +178,7 @@ def answer_pretrained(model, tok, image, question, history=(), think=None, gen_l
     return decode_answer(tok, out, lmms_eval)
 
 
-def main_pretrained(args, device):
+def main_pretrained(sc, device):
     """sample.py --checkpoint=<Hugging Face dir>: the official LLaDA-V (or LLaDA) weights, one question or
     a --chat, through answer_pretrained and so the one sampler, in any --mode (fast decoding included).
     Defaults are the official demo's: steps = gen_length = block_length = 128, T = 0, <|eot_id|> stop,
@@ -185,31 +186,31 @@ def main_pretrained(args, device):
     from checkpoint import from_pretrained
     from tokenizer import get_tokenizer as load_tokenizer
     try:
-        dtype = inference_dtype(args["dtype"], device)
+        dtype = inference_dtype(sc.dtype, device)
     except ValueError as e:
         sys.exit(str(e))
     t0 = time.time()
     try:
-        model = from_pretrained(args["checkpoint"], dtype=dtype, device=device)
-        tok = toy_tokenizer() if args["tokenizer"] == "toy" else load_tokenizer(args["tokenizer"] or args["checkpoint"])
-        img = load_image(args["image"]) if args["image"] else None
+        model = from_pretrained(sc.checkpoint, dtype=dtype, device=device)
+        tok = toy_tokenizer() if sc.tokenizer == "toy" else load_tokenizer(sc.tokenizer or sc.checkpoint)
+        img = load_image(sc.image) if sc.image else None
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
-    print(f"loaded {args['checkpoint']} ({type(model).__name__}, {next(model.parameters()).dtype}) on {device} "
+    print(f"loaded {sc.checkpoint} ({type(model).__name__}, {next(model.parameters()).dtype}) on {device} "
           f"in {time.time() - t0:.1f}s")
     # sampling options: unset lengths default to the official demo's (128 / 128 / 128, one block)
-    G = int(args["gen_length"] or 128)
-    gen = dict(gen_length=G, steps=int(args["steps"] or G), block_length=int(args["block_length"] or G),
-               temperature=float(args["temperature"]), cfg_scale=float(args["cfg_scale"]),
-               remasking=args["remasking"], think=args["think"], mode=args["mode"],
-               threshold=float(args["threshold"]), refresh_every=int(args["refresh_every"]),
-               stop=tuple(x.replace("\\n", "\n").replace("\\t", "\t") for x in args["stop"].split(",")))  # typed \n, \t: newline, tab
-    if args["show_steps"]:  # the first row's canvas after every step: "_" for a mask, else the token
+    G = int(sc.gen_length or 128)
+    gen = dict(gen_length=G, steps=int(sc.steps or G), block_length=int(sc.block_length or G),
+               temperature=float(sc.temperature), cfg_scale=float(sc.cfg_scale),
+               remasking=sc.remasking, think=sc.think or None, mode=sc.mode,
+               threshold=float(sc.threshold), refresh_every=int(sc.refresh_every),
+               stop=tuple(x.replace("\\n", "\n").replace("\\t", "\t") for x in sc.stop.split(",")))  # typed \n, \t: newline, tab
+    if sc.show_steps:  # the first row's canvas after every step: "_" for a mask, else the token
         gen["callback"] = lambda x, step, block: print(f"step {step + 1:3d} (block {block}): " + " ".join(
             "_" if t == tok.mask_id else repr(tok.decode([t]))[1:-1] for t in x[0, -G:].tolist()))
-    torch.manual_seed(int(args["seed"]))  # T > 0 or random remasking: a reproducible draw
+    torch.manual_seed(int(sc.seed))  # T > 0 or random remasking: a reproducible draw
     # history: the earlier (question, answer) turns of a --chat, re-rendered through the template each turn
-    history, question = [], args["question"] or (None if args["chat"] else "Describe the image." if img else "")
+    history, question = [], sc.question or (None if sc.chat else "Describe the image." if img else "")
     if question == "":
         sys.exit("no --image and no --question: pass --question=\"...\" (or --chat to type questions)")
     while True:
@@ -227,7 +228,7 @@ def main_pretrained(args, device):
             sys.exit(str(e))
         print(f"question: {question}\nanswer:   {text}\n({gen['mode']} decoding: {stats['nfe']} model calls "
               f"({stats['full_nfe']} full), gen_length {G}, block_length {gen['block_length']}, {time.time() - t0:.2f}s)")
-        if not args["chat"]:
+        if not sc.chat:
             return
         history.append((question, text))  # the next turn's prompt carries this answer
         question = None
@@ -291,83 +292,112 @@ def format_modes_table(rows) -> str:
     return "\n".join(out)
 
 
+@dataclass
+class SampleConfig:
+    # The options of sample.py, --key=value (model.parse_config): the rule in opt() says what each accepts,
+    # the comment after it is its --help. Sampler settings left unset come from the checkpoint's training run.
+    checkpoint: str = opt("out/ckpt.pt", path="any")  # our ckpt.pt (train.py), or a Hugging Face model folder
+                                                      # (the official weights, e.g. GSAI-ML/LLaDA-V)
+    image: str = opt("", path="file")   # an image file; none: a fresh synthetic image (our checkpoints)
+    question: str = ""                  # the question; none: the synthetic image's own question
+    seed: int = opt(0, min=0)           # the synthetic image and the sampler's randomness
+    device: str = opt("auto", device=True)  # auto = cuda > cpu
+    gen_length: int | None = opt(None, min=1)    # answer canvas in tokens (default: the training run's, 128 for HF)
+    steps: int | None = opt(None, min=1)         # sampler steps (default: the training run's, gen_length for HF)
+    block_length: int | None = opt(None, min=1)  # semi-autoregressive block length (default: as trained / gen_length)
+    temperature: float = opt(0.0, min=0)         # Gumbel noise on the logits; 0 = greedy
+    cfg_scale: float = opt(0.0, min=0)           # classifier-free guidance; 0 = off
+    remasking: str = opt("low_confidence", choices=("low_confidence", "random"))  # which masks a step reveals
+    show_steps: bool = False                     # print the canvas after every step
+    mode: str = opt("exact", choices=tuple(MODES))  # decoding mode (diffusion.py): exact, KV caches, threshold
+    threshold: float = opt(0.9, min=0)           # confidence threshold of the threshold modes (above 1: one token a step)
+    refresh_every: int = opt(0, min=0)           # cached modes: refresh the cache every N steps (0: at block starts)
+    gif: str = opt("", out="file", suffix=".gif")  # write an animation of the denoising here
+    eval: bool = False                           # held-out accuracy, model calls and time for each of --modes
+    n: int = opt(500, min=1)                     # held-out questions for --eval / --eval_choice
+    batch_size: int = opt(1, min=1)              # questions decoded together in --eval
+    eval_choice: bool = False                    # multiple choice by the likelihood bound (diffusion.choose)
+    mc_num: int = opt(16, min=1)                 # Monte-Carlo samples per candidate in --eval_choice
+    modes: str = opt(",".join(MODES), each=tuple(MODES))  # the decoding modes --eval compares
+    # --- the official model (--checkpoint=<Hugging Face folder>) ---
+    dtype: str = opt("auto", choices=("auto", *DTYPES))  # weights' dtype; auto: fp16 on CUDA (official), as stored on CPU
+    chat: bool = False                           # multi-turn: questions from stdin ('exit' or an empty line ends)
+    think: str = opt("", choices=("", "think", "no_think"))  # LLaDA-V's reasoning switch; empty: none
+    stop: str = "<|eot_id|>"                     # stop sequences, comma-separated (typed \n, \t: newline, tab)
+    tokenizer: str = opt("", path="any", also=("toy",))  # tokenizer.json or folder (default: the checkpoint's)
+
+    def check(self):
+        """Options that must agree with each other (the sampler's block schedule), before any loading."""
+        G, blk, steps = self.gen_length, self.block_length, self.steps
+        if G is not None and blk is not None and G % blk:
+            raise ValueError(f"--gen_length={G} is not divisible by --block_length={blk}; pick a divisor of it")
+        if G is not None and blk is not None and steps is not None and steps % (G // blk):
+            raise ValueError(f"--steps={steps} is not divisible by the {G // blk} blocks (--gen_length / "
+                             f"--block_length); every block gets the same number of steps")
+
+
 def main(argv):
-    args = {"checkpoint": "out/ckpt.pt", "image": None, "question": None, "seed": 0, "device": "auto",
-            "gen_length": None, "steps": None, "block_length": None, "temperature": 0.0, "cfg_scale": 0.0,
-            "remasking": "low_confidence", "show_steps": False, "mode": "exact", "threshold": 0.9,
-            "refresh_every": 0, "gif": None, "eval": False, "n": 500, "batch_size": 1, "eval_choice": False,
-            "mc_num": 16, "modes": "exact,prefix,dual,threshold,threshold+prefix,threshold+dual",
-            "dtype": "auto", "chat": False, "think": None, "stop": "<|eot_id|>", "tokenizer": None}
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(__doc__ + "\noptions (--key=value): " + ", ".join(f"--{k.replace('_', '-')}" for k in args))
-            return
-        key, _, val = a.lstrip("-").partition("=")
-        key = key.replace("-", "_")
-        if not a.startswith("--") or key not in args:
-            sys.exit(f"unknown argument {a!r}; options are " + ", ".join(f"--{k}" for k in args))
-        args[key] = True if (key in ("show_steps", "chat", "eval", "eval_choice") and val == "") else val
-    device = torch.device(args["device"] if args["device"] != "auto" else
+    """python sample.py --key=value ...: every option is checked first (SampleConfig; --help lists them)."""
+    sc = parse_config(SampleConfig, argv, __doc__)
+    device = torch.device(sc.device if sc.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
-    if os.path.isdir(args["checkpoint"]):  # a Hugging Face directory: the official weights
-        return main_pretrained(args, device)
+    if os.path.isdir(sc.checkpoint):  # a Hugging Face directory: the official weights
+        return main_pretrained(sc, device)
     try:
-        model, tok, ckpt = load_checkpoint(args["checkpoint"], device)
+        model, tok, ckpt = load_checkpoint(sc.checkpoint, device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
     model.eval()
     tc = ckpt.get("train_config", {})
-    G = int(args["gen_length"] or tc.get("gen_length", 16))
-    gen = dict(gen_length=G, steps=int(args["steps"] or tc.get("sample_steps", G)),
-               block_length=int(args["block_length"] or tc.get("block_length", G)),
-               temperature=float(args["temperature"]), cfg_scale=float(args["cfg_scale"]),
-               remasking=args["remasking"], threshold=float(args["threshold"]),
-               refresh_every=int(args["refresh_every"]))
-    if args["eval"] or args["eval_choice"]:
+    G = sc.gen_length or tc.get("gen_length", 16)  # unset sampler options: the training run's
+    gen = dict(gen_length=G, steps=sc.steps or tc.get("sample_steps", G),
+               block_length=sc.block_length or tc.get("block_length", G), temperature=sc.temperature,
+               cfg_scale=sc.cfg_scale, remasking=sc.remasking, threshold=sc.threshold, refresh_every=sc.refresh_every)
+    if sc.eval or sc.eval_choice:
         # the held-out split train.py reports on
         samples = SyntheticVQA(tok, model.cfg.vision.image_size, model.cfg.vision.n_patches, G,
-                               seed=int(tc.get("seed", 0))).heldout(int(args["n"]))
-    if args["eval_choice"]:
+                               seed=int(tc.get("seed", 0))).heldout(sc.n)
+    if sc.eval_choice:
         t0 = time.time()
-        res = evaluate_choice(model, tok, samples, G, mc_num=int(args["mc_num"]), cfg_scale=gen["cfg_scale"])
+        res = evaluate_choice(model, tok, samples, G, mc_num=sc.mc_num, cfg_scale=gen["cfg_scale"])
         kinds = " ".join(f"{k} {100 * res[k]:.1f}%" for k in CHOICES if k in res)
-        print(f"multiple choice by likelihood (mc_num {args['mc_num']}): {100 * res['all']:.1f}% over "
+        print(f"multiple choice by likelihood (mc_num {sc.mc_num}): {100 * res['all']:.1f}% over "
               f"{res['n']} closed questions | {kinds} | {time.time() - t0:.1f}s")
         return
-    if args["eval"]:
+    if sc.eval:
         # python sample.py --eval: once per decoding mode
-        print(f"held-out evaluation: {len(samples)} questions, batch {args['batch_size']}, {gen}")
+        print(f"held-out evaluation: {len(samples)} questions, batch {sc.batch_size}, {gen}")
         try:
-            rows = eval_modes(model, tok, samples, args["modes"].split(","), int(args["batch_size"]), **gen)
+            rows = eval_modes(model, tok, samples, sc.modes.split(","), sc.batch_size, **gen)
         except ValueError as e:
             sys.exit(str(e))
         print(format_modes_table(rows))
         return
-    gen["mode"] = args["mode"]
+    gen["mode"] = sc.mode
     truth = None
-    if args["image"]:
+    if sc.image:
         try:
-            img = load_image(args["image"])
+            img = load_image(sc.image)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(str(e))
-        question = args["question"] or "Describe the image."
+        question = sc.question or "Describe the image."
     else:
-        seed = int(args["seed"])
+        seed = sc.seed
         img, q, truth, kind = make_sample(DEMO_OFFSET + seed, model.cfg.vision.image_size)
-        question = args["question"] or q
-        if args["question"]:
+        question = sc.question or q
+        if sc.question:
             truth = None
         print(f"(synthetic image, seed {seed}; save it with --image to reuse one of your own)")
-    torch.manual_seed(int(args["seed"]))
+    torch.manual_seed(sc.seed)
 
     callback = None
-    if args["show_steps"]:
+    if sc.show_steps:
         def callback(x, step, block):
             canvas = x[0, -G:].tolist()
             shown = " ".join("_" if t == tok.mask_id else repr(tok.decode([t]))[1:-1] or "''" for t in canvas)
             print(f"step {step + 1:3d} (block {block}): {shown}")
     frames = []
-    if args["gif"]:
+    if sc.gif:
         show = callback
 
         def callback(x, step, block):  # keep every canvas for the animation
@@ -387,11 +417,11 @@ def main(argv):
     print(f"answer:   {text}")
     print(f"({gen['mode']} decoding: {stats['nfe']} model calls, gen_length {G}, block_length "
           f"{gen['block_length']}, {dt:.2f}s)")
-    if args["gif"]:
+    if sc.gif:
         from tools.draw import denoising_gif
-        nbytes = denoising_gif(args["gif"], img, question, frames, tok, truth=truth)
-        print(f"wrote {args['gif']} ({len(frames)} steps, {nbytes / 1024:.0f} KB)")
+        nbytes = denoising_gif(sc.gif, img, question, frames, tok, truth=truth)
+        print(f"wrote {sc.gif} ({len(frames)} steps, {nbytes / 1024:.0f} KB)")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)  # a bad option or file: one line, no traceback (LLADA_DEBUG=1 shows it)

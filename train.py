@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -38,84 +38,123 @@ from checkpoint import load_state, load_state_file, save_checkpoint, write_text
 from data import default_system
 from diffusion import diffusion_loss, forward_process
 from distributed import autocast, pick_device
-from model import LLaDAV, count_params, device_peak, get_config, step_flops
+from model import PRESETS, LLaDAV, count_params, device_peak, model_config, opt, parse_config, run_cli, step_flops
 from sample import evaluate, format_eval
-from synthetic import SyntheticVQA, toy_tokenizer
+from synthetic import SyntheticVQA, parse_kind_weights, toy_tokenizer
 from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
 from vision import preprocess
 
 
 @dataclass
 class TrainConfig:
-    preset: str = "toy"          # model preset: toy | small | llada_v_8b (see model.py)
-    out_dir: str = "out"         # checkpoint (ckpt.pt) and final report (report.json) go here
-    tokenizer: str = ""          # presets with the official vocabulary: a tokenizer.json or a model dir holding one
-    resume: bool = False         # continue from out_dir/ckpt.pt
-    device: str = "auto"         # auto = cuda > mps > cpu
-    seed: int = 0
-    batch_size: int = 32         # sequences per step
-    max_steps: int = 5500
-    lr: float = 1.5e-3           # peak learning rate of the language model; lower it (e.g. 1e-4) for big models
-    vision_lr_scale: float = 0.2     # vision tower lr = lr * this (LLaDA-V: 2e-6 / 1e-5 = 0.2; 0 freezes it).
-                                     # From scratch it matters too: until the language model reads the image,
-                                     # the vision path's gradient is noise, Adam turns noise into full-size steps,
-                                     # and at the full lr its features blow up (x15 norm in 50 steps) and stall
-    projector_lr_scale: float = 0.2  # projector lr = lr * this
-    min_lr: float = 1e-4         # cosine decays to this
-    warmup_steps: int = 100
-    weight_decay: float = 0.0    # LLaDA-V uses 0
-    beta2: float = 0.95          # AdamW beta2. LLaDA-V's recipe has 0.999; with small batches the 1/t-weighted
-                                 # loss has rare huge gradients, and 0.95 recovers from them far faster
+    # Every field is an option, --key=value; opt(default, rule) declares what the option accepts (model.py,
+    # "Configuration from the command line"), and the comment after a field is its --help text.
+    preset: str = opt("toy", choices=tuple(PRESETS))  # model preset (see model.py)
+    out_dir: str = opt("out", out="dir")              # checkpoint (ckpt.pt) and final report (report.json) go here
+    tokenizer: str = opt("", path="any", also=("toy",))  # presets with the official vocabulary: a tokenizer.json
+                                                         # or a model dir holding one
+    resume: bool = False                              # continue from out_dir/ckpt.pt
+    device: str = opt("auto", device=True)            # auto = cuda > mps > cpu
+    seed: int = opt(0, min=0)                         # the data, the masks and the initial weights
+    batch_size: int = opt(32, min=1)                  # sequences per step
+    max_steps: int = opt(5500, min=1)                 # optimizer steps
+    lr: float = opt(1.5e-3, gt=0)                     # peak learning rate of the language model; lower it (e.g.
+                                                      # 1e-4) for big models
+    vision_lr_scale: float = opt(0.2, min=0)     # vision tower lr = lr * this (LLaDA-V: 2e-6 / 1e-5 = 0.2; 0
+                                                 # freezes it). From scratch it matters too: until the language model
+                                                 # reads the image, the vision path's gradient is noise, Adam turns
+                                                 # noise into full-size steps, and at the full lr its features blow
+                                                 # up and stall
+    projector_lr_scale: float = opt(0.2, min=0)  # projector lr = lr * this
+    min_lr: float = opt(1e-4, min=0)             # cosine decays to this (at most lr)
+    warmup_steps: int = opt(100, min=0)          # linear warmup from 0 to lr
+    weight_decay: float = opt(0.0, min=0)        # LLaDA-V uses 0
+    beta2: float = opt(0.95, min=0, lt=1)        # AdamW beta2. LLaDA-V's recipe has 0.999; with small batches the
+                                                 # 1/t-weighted loss has rare huge gradients, and 0.95 recovers from
+                                                 # them far faster
     stratified_t: bool = True    # spread the batch's t evenly over (0, 1) (same expected loss, less variance)
     exact_count: bool = False    # mask exactly l ~ U{1..A} answer tokens (LLaDA Eq. 6: the same bound, weights <= A)
-    weighting: str = "elbo"      # elbo: CE / p_mask (the likelihood bound) | none: plain CE ("L_simple")
-    grad_clip: float = 1.0
-    loss_mode: str = "sft"       # sft (per-sample answer-length normaliser) | pretrain (1 / (B L))
-    single_object_steps: int = 500  # curriculum: the first N steps show one object and ask colour/shape/describe
-    kind_weights_from: int = 2500   # curriculum: from this step on (once past single_object_steps), draw the kinds with kind_weights
-    kind_weights: str = "color:0.5,shape:1,count:0.5,relation:2,describe:1"  # (before it: equal shares)
-    gen_length: int = 12         # answer canvas G, in tokens (training and sampling): the toy's longest
-                                 # answer, 4 objects described, is 11 tokens + <|eot_id|>
-    block_length: int = 12       # sampler block length (semi-autoregressive if < gen_length)
-    sample_steps: int = 12       # sampler steps
-    log_every: int = 25
-    eval_every: int = 1000       # quick held-out check (eval_quick questions) every N steps; 0 = never
-    eval_quick: int = 100        # questions per quick check; 0 = no quick checks
-    eval_final: int = 500        # held-out questions in the final report; 0 = no report
-    ckpt_every: int = 250        # atomic checkpoint every N steps (and at the end)
-    compile: bool = False        # torch.compile the model (CUDA)
+    weighting: str = opt("elbo", choices=("elbo", "none"))    # elbo: CE / p_mask (the likelihood bound) | none:
+                                                              # plain CE ("L_simple")
+    grad_clip: float = opt(1.0, gt=0)                         # clip the gradient's global norm to this
+    loss_mode: str = opt("sft", choices=("sft", "pretrain"))  # sft (per-sample answer-length normaliser) |
+                                                              # pretrain (1 / (B L))
+    single_object_steps: int = opt(500, min=0)  # curriculum: the first N steps show one object and ask
+                                                # colour/shape/describe
+    kind_weights_from: int = opt(2500, min=0)   # curriculum: from this step on (once past single_object_steps),
+                                                # draw the kinds with kind_weights (before it: equal shares)
+    kind_weights: str = "color:0.5,shape:1,count:0.5,relation:2,describe:1"  # kind:weight pairs
+    gen_length: int = opt(12, min=1)    # answer canvas G, in tokens (training and sampling): the toy's longest
+                                        # answer, 4 objects described, is 11 tokens + <|eot_id|>
+    block_length: int = opt(12, min=1)  # sampler block length (semi-autoregressive if < gen_length)
+    sample_steps: int = opt(12, min=1)  # sampler steps
+    log_every: int = opt(25, min=1)     # print (and --jsonl) a log line every N steps
+    eval_every: int = opt(1000, min=0)  # quick held-out check (eval_quick questions) every N steps; 0 = never
+    eval_quick: int = opt(100, min=0)   # questions per quick check; 0 = no quick checks
+    eval_final: int = opt(500, min=0)   # held-out questions in the final report; 0 = no report
+    ckpt_every: int = opt(250, min=1)   # atomic checkpoint every N steps (and at the end)
+    compile: bool = False               # torch.compile the model (CUDA)
     # --- training at scale: LLaVA-format data, stages, torchrun (see README "Training at scale") ---
-    stage: int = 0               # 0 = the toy recipe above; 1 | 2 | 3 = LLaDA-V's stage presets (STAGES)
-    data: str = ""               # LLaVA-format .json / .jsonl; empty = the embedded synthetic data
-    image_root: str = ""         # folder the records' "image" paths are relative to
-    data_format: str = "conv"    # plain (stage-1 "<image>caption") | conv (multi-turn conversations)
-    max_len: int = 8192          # tokens per sequence, image tokens included (longer samples are cut)
-    unignore_special: bool = True  # LLaDA-V: prompt BOS/header/eot tokens are targets too (REFERENCE 3.3)
-    pad_labels: bool = True      # padding EOS are targets (LLaDA-V's collator); 0: ignored
-    key_pad_mask: str = "auto"   # hide padding from attention: on | off | auto = off with --data (LLaDA-V's
-                                 # collator sends no attention mask: every token attends to the EOS padding,
-                                 # REFERENCE 11.9), on for the toy's synthetic batches (this project's recipe)
-    group_by_length: bool = True  # --data: batches of similar length (stages 2-3) | 0: random (stage 1)
-    truncation: str = "official"  # official: the max_len cut may split an image | whole_images: never
-    image_aspect_ratio: str = ""  # the model's image mode (square | pad | anyres_max_4); "" = the preset's
-    mm_patch_merge_type: str = ""  # flat | spatial_unpad (adds the trainable image_newline); "" = the preset's
-    workers: int = 2             # DataLoader worker processes for --data
-    max_bad_frac: float = 0.1    # stop when more than this fraction of samples is broken
-    epochs: float = 0.0          # > 0 with --data: max_steps = epochs * (records / batch_size)
-    warmup_ratio: float = 0.0    # > 0: warmup_steps = warmup_ratio * max_steps (LLaDA-V: 0.03)
-    llm_lr_scale: float = 1.0    # language model lr = lr * this (0 freezes it, as stage 1 does)
-    micro_batch_size: int = 0    # sequences per process per forward; 0 = batch_size / processes.
-                                 # batch_size / (processes * micro) steps of gradient accumulation
-    parallel: str = "auto"       # none | ddp | fsdp | auto (ddp under 1B parameters, else fsdp)
+    stage: int = opt(0, choices=(0, 1, 2, 3))  # 0 = the toy recipe above; 1 | 2 | 3 = LLaDA-V's stage presets
+                                               # (STAGES): their values first, explicit options override them
+    data: str = opt("", path="file")           # LLaVA-format .json / .jsonl; empty = the embedded synthetic data
+    image_root: str = opt("", path="dir")      # folder the records' "image" paths are relative to
+    data_format: str = opt("conv", choices=("plain", "conv"))  # plain (stage-1 "<image>caption") | conv
+                                                               # (multi-turn conversations)
+    max_len: int = opt(8192, min=1)  # tokens per sequence, image tokens included (longer samples are cut)
+    unignore_special: bool = True    # LLaDA-V: prompt BOS/header/eot tokens are targets too (REFERENCE 3.3)
+    pad_labels: bool = True          # padding EOS are targets (LLaDA-V's collator); 0: ignored
+    key_pad_mask: str = opt("auto", choices=("auto", "on", "off"))  # hide padding from attention: on | off |
+                                     # auto = off with --data (LLaDA-V's collator sends no attention mask: every
+                                     # token attends to the EOS padding, REFERENCE 11.9), on for the toy's
+                                     # synthetic batches (this project's recipe)
+    group_by_length: bool = True     # --data: batches of similar length (stages 2-3) | 0: random (stage 1)
+    truncation: str = opt("official", choices=("official", "whole_images"))  # official: the max_len cut may
+                                     # split an image (REFERENCE 11.12) | whole_images: never
+    image_aspect_ratio: str = opt("", choices=("", "square", "pad", "anyres_max_4"))  # the model's image mode;
+                                     # "" = the preset's (the stage presets set anyres_max_4 for stages 2-3)
+    mm_patch_merge_type: str = opt("", choices=("", "flat", "spatial_unpad"))  # spatial_unpad adds the
+                                     # trainable image_newline; "" = the preset's
+    workers: int = opt(2, min=0)     # DataLoader worker processes for --data
+    max_bad_frac: float = opt(0.1, min=0, max=1)  # stop when more than this fraction of samples is broken
+    epochs: float = opt(0.0, min=0)               # > 0 with --data: max_steps = epochs * (records / batch_size)
+    warmup_ratio: float = opt(0.0, min=0, max=1)  # > 0: warmup_steps = warmup_ratio * max_steps (LLaDA-V: 0.03)
+    llm_lr_scale: float = opt(1.0, min=0)         # language model lr = lr * this (0 freezes it, as stage 1 does)
+    micro_batch_size: int = opt(0, min=0)         # sequences per process per forward; 0 = batch_size / processes.
+                                                  # batch_size / (processes * micro) steps of gradient accumulation
+    parallel: str = opt("auto", choices=("none", "ddp", "fsdp", "auto"))  # auto: ddp under 1B parameters, else fsdp
     checkpointing: bool = False  # recompute each LLM block in backward: much less activation memory
-    ckpt_format: str = "auto"    # pt (out_dir/ckpt.pt) | dcp (out_dir/dcp/, resumes on any number of
-                                 # processes) | auto (dcp under torchrun or with --data)
-    init_from: str = ""          # start from these weights (a ckpt.pt or model.safetensors), e.g. stage 1's
-    init_parts: str = "all"      # which of them: all, or a comma list of llm, vision, projector
-    jsonl: str = ""              # append one JSON line per logged step here (and draw loss.png beside it)
-    final_eval: bool = True      # held-out report at the end (synthetic data, one process or DDP)
-    head_chunk: int = 0          # > 0: output head + loss on this many masked rows at a time, recomputed in
-                                 # backward (model.chunked_head_ce): the loss's memory no longer grows with N x V
+    ckpt_format: str = opt("auto", choices=("pt", "dcp", "auto"))  # pt (out_dir/ckpt.pt) | dcp (out_dir/dcp/,
+                                 # resumes on any number of processes) | auto (dcp under torchrun or with --data)
+    init_from: str = opt("", path="any")  # start from these weights (a ckpt.pt, model.safetensors or a Hugging Face
+                                           # directory such as the official LLaDA-V), e.g. stage 1's
+    init_parts: str = opt("all", each=("all", "llm", "vision", "projector"))  # which of them: all, or a comma list
+    jsonl: str = opt("", out="file")  # append one JSON line per logged step here (and draw loss.png beside it)
+    final_eval: bool = True           # held-out report at the end (synthetic data, one process or DDP)
+    head_chunk: int = opt(0, min=0)   # > 0: output head + loss on this many masked rows at a time, recomputed in
+                                      # backward (model.chunked_head_ce): the loss's memory no longer grows with N x V
+
+    def check(self):
+        """The rules that tie options together, checked with the others before any work (model.parse_config)."""
+        if self.gen_length % self.block_length or self.sample_steps % (self.gen_length // self.block_length):
+            raise ValueError(f"--gen_length={self.gen_length} must be divisible by --block_length={self.block_length}, "
+                             f"and --sample_steps={self.sample_steps} by the number of blocks; fix the three options")
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min_lr={self.min_lr} is above --lr={self.lr}: the cosine would raise the learning "
+                             f"rate; lower --min_lr")
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun; the same test train() makes
+        micro = self.micro_batch_size or self.batch_size // world
+        if micro < 1 or self.batch_size % (micro * world):
+            raise ValueError(f"--batch_size={self.batch_size} must be a multiple of --micro_batch_size={micro} x "
+                             f"{world} processes; change --batch_size or --micro_batch_size")
+        if "all" in self.init_parts.split(",") and self.init_parts != "all":
+            raise ValueError(f"--init_parts={self.init_parts}: use all, or a comma list of llm, vision, projector")
+        if self.ckpt_format == "pt" and self.parallel == "fsdp":
+            raise ValueError("--ckpt_format=pt cannot save FSDP2's sharded weights; use --ckpt_format=dcp or auto")
+        try:
+            parse_kind_weights(self.kind_weights) if self.kind_weights else None
+        except ValueError as e:
+            raise ValueError(f"--kind_weights: {e}") from None
 
 
 # LLaDA-V's recipe (REFERENCE 7): AdamW (0.9, 0.999), weight decay 0, 3% warmup, cosine to 0, clip 1.0,
@@ -136,62 +175,16 @@ STAGES = {
 }
 
 
-def parse_args(argv, tc: TrainConfig):
-    """--key=value into TrainConfig; --lm.key / --vision.key into the model config. Unknown keys and
-    unparsable values get a one-line error naming the valid keys."""
-    train_keys = {f.name: f.type for f in fields(TrainConfig)}
-    overrides = {}
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(__doc__)
-            print("options (TrainConfig):")
-            for f in fields(TrainConfig):
-                print(f"  --{f.name}={getattr(tc, f.name)}")
-            print("model overrides: --lm.<field>=..., --vision.<field>=... (fields of LLaDAConfig, VisionConfig)")
-            sys.exit(0)
-        if not a.startswith("--") or "=" not in a:
-            sys.exit(f"argument {a!r} is not of the form --key=value; see python train.py --help")
-        key, val = a[2:].split("=", 1)
-        overrides[key] = val
-    if "preset" in overrides:
-        tc.preset = overrides.pop("preset")
-    if "stage" in overrides:  # a stage preset first, so that explicit options override it
-        try:
-            tc.stage = int(overrides.pop("stage"))
-            for k, v in STAGES.get(tc.stage, {}).items() if tc.stage else ():
-                setattr(tc, k, v)
-            assert tc.stage == 0 or tc.stage in STAGES
-        except (ValueError, AssertionError):
-            sys.exit(f"--stage must be 0 (toy recipe) or one of {', '.join(map(str, STAGES))}")
-    try:
-        mc = get_config(tc.preset)
-    except ValueError as e:
-        sys.exit(str(e))
-    for key, val in overrides.items():
-        section, _, name = key.rpartition(".")
-        target = {"": tc, "lm": mc.lm, "vision": mc.vision}.get(section)
-        if target is None or name not in {f.name for f in fields(target)}:
-            valid = sorted(train_keys) + [f"lm.{f.name}" for f in fields(mc.lm)] + [f"vision.{f.name}" for f in fields(mc.vision)]
-            sys.exit(f"unknown option --{key}; valid options: {', '.join('--' + v for v in valid)}")
-        setattr(target, name, parse_value(key, getattr(target, name), val))
-    choices = {"key_pad_mask": ("auto", "on", "off"), "truncation": ("official", "whole_images"),
-               "image_aspect_ratio": ("", "square", "pad", "anyres_max_4"), "mm_patch_merge_type": ("", "flat", "spatial_unpad")}
-    for k, ok in choices.items():
-        if getattr(tc, k) not in ok:
-            sys.exit(f"--{k}={getattr(tc, k)!r}: use one of {', '.join(v for v in ok if v)}")
+def parse_args(argv, tc: TrainConfig | None = None):
+    """--key=value into a TrainConfig (--stage=N first: its STAGES values, then the explicit options over
+    them), --lm.* / --vision.* into the preset's model config -> (tc, mc). Every option is checked here, before
+    any work: a bad one ends the program with one line naming it (model.parse_config)."""
+    tc, overrides = parse_config(tc or TrainConfig(), argv, __doc__, presets=("stage", STAGES), model=True)
+    mc = model_config(tc.preset, overrides)
     # the image mode belongs to the model (it is saved in its config); the stage presets set it
     mc.image_aspect_ratio = tc.image_aspect_ratio or mc.image_aspect_ratio
     mc.mm_patch_merge_type = tc.mm_patch_merge_type or mc.mm_patch_merge_type
     return tc, mc
-
-
-def parse_value(key, old, val: str):
-    """The command-line string `val` for option --key, typed like its current value `old` (bools take
-    1/true/yes); a one-line exit if it does not parse. Shared with bench.py."""
-    try:
-        return (val.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(val)
-    except ValueError:
-        sys.exit(f"--{key}={val!r} is not a valid {type(old).__name__}")
 
 
 def lr_at(step, tc: TrainConfig):
@@ -572,11 +565,15 @@ def train(tc: TrainConfig, mc, quiet=False):
     return model, report
 
 
-if __name__ == "__main__":
-    tc, mc = parse_args(sys.argv[1:], TrainConfig())
+def main(argv):
+    tc, mc = parse_args(argv)
     t = time.time()
     train(tc, mc)
     from distributed import teardown
     teardown()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per process
         print(f"total wall time {time.time() - t:.0f}s")
+
+
+if __name__ == "__main__":
+    run_cli(main)  # a bad option or file: one line, no traceback (LLADA_DEBUG=1 shows it)

@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from model import model_config, parse_config
 from tools import bench
+
+
+def parse(argv):
+    return parse_config(bench.BenchConfig, argv, model=True)  # what bench.main reads: (BenchConfig, overrides)
 
 
 def test_layer_only_prints_time_flops_and_mfu(capsys):
@@ -31,9 +36,9 @@ def test_layer_flops_are_six_n_t_plus_attention():
     (q k^T and attn @ v: 4 B L^2 d forward, twice that backward). The math attention backend is forced: the
     counter sees it as matmuls (it has formulas for the CUDA flash / efficient / cuDNN kernels, but not for
     the CPU flash kernel, which it then misses: only the 6 N T part is counted)."""
-    bc, ov = bench.parse(["--layer_only=1", "--seq_len=128", "--train_batch=2", "--train_steps=1", "--lm.d_model=256",
+    bc, ov = parse(["--layer_only=1", "--seq_len=128", "--train_batch=2", "--train_steps=1", "--lm.d_model=256",
                           "--lm.n_heads=8"])
-    lm = bench.model_config("toy", ov).lm
+    lm = model_config("toy", ov).lm
     n_matrix = 4 * 256 * 256 + 3 * 256 * lm.mlp_hidden
     with sdpa_kernel(SDPBackend.MATH):
         r = bench.bench_layer(lm, bc, torch.device("cpu"))
@@ -44,21 +49,22 @@ def test_layer_flops_are_six_n_t_plus_attention():
     assert 6 * n_matrix * 256 <= default["flops"] <= 1.01 * r["analytic"]
 
 
-def test_model_overrides():
+def test_model_overrides(tmp_path):
     """--lm.* / --vision.* change the preset's config (typed like train.py's overrides); unknown fields, bad
     values and overrides of a checkpoint's config stop with a one-line message."""
-    bc, ov = bench.parse(["--preset=llada_v_8b", "--lm.n_layers=2", "--vision.n_layers=3", "--seq_len=64"])
-    cfg = bench.model_config(bc.preset, ov)
+    bc, ov = parse(["--preset=llada_v_8b", "--lm.n_layers=2", "--vision.n_layers=3", "--seq_len=64"])
+    cfg = model_config(bc.preset, ov)
     assert (cfg.lm.n_layers, cfg.vision.n_layers, cfg.lm.d_model, bc.seq_len) == (2, 3, 4096, 64)
-    assert bench.model_config("llada_v_8b", {}).lm.n_layers == 32  # the preset itself is untouched
-    with pytest.raises(SystemExit, match="unknown option --lm.width; valid: --lm.vocab_size"):
-        bench.model_config("toy", {"lm.width": "3"})
-    with pytest.raises(SystemExit, match="--vision.n_layers='x' is not a valid int"):
-        bench.model_config("toy", {"vision.n_layers": "x"})
+    assert model_config("llada_v_8b", {}).lm.n_layers == 32  # the preset itself is untouched
+    with pytest.raises(SystemExit, match="unknown option --lm.width; .*model options: --lm.vocab_size"):
+        model_config("toy", {"lm.width": "3"})
+    with pytest.raises(SystemExit, match="--vision.n_layers=x: not an integer"):
+        model_config("toy", {"vision.n_layers": "x"})
+    (tmp_path / "ckpt.pt").write_bytes(b"")  # exists: the refusal is about the combination, not the file
     with pytest.raises(SystemExit, match="drop --checkpoint"):
-        bench.main(["--checkpoint=out/ckpt.pt", "--lm.n_layers=1"])
+        bench.main([f"--checkpoint={tmp_path / 'ckpt.pt'}", "--lm.n_layers=1"])
     with pytest.raises(SystemExit, match="drop --checkpoint"):
-        bench.main(["--checkpoint=out/ckpt.pt", "--layer_only=1"])
+        bench.main([f"--checkpoint={tmp_path / 'ckpt.pt'}", "--layer_only=1"])
 
 
 def test_overrides_reach_the_whole_model_benchmark(capsys):

@@ -246,7 +246,7 @@ def test_sample_cli_runs_a_hugging_face_directory(tmp_path, capsys, monkeypatch)
     Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "red.png")
     common = [f"--checkpoint={tmp_path / 'v'}", "--tokenizer=toy", f"--image={tmp_path / 'red.png'}",
               "--gen_length=8", "--steps=4", "--block_length=4", "--dtype=fp32"]
-    sample.main(common + ["--question=What color is it?", "--think=no_think", "--show-steps"])
+    sample.main(common + ["--question=What color is it?", "--think=no_think", "--show_steps"])
     out = capsys.readouterr().out
     assert "LLaDAV" in out and "question: What color is it?" in out and "answer:" in out
     assert "step   1 (block 0): " in out
@@ -282,7 +282,7 @@ def test_llada_plus_siglip_make_a_llada_v(tmp_path):
 
 
 def test_loading_holds_one_copy(tmp_path):
-    """The --selftest-memory property at tiny width (full 126,464 vocabulary, d 64: a 65 MB checkpoint in
+    """The --selftest_memory property at tiny width (full 126,464 vocabulary, d 64: a 65 MB checkpoint in
     3 shards): in a fresh process, loading and touching every weight raise the peak RSS by less than 1.3x
     the checkpoint (a loader that kept a second copy would need 2x). The forward's own working set, and
     the ~0.1 GB of library code the first ops page in, are left out: at this size they would dominate."""
@@ -297,7 +297,7 @@ def test_loading_holds_one_copy(tmp_path):
     for p in m.parameters():
         torch.nn.init.normal_(p.data)
     pretrained.save_pretrained(m, tmp_path, max_shard_size=30 * 2**20)
-    r = subprocess.run([sys.executable, pretrained.__file__, "--memory-report", str(tmp_path)],
+    r = subprocess.run([sys.executable, pretrained.__file__, f"--memory_report={tmp_path}"],
                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
     assert "3 safetensors shards" in r.stdout

@@ -114,10 +114,10 @@ def test_resume_with_another_config_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--preset=huge"], "unknown preset 'huge'; choose one of toy, small, llada_v_8b"),
-    (["--lr_max=3"], "unknown option --lr_max; valid options: .*--lr"),
+    (["--preset=huge"], "--preset=huge: not allowed; use one of toy, small, llada_v_8b"),
+    (["--lr_max=3"], "unknown option --lr_max; .*valid options: .*--lr"),
     (["--lm.width=3"], "unknown option --lm.width"),
-    (["--batch_size=many"], "--batch_size='many' is not a valid int"),
+    (["--batch_size=many"], "--batch_size=many: not an integer"),
     (["max_steps=3"], "not of the form --key=value"),
 ])
 def test_bad_options_get_one_line_errors(args, message):
@@ -158,9 +158,9 @@ def run_sample(capsys, *args):
 
 
 def test_sample_synthetic_with_steps(checkpoint, capsys):
-    """No image: a synthetic one is drawn; question, truth and answer are printed, and --show-steps prints
+    """No image: a synthetic one is drawn; question, truth and answer are printed, and --show_steps prints
     one canvas per step, the number of masks ('_') never growing."""
-    out = run_sample(capsys, f"--checkpoint={checkpoint}", "--show-steps")
+    out = run_sample(capsys, f"--checkpoint={checkpoint}", "--show_steps")
     assert "question:" in out and "truth:" in out and "answer:" in out
     steps = [l for l in out.splitlines() if l.startswith("step ")]
     assert len(steps) == 12
@@ -175,13 +175,13 @@ def test_sample_own_image(checkpoint, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("make, args, message", [
-    (None, ["--checkpoint=/nonexistent/ckpt.pt"], "does not exist; train one"),
-    (None, ["--image=/nonexistent.png"], "image /nonexistent.png does not exist"),
+    (None, ["--checkpoint=/nonexistent/ckpt.pt"], "--checkpoint=/nonexistent/ckpt.pt: does not exist"),
+    (None, ["--image=/nonexistent.png"], "--image=/nonexistent.png: does not exist"),
     ("garbage", [], "cannot read image"),
-    (None, ["--gen_length=12", "--block_length=5"], "not divisible by block_length=5"),
-    (None, ["--gen_length=12", "--block_length=6", "--steps=5"], "steps=5 is not divisible by the 2 blocks"),
+    (None, ["--gen_length=12", "--block_length=5"], "not divisible by --block_length=5"),
+    (None, ["--gen_length=12", "--block_length=6", "--steps=5"], "--steps=5 is not divisible by the 2 blocks"),
     (None, ["--gen_length=4096"], "exceeds the model's context"),
-    (None, ["--colour=red"], "unknown argument"),
+    (None, ["--colour=red"], "unknown option --colour"),
 ])
 def test_sample_bad_input(checkpoint, tmp_path, make, args, message):
     if make == "garbage":

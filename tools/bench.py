@@ -31,7 +31,7 @@ preset runs without the official tokenizer.
 import resource
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -40,65 +40,38 @@ from checkpoint import load_checkpoint
 from data import default_system, prompt_batch
 from diffusion import LLADA_V_BANNED, MODES, diffusion_loss, forward_process, generate, mode_kwargs
 from distributed import autocast, pick_device
-from model import Block, LLaDAV, device_peak, get_config, rope_cos_sin
+from model import PRESETS, Block, LLaDAV, device_peak, model_config, opt, parse_config, rope_cos_sin, run_cli
 from synthetic import SyntheticVQA, toy_tokenizer
 from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
-from train import parse_value
 from vision import preprocess
 
 @dataclass
 class BenchConfig:
-    preset: str = "toy"           # toy | small | llada_v_8b (random weights) ...
-    checkpoint: str = ""          # ... or a trained checkpoint (its config wins over --preset)
-    device: str = "auto"
-    seed: int = 0
-    train_batch: int = 32         # sequences per training step
-    train_steps: int = 10         # timed steps (after 2 warm-up steps)
-    text_len: int = 24            # prompt text tokens besides the image's visual tokens
-    gen_length: int = 16          # answer canvas
-    block_length: int = 8         # semi-autoregressive blocks (caches refresh at each block start)
-    steps: int = 16               # exact sampler steps
-    threshold: float = 0.9        # confidence threshold of the threshold modes
-    sample_batch: int = 1         # prompts decoded together
-    repeats: int = 5              # timed sampling runs per mode (median reported)
-    modes: str = ",".join(MODES)
-    skip_train: bool = False
-    layer_only: bool = False      # time one LLaDA block (bf16) instead: forward + backward of ...
-    seq_len: int = 2048           # ... train_batch x seq_len tokens
-    official: bool = False        # time the official LLaDA-V path's decoding with a long visual prompt instead
+    # The options, --key=value (model.parse_config; the comments are --help), plus the preset's --lm.* / --vision.*
+    preset: str = opt("toy", choices=tuple(PRESETS))  # random weights of this preset ...
+    checkpoint: str = opt("", path="file")     # ... or a trained checkpoint (its config wins over --preset)
+    device: str = opt("auto", device=True)     # auto = cuda > mps > cpu
+    seed: int = opt(0, min=0)                  # random inputs and weights
+    train_batch: int = opt(32, min=1)          # sequences per training step
+    train_steps: int = opt(10, min=1)          # timed steps (after 2 warm-up steps)
+    text_len: int = opt(24, min=0)             # prompt text tokens besides the image's visual tokens
+    gen_length: int = opt(16, min=1)           # answer canvas
+    block_length: int = opt(8, min=1)          # semi-autoregressive blocks (caches refresh at each block start)
+    steps: int = opt(16, min=1)                # exact sampler steps
+    threshold: float = opt(0.9, min=0)         # confidence threshold of the threshold modes
+    sample_batch: int = opt(1, min=1)          # prompts decoded together
+    repeats: int = opt(5, min=1)               # timed sampling runs per mode (median reported)
+    modes: str = opt(",".join(MODES), each=tuple(MODES))  # decoding modes to time, the first is the reference
+    skip_train: bool = False                   # sampling only
+    layer_only: bool = False                   # time one LLaDA block (bf16) instead: forward + backward of ...
+    seq_len: int = opt(2048, min=1)            # ... train_batch x seq_len tokens
+    official: bool = False                     # time the official LLaDA-V path's decoding with a long visual prompt instead
 
-
-def parse(argv):
-    """-> (BenchConfig, model-config overrides such as {"lm.n_layers": "2"})."""
-    bc, overrides = BenchConfig(), {}
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(__doc__ + "\noptions:\n" + "\n".join(f"  --{f.name}={getattr(bc, f.name)}" for f in fields(bc))
-                  + "\n  --lm.<field>=..., --vision.<field>=...: the preset's LLaDAConfig, VisionConfig fields")
-            sys.exit(0)
-        key, eq, val = a[2:].partition("=")
-        if a.startswith("--") and eq and key.split(".")[0] in ("lm", "vision"):
-            overrides[key] = val
-        elif not a.startswith("--") or not eq or key not in {f.name for f in fields(bc)}:
-            sys.exit(f"bad argument {a!r}; use --key=value with key one of "
-                     + ", ".join(f.name for f in fields(bc)) + ", lm.<field>, vision.<field>")
-        else:
-            setattr(bc, key, parse_value(key, getattr(bc, key), val))
-    return bc, overrides
-
-
-def model_config(preset, overrides):
-    """The preset's LLaDAVConfig with the --lm.* / --vision.* overrides applied (as in train.py)."""
-    try:
-        cfg = get_config(preset)
-    except ValueError as e:
-        sys.exit(str(e))
-    for key, val in overrides.items():
-        (section, name), part = key.split(".", 1), getattr(cfg, key.split(".")[0])
-        if name not in {f.name for f in fields(part)}:
-            sys.exit(f"unknown option --{key}; valid: " + ", ".join(f"--{section}.{f.name}" for f in fields(part)))
-        setattr(part, name, parse_value(key, getattr(part, name), val))
-    return cfg
+    def check(self):
+        """The sampler's block schedule must divide evenly (checked before any model is built)."""
+        if self.gen_length % self.block_length or self.steps % (self.gen_length // self.block_length):
+            raise ValueError(f"--gen_length={self.gen_length} must be a multiple of --block_length={self.block_length}"
+                             f" and --steps={self.steps} a multiple of the number of blocks; fix the three options")
 
 
 def sync(device):
@@ -339,11 +312,11 @@ def main_layer(bc, overrides, device):
 
 
 def main(argv):
-    bc, overrides = parse(argv)
-    device = pick_device(bc.device)
-    torch.manual_seed(bc.seed)
+    bc, overrides = parse_config(BenchConfig, argv, __doc__, model=True)  # every option checked, before any work
     if (overrides or bc.layer_only or bc.official) and bc.checkpoint:
         sys.exit("--lm.*, --vision.*, --layer_only=1 and --official=1 apply to a random-weight model; drop --checkpoint")
+    device = pick_device(bc.device)
+    torch.manual_seed(bc.seed)
     if bc.layer_only:
         return main_layer(bc, overrides, device)
     if bc.official:
@@ -361,9 +334,6 @@ def main(argv):
         model = LLaDAV(model_config(bc.preset, overrides)).to(device)
         model.init_weights()
         source = f"preset {bc.preset}, random weights"
-    if bc.gen_length % bc.block_length or bc.steps % (bc.gen_length // bc.block_length):
-        sys.exit(f"gen_length={bc.gen_length} must be a multiple of block_length={bc.block_length} and steps="
-                 f"{bc.steps} a multiple of the number of blocks; fix the three options")
     n_params = sum(p.numel() for p in model.parameters())
     L = model.cfg.vision.n_patches + bc.text_len + bc.gen_length
     print(f"{source}: {n_params / 1e6:.2f}M parameters on {device} ({torch.get_num_threads()} CPU threads), "
@@ -394,4 +364,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)  # a bad option or file: one line, no traceback (LLADA_DEBUG=1 shows it)

@@ -5,8 +5,8 @@ Where this sits in the flow: outside it; it reads the model config and counts by
 
     python -m tools.plan --preset=llada_v_8b --world=8 --seq=8192 --stage=2     # the 8B plan (prints a table)
     python -m tools.plan --preset=small --world=1 --seq=2048 --parallel=none
-    python -m tools.plan --validate                                            # estimate vs measured, CPU
-    python -m tools.plan --head                                                # masked-only head vs full head
+    python -m tools.plan --validate=1                                          # estimate vs measured, CPU
+    python -m tools.plan --head=1                                              # masked-only head vs full head
 
 Per process, for P parameters of which T train, W processes, FSDP2 shards s = W (DDP / none: s = 1):
     parameters   4P/s fp32 masters; + under FSDP2 bf16 the gathered bf16 copies of the units in flight
@@ -36,12 +36,14 @@ step (it creates AdamW's state and pages in the kernels' code), then measures a 
 tensor its own mmap, so freed tensors leave the resident set at once and the peak is the peak of live
 tensors (plus the allocator's small-object heap).
 """
-import argparse
 import gc
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+
+from model import PRESETS, opt, parse_config, run_cli
 
 GB = 2 ** 30
 
@@ -50,11 +52,8 @@ def counts(preset: str, overrides: dict | None = None):
     """Parameter counts per part, from the meta device (no memory)."""
     import torch
 
-    from model import LLaDAV, get_config
-    mc = get_config(preset)
-    for k, v in (overrides or {}).items():
-        sec, name = k.split(".")
-        setattr(getattr(mc, sec), name, v)
+    from model import LLaDAV, model_config
+    mc = model_config(preset, overrides)
     with torch.device("meta"):
         m = LLaDAV(mc)
     n = lambda mod: sum(p.numel() for p in mod.parameters())
@@ -158,13 +157,10 @@ def _measure_step(preset, batch, text_len, checkpointing, overrides):
     import torch
 
     from diffusion import diffusion_loss, forward_process
-    from model import LLaDAV, get_config
+    from model import LLaDAV, model_config
     from tokenizer import IMAGE_TOKEN_INDEX
     torch.manual_seed(0)
-    mc = get_config(preset)
-    for k, v in overrides.items():
-        sec, name = k.split(".")
-        setattr(getattr(mc, sec), name, v)
+    mc = model_config(preset, overrides)
     model = LLaDAV(mc)
     model.llm.checkpointing = checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
@@ -275,30 +271,41 @@ def head_bench(tokens=8192, vocab=126464, d=256, fracs=(0.5, 0.25, 0.1), chunk=5
     return rows
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="llada_v_8b")
-    ap.add_argument("--world", type=int, default=8, help="processes (GPUs) in all")
-    ap.add_argument("--seq", type=int, default=8192, help="tokens per sequence, image tokens included")
-    ap.add_argument("--batch", type=int, default=1, help="micro-batch per process")
-    ap.add_argument("--stage", type=int, default=2, choices=[1, 2, 3])
-    ap.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp", "none"])
-    ap.add_argument("--gpu-gb", type=float, default=80.0)
-    ap.add_argument("--image", default="640x480", help="WxH of a typical training image (sets the crops and visual tokens)")
-    ap.add_argument("--validate", action="store_true", help="compare with measured CPU peaks (toy, small)")
-    ap.add_argument("--head", action="store_true", help="measure the masked-only vs full output head")
-    a = ap.parse_args()
-    if a.validate:
+# ----------------------------------------------------------------------------------------------
+# Command line (model.parse_config: --key=value, the comment after each field is its --help)
+
+@dataclass
+class PlanConfig:
+    preset: str = opt("llada_v_8b", choices=tuple(PRESETS))  # the model to plan for
+    world: int = opt(8, min=1)                     # processes (GPUs) in all
+    seq: int = opt(8192, min=1)                    # tokens per sequence, image tokens included
+    batch: int = opt(1, min=1)                     # micro-batch per process
+    stage: int = opt(2, choices=(1, 2, 3))         # LLaDA-V stage: 1 trains the projector only
+    parallel: str = opt("fsdp", choices=("fsdp", "ddp", "none"))  # how the processes share the model
+    gpu_gb: float = opt(80.0, gt=0)                # memory of one GPU, in GB
+    image: str = "640x480"                         # WxH of a typical training image (sets the crops and visual tokens)
+    validate: bool = False                         # compare with measured CPU peaks (toy, small) instead
+    head: bool = False                             # measure the masked-only vs full output head instead
+
+    def check(self):
+        try:
+            size = tuple(int(v) for v in self.image.lower().split("x"))
+        except ValueError:
+            size = ()
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"--image={self.image!r}: give the image size as WxH, e.g. 640x480")
+        self.image_size = size
+
+
+def main(argv):
+    pc = parse_config(PlanConfig, argv, __doc__)
+    if pc.validate:
         validate()
-    elif a.head:
+    elif pc.head:
         head_bench()
     else:
-        from model import PRESETS
-        if a.preset not in PRESETS:
-            sys.exit(f"unknown preset {a.preset!r}; choose one of {', '.join(PRESETS)}")
-        try:
-            image = tuple(int(v) for v in a.image.lower().split("x"))
-            assert len(image) == 2 and min(image) > 0
-        except (ValueError, AssertionError):
-            sys.exit(f"--image={a.image!r}: give the image size as WxH, e.g. 640x480")
-        print_plan(a.preset, a.world, a.seq, a.batch, a.stage, a.parallel, a.gpu_gb, image)
+        print_plan(pc.preset, pc.world, pc.seq, pc.batch, pc.stage, pc.parallel, pc.gpu_gb, pc.image_size)
+
+
+if __name__ == "__main__":
+    run_cli(main)  # a bad option: one line, no traceback (LLADA_DEBUG=1 shows it)

@@ -38,7 +38,7 @@ from checkpoint import load_checkpoint
 from data import (SYSTEM_PROMPT, answer_text, chat_template, default_system, llada_v_messages, prompt_batch,
                   sft_example, tokenizer_image_token)
 from diffusion import MODES, choose, generate, mode_kwargs
-from distributed import autocast
+from distributed import autocast, pick_device
 from model import LLaDAV, opt, parse_config, run_cli
 from synthetic import CHOICES, DEMO_OFFSET, KINDS, SyntheticVQA, candidates, draw, make_sample, score, toy_tokenizer
 from vision import load_image, preprocess, process_image
@@ -264,11 +264,15 @@ def evaluate_choice(model, tok, samples, gen_length=16, mc_num=16, batch_size=16
             continue
         with autocast(device):
             feats = model.encode_images(preprocess(img, model.cfg.vision.image_size)[None].to(device))
+        # Every candidate ("red", "green", ... or the two named objects of a relation question) is written
+        # out as a full training canvas; they share the prompt, so only the answer part is scored.
         cands = candidates(kind, q)
         seqs = [sft_example(tok, q, c, gen_length, feats.shape[1], default_system(model.cfg.tokenizer))
                 for c in cands]
-        P = seqs[0][1].count(-100)
+        P = seqs[0][1].count(-100)  # prompt length: the positions whose label is IGNORE_INDEX
         prompt = torch.tensor(seqs[0][0][:P], device=device)
+        # choose() masks l ~ U{1..A} answer tokens per Monte-Carlo copy and sums (A / l) CE: a lower bound
+        # on log p(answer | prompt, image) per candidate; the image features are shared by every copy.
         with autocast(device):
             best, _ = choose(model, prompt, [torch.tensor(ids[P:], device=device) for ids, _ in seqs],
                              mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, mask_id=tok.mask_id,
@@ -281,7 +285,8 @@ def evaluate_choice(model, tok, samples, gen_length=16, mc_num=16, batch_size=16
 
 
 def format_modes_table(rows) -> str:
-    """The README's markdown table; speed-ups are relative to the first row (normally 'exact')."""
+    """The decoding-mode table of docs/performance.md; speed-ups are relative to the first row (normally
+    'exact'), both in wall time and in model calls (a cached call is cheaper than a full one)."""
     ref = rows[0]
     out = ["| mode | accuracy | " + " | ".join(KINDS) + " | model calls per batch (full passes) | wall time | "
            "speed-up (time / calls) |", "|---" * (len(KINDS) + 5) + "|"]
@@ -339,8 +344,10 @@ class SampleConfig:
 def main(argv):
     """python sample.py --key=value ...: every option is checked first (SampleConfig; --help lists them)."""
     sc = parse_config(SampleConfig, argv, __doc__)
-    device = torch.device(sc.device if sc.device != "auto" else
-                          "cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(sc.device)
+    # Two kinds of checkpoint share this one entry point: a folder is a Hugging Face model (the official
+    # LLaDA-V or LLaDA, its own template, sampler options and image mode); a file is our ckpt.pt, which
+    # carries its config, its tokenizer and the training options the sampler defaults come from.
     if os.path.isdir(sc.checkpoint):  # a Hugging Face directory: the official weights
         return main_pretrained(sc, device)
     try:
@@ -348,6 +355,8 @@ def main(argv):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
     model.eval()
+    # The toy was trained on a fixed answer canvas of gen_length tokens (answer, <|eot_id|>, EOS padding):
+    # sampling with the same canvas, steps and blocks reproduces what the training run's report measured.
     tc = ckpt.get("train_config", {})
     G = sc.gen_length or tc.get("gen_length", 16)  # unset sampler options: the training run's
     gen = dict(gen_length=G, steps=sc.steps or tc.get("sample_steps", G),
@@ -358,6 +367,8 @@ def main(argv):
         samples = SyntheticVQA(tok, model.cfg.vision.image_size, model.cfg.vision.n_patches, G,
                                seed=int(tc.get("seed", 0))).heldout(sc.n)
     if sc.eval_choice:
+        # Multiple choice scores each candidate answer by the likelihood bound instead of generating:
+        # no sampler is involved, so --mode and the sampler options do not apply.
         t0 = time.time()
         res = evaluate_choice(model, tok, samples, G, mc_num=sc.mc_num, cfg_scale=gen["cfg_scale"])
         kinds = " ".join(f"{k} {100 * res[k]:.1f}%" for k in CHOICES if k in res)
@@ -374,6 +385,8 @@ def main(argv):
         print(format_modes_table(rows))
         return
     gen["mode"] = sc.mode
+    # One question about one image: the user's own file, or a fresh synthetic scene from a seed range that
+    # training never draws from (synthetic.DEMO_OFFSET), whose true answer is then printed beside the model's.
     truth = None
     if sc.image:
         try:
@@ -390,6 +403,8 @@ def main(argv):
         print(f"(synthetic image, seed {seed}; save it with --image to reuse one of your own)")
     torch.manual_seed(sc.seed)
 
+    # The sampler calls callback(x, step, block) after every step with the whole canvas x (B, P + G);
+    # --show_steps prints the answer part of row 0, --gif keeps a copy of it for the animation.
     callback = None
     if sc.show_steps:
         def callback(x, step, block):

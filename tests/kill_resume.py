@@ -10,7 +10,8 @@ new step, sleeps a random 0-1.5 s (a checkpoint is written every step and takes 
 many kills land inside a save) and sends SIGKILL. After every kill the newest checkpoint must be complete and loadable. A kill
 that leaves a temporary `.tmp` file or folder behind happened during a save. At the end, the loss of
 every step (the last one logged for a step wins: a resumed run redoes the steps after its checkpoint)
-and the final weights must equal the uninterrupted run's bit for bit.
+and the final weights must equal the uninterrupted run's bit for bit, and the final resume must have
+removed every temporary file the kills left (and its own lock).
 """
 import argparse
 import os
@@ -39,8 +40,8 @@ def env():
 
 
 def has_checkpoint(out, fmt):
-    from distributed import latest_checkpoint
-    return latest_checkpoint(out) is not None if fmt == "dcp" else os.path.exists(os.path.join(out, "ckpt.pt"))
+    from distributed import dcp_checkpoints
+    return bool(dcp_checkpoints(out)) if fmt == "dcp" else os.path.exists(os.path.join(out, "ckpt.pt"))
 
 
 def leftovers(out):
@@ -57,8 +58,8 @@ def checkpoint_step(out, fmt):
     import torch
     if fmt == "pt":
         return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
-    from distributed import latest_checkpoint, read_extra
-    return read_extra(latest_checkpoint(out))["step"]
+    from distributed import dcp_checkpoints, read_extra
+    return read_extra(dcp_checkpoints(out)[0])["step"]
 
 
 def logged_steps(path):
@@ -97,6 +98,8 @@ def run(base, kills=10, steps=30, fmt="dcp", seed=0, say=print):
         say(f"kill {kills_done}: newest checkpoint step {step}" + (f", killed during a save ({len(left)} temp left)"
                                                                   if left else ""))
     subprocess.run(command(out, steps, fmt, True), check=True, env=env(), stdout=subprocess.DEVNULL)
+    # the final resume removed what the killed saves left behind (and released its lock)
+    assert not leftovers(out) and not os.path.exists(os.path.join(out, "train.lock")), leftovers(out)
     a, b = read_curve(os.path.join(ref, "log.jsonl")), read_curve(os.path.join(out, "log.jsonl"))
     assert list(a) == list(b) == list(range(1, steps + 1)), (list(a), list(b))
     diff = [s for s in a if a[s] != b[s]]

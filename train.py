@@ -363,8 +363,8 @@ def claim_out_dir(tc: TrainConfig, log) -> str:
     try:  # the first writes: an unwritable folder fails here, not at the first save hours later
         os.makedirs(real, exist_ok=True)
         lock = take_lock(real, log)
-        write_text(os.path.join(real, MARKER), json.dumps({"written_by": "LLaDA-V train.py", "pid": os.getpid(),
-                                                           "started": time.time()}))
+        if not os.path.exists(os.path.join(real, MARKER)):  # once: a resume leaves every file as it was
+            write_text(os.path.join(real, MARKER), json.dumps({"written_by": "LLaDA-V train.py", "started": time.time()}))
     except OSError as e:
         sys.exit(f"cannot write to --out_dir={out} ({type(e).__name__}: {e.strerror or e}); pick a writable folder")
     if tc.overwrite and not tc.resume and earlier:  # only now, under our lock, in a folder that is ours

@@ -154,10 +154,17 @@ def check_manifest(state, manifest: dict, source: str):
                          f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); use an intact copy")
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 16) -> bool:
+    """torch.isfinite(t).all(), 65,536 elements at a time: isfinite makes temporaries as large as
+    what it checks (abs, compare), and a loader that holds one copy of the weights must not briefly
+    hold two; 64K elements keep them at a few hundred KB."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(piece).all()) for piece in flat.split(chunk))
+
+
 def check_finite(state: dict, source: str):
     """Refuse weights holding NaN or Inf: such a model answers garbage (e.g. all NUL tokens) with exit 0."""
-    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-           and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not all_finite(v)]
     if bad:
         raise ValueError(f"{source} holds non-finite weights (NaN or Inf) in {len(bad)} tensor(s): "
                          f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the run that wrote it diverged")
@@ -489,7 +496,7 @@ def load_weights(model: nn.Module, path, names: dict, n_vision_layers: int = 0, 
                     t = t.to(device)
                     if t.is_floating_point() and dtype is not None:
                         t = t.to(dtype)
-                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    if t.is_floating_point() and not all_finite(t):
                         nonfinite.append(k)  # NaN / Inf weights: refused below, all named at once
                     _assign(model, by_official[k], t)
     if nonfinite:

@@ -23,6 +23,25 @@ torchrun with DDP or FSDP2 and resharding DCP checkpoints (distributed.py), MFU 
         --init_from=out/s1/model.safetensors --micro_batch_size=1          (one command line)
 Each step: loss = sum over micro-batches m and processes of (n_m W / B) * loss_m, averaged over the W
 processes by DDP / FSDP2, which is the loss of the global batch of B sequences.
+
+Reading order. train() is setup -> resume -> batches -> the loop; everything it calls sits above it:
+    TrainConfig, STAGES          every option, and LLaDA-V's three stage recipes
+    lr_at, make_groups, freeze   the schedule and the per-component learning rates
+    claim_out_dir                what a run may write over (below)
+    resume, save                 checkpoints: the newest intact one in, one out every ckpt_every steps
+    StepBatches                  step -> micro-batches already through the forward process q(x_t | x0)
+    Meter                        tokens/s, MFU, ETA, memory for the log lines
+The loop itself reads as the method does: forward_process -> model -> diffusion_loss -> backward ->
+clip -> AdamW step, with the bookkeeping (logging, quick evaluation, checkpoint) after it.
+
+Safety. A checkpoint can hold days of GPU time, so a run refuses what would lose work without a word:
+  - an out_dir holding another run's checkpoint (unless --resume=1 or --overwrite=1), a model train.py
+    did not write (a Hugging Face download), or its own --init_from; an empty or unwritable out_dir;
+  - a second run on the same out_dir (train.lock holds the owner's pid; a dead owner's lock is taken over);
+  - a resume with another seed, batch, schedule or data (unless --resume_changed=1).
+A resume falls back past a damaged newest checkpoint (every file carries sha256 checksums, checkpoint.py)
+to the one before it, and says so; temporary files of saves killed half-way are removed at the start.
+A NaN or Inf loss stops the run before the update, naming the step and the last good checkpoint.
 """
 import contextlib
 import json
@@ -181,7 +200,11 @@ def parse_value(key, old, val: str):
 
 
 def lr_at(step, tc: TrainConfig):
-    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps:
+        lr(s) = lr (s + 1) / warmup                                       s < warmup
+        lr(s) = min_lr + (lr - min_lr) (1 + cos(pi p)) / 2,  p = (s - warmup) / (max_steps - warmup)
+    LLaDA-V uses warmup_ratio 0.03 and min_lr 0 (STAGES); the toy recipe keeps a floor, min_lr, so the
+    late steps still move the weights."""
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
     progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
@@ -189,6 +212,7 @@ def lr_at(step, tc: TrainConfig):
 
 
 def component_scales(model, tc: TrainConfig):
+    """(module, lr multiplier) for the three parts LLaDA-V trains at different rates."""
     return ((model.llm, tc.llm_lr_scale), (model.vision, tc.vision_lr_scale), (model.projector, tc.projector_lr_scale))
 
 
@@ -208,6 +232,7 @@ def make_groups(model, tc: TrainConfig):
 
 
 def freeze(model, tc: TrainConfig):
+    """requires_grad off for every component whose lr multiplier is 0 (stage 1 freezes LLM and ViT)."""
     for part, scale in component_scales(model, tc):
         if scale == 0:
             part.requires_grad_(False)  # a zero lr freezes the component
@@ -265,6 +290,9 @@ class JsonlLog:
 # The output folder: what a run may write over. A checkpoint can hold days of GPU time, so a typo in
 # --out_dir or a forgotten --resume=1 must never replace one without a word.
 
+# Three small files make the rules below checkable: the marker says the folder is a run of ours, the
+# lock says a live process uses it, and the checkpoints themselves (run_checkpoints) say there is work
+# to lose. Deleting the marker or the lock by hand is always safe; neither holds any state of the run.
 MARKER = "train_run.json"  # "train.py wrote this folder": the folders we may write into again
 LOCK = "train.lock"        # {"pid", "host"} of the run using the folder now
 OURS = ("ckpt.pt", "ckpt.prev.pt", "model.safetensors", "config.json", "report.json", "dcp")
@@ -329,7 +357,9 @@ def take_lock(out_dir: str, log) -> str:
 
 
 def release_lock(path: str | None):
-    """Remove our lock (only ours: a lock taken over by another run stays)."""
+    """Remove our lock (only ours: a lock taken over by another run stays). Called from train()'s
+    `finally`, so a run that stops with an error (a NaN, bad data) frees the folder too; only a kill
+    leaves the lock, and the next run recognises it as stale by its dead pid."""
     try:
         with open(path) as f:
             if json.load(f).get("pid") == os.getpid():
@@ -356,6 +386,7 @@ def claim_out_dir(tc: TrainConfig, log) -> str:
     if theirs:
         sys.exit(f"--out_dir={out} holds a model train.py did not write ({theirs}); refusing to write into "
                  f"it, pick another --out_dir")
+    # the refusals above and below write nothing: a refused run leaves the folder byte-identical
     earlier = run_checkpoints(real)
     if earlier and not tc.resume and not tc.overwrite:
         sys.exit(f"--out_dir={out} holds another run's checkpoint ({', '.join(earlier)}); continue it with "
@@ -398,6 +429,9 @@ def resume(tc: TrainConfig, mc, model, opt, fmt, info, log):
     if not candidates:
         sys.exit(f"--resume=1 but {ckpt_path} does not exist (nor {tc.out_dir}/dcp/step_*); drop --resume "
                  f"or point --out_dir at a run")
+    # Why fall back rather than stop: a save killed before its fsync reached the disk, a full disk, or a
+    # bad copy between machines damages the newest file only; the one before it is intact and costs a
+    # few steps. A wrong config is another matter: it would be wrong for every candidate, so it stops.
     skipped = []
     for path in candidates:
         try:  # read (and verify) the candidate; anything wrong with it moves on to the next one
@@ -442,6 +476,7 @@ def resume(tc: TrainConfig, mc, model, opt, fmt, info, log):
 def save(tc: TrainConfig, mc, fmt, step, model, opt, tok, bad, info) -> str:
     """One checkpoint with everything a resume needs -> its path. pt: ckpt.pt (the previous one kept as
     ckpt.prev.pt), written by rank 0; DCP: a collective, every rank writes its shards."""
+    # train_config travels with every checkpoint: resume() compares it with the new command line
     if fmt == "dcp":
         save_dcp(tc.out_dir, step, model, opt, {"step": step, "config": mc.to_dict(), "train_config": asdict(tc),
                                                 "bad": dict(bad.errors) if bad else {}}, info)
@@ -474,6 +509,8 @@ class StepBatches:
     (seed, step[, micro-batch, rank]), never from the global RNG, so a resumed run redraws them exactly."""
 
     def __init__(self, tc, mc, tok, info, accum, micro, synthetic, stream, bad, trains):
+        # synthetic: SyntheticVQA (drawn per step); stream: the LLaVA DataLoader iterator, or None;
+        # bad: the BadSampleCounter of skipped records; trains: which components get gradients
         self.tc, self.mc, self.tok, self.info, self.dev = tc, mc, tok, info, info.device
         self.accum, self.micro, self.synthetic, self.stream, self.bad = accum, micro, synthetic, stream, bad
         self.needs_image = info.on and (trains["vision"] or trains["projector"])
@@ -484,6 +521,7 @@ class StepBatches:
                                exact_count=self.tc.exact_count)
 
     def __call__(self, step):
+        """-> the list of this process's micro-batches for global step `step`."""
         tc, info, dev = self.tc, self.info, self.dev
         if self.stream is None:
             # Synthetic data: the batch and masks depend only on (seed, step). Every process draws the
@@ -534,6 +572,8 @@ def check_options(tc: TrainConfig, mc, tok, info):
 
 
 def load_tokenizer(tc: TrainConfig, mc):
+    """The toy tokenizer (learnt deterministically from the synthetic data) or the official vocabulary
+    from --tokenizer; the choice is written into the model config, so the checkpoint carries it."""
     if tc.tokenizer:
         mc.tokenizer = tc.tokenizer  # recorded in the checkpoint's config, so sample.py finds it again
     try:
@@ -568,12 +608,17 @@ class Meter:
         self.tokens, self.flops = 0, 0.0
 
     def add(self, n_tok, seq, n_masked, n_img):
+        """Count one step: its tokens and its FLOPs (model.step_flops: 6 N per trained token, plus the
+        attention and the head on the masked rows only)."""
         self.tokens += n_tok
         self.flops += step_flops(self.mc, n_tok, seq, n_masked, n_img, self.trains["llm"], self.trains["vision"],
                                  self.trains["projector"])
 
     def record(self, step, loss_sum, lr) -> dict:
-        """-> the log record of this step (collective: every process calls it)."""
+        """-> the log record of this step (collective: every process calls it).
+            tok/s = tokens since the start / seconds since the start      (all processes)
+            MFU   = FLOPs since the last log / seconds / (peak x processes)
+            ETA   = steps left x seconds per step so far (this run's steps, not the resumed ones)"""
         tc, info = self.tc, self.info
         loss, tokens, flops = all_sum([loss_sum, self.tokens, self.flops], info)
         now = time.time()
@@ -587,6 +632,9 @@ class Meter:
         return rec
 
 
+# ----------------------------------------------------------------------------------------------
+# The run
+
 def nonfinite_stop(step, norm, last_ckpt):
     """A NaN / Inf loss (seen as a non-finite gradient norm, the same number on every process) stops the
     run before opt.step(): the weights and every checkpoint stay finite; training on would spread the
@@ -599,6 +647,8 @@ def nonfinite_stop(step, norm, last_ckpt):
 def train(tc: TrainConfig, mc, quiet=False):
     """One training run: setup, resume, then the loop. Returns (model, report)."""
     # --- setup: processes and device, the output folder, tokenizer, data, model, optimizer ---
+    # Under torchrun each process runs this same function; rank 0 alone checks and locks out_dir, the
+    # others wait at the barrier (if rank 0 refuses, torchrun ends them with it).
     info = setup(pick_device(tc.device))
     device = info.device
     log = (lambda *a: None) if quiet or not info.main else (lambda *a: print(*a, flush=True))
@@ -634,14 +684,19 @@ def _train(tc: TrainConfig, mc, info, log):
     fwd = wrap(model, parallel, info, bf16=device.type == "cuda")  # call fwd; `model` holds the state
     opt = torch.optim.AdamW(make_groups(model, tc), lr=tc.lr, betas=(0.9, tc.beta2), eps=1e-8,
                             fused=device.type == "cuda" and parallel != "fsdp")
+    # pt: one file, simple, fine for one process; dcp: sharded, written by every process in parallel and
+    # loadable on any other number of processes, the only option under FSDP2
     fmt = tc.ckpt_format if tc.ckpt_format != "auto" else "dcp" if (info.on or tc.data) else "pt"
     if fmt not in ("pt", "dcp") or (fmt == "pt" and parallel == "fsdp"):
         sys.exit(f"--ckpt_format={tc.ckpt_format}: use pt, dcp or auto (FSDP2 needs dcp)")
+    # --data: LLaVA records read by DataLoader workers, and the counter of records skipped as bad
     llava, bad = open_llava(tc, mc, tok, info, micro) if tc.data else (None, None)
     if tc.warmup_ratio > 0:
         tc.warmup_steps = max(1, round(tc.warmup_ratio * tc.max_steps))
 
     # --- resume: the newest intact checkpoint of this run ---
+    # weights, AdamW moments and the step; the data order and the masks are functions of (seed, step), so
+    # nothing else needs saving for the run to continue bit for bit (tests/kill_resume.py checks it)
     step, bad_prev, last_ckpt = 0, {}, None
     if tc.resume:
         step, bad_prev, path = resume(tc, mc, model, opt, fmt, info, log)
@@ -655,6 +710,8 @@ def _train(tc: TrainConfig, mc, info, log):
             f"{info.world} x {accum} accumulation | checkpoints: {fmt} | activation checkpointing {tc.checkpointing}")
 
     # --- batches, evaluation and logging ---
+    # heldout: questions never drawn for training (synthetic.py keeps the two seed ranges apart); the
+    # quick checks and the final report sample them with the same settings as sample.py
     heldout = synthetic.heldout(max(tc.eval_quick, tc.eval_final)) if not tc.data else []
     gen = dict(gen_length=tc.gen_length, steps=tc.sample_steps, block_length=tc.block_length)
     trains = {k: any(p.requires_grad for p in getattr(model, k).parameters()) for k in ("llm", "vision", "projector")}
@@ -669,12 +726,15 @@ def _train(tc: TrainConfig, mc, info, log):
     # --- the loop: x0 -> forward_process -> model -> loss -> backward, then one optimizer step ---
     model.train()
     while step < tc.max_steps:
+        # the schedule is a pure function of the step, so a resumed run picks it up where it was
         lr = lr_at(step, tc)
         for g in opt.param_groups:
-            g["lr"] = lr * g["lr_scale"]
+            g["lr"] = lr * g["lr_scale"]  # per component: LLM x1, ViT and projector x their scales
         opt.zero_grad(set_to_none=True)
         logging = (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps
         step_loss, n_tok, n_masked, n_img, seq = 0.0, 0, 0, 0, 0
+        # ids, labels, attn: (b, L); pixels: (n_images, 3, S, S) or None; xt: (b, L) with answer tokens
+        # masked; masked: (b, L) bool; p_mask: (b,) each row's masking probability; n_samples: rows kept
         for a, (ids, labels, attn, pixels, xt, masked, p_mask, n_samples) in enumerate(batches(step)):
             # gradients are averaged over processes once per step, after the last micro-batch
             sync = a == accum - 1
@@ -695,12 +755,15 @@ def _train(tc: TrainConfig, mc, info, log):
             n_masked += int(masked.sum())
             n_img += 0 if pixels is None else pixels.shape[0]
             seq = max(seq, ids.shape[1])
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)  # the whole gradient's norm
+        # clip ||g|| to grad_clip. The norm is of the whole gradient (all processes, all shards: the same
+        # number everywhere), so the finiteness check below stops every process at the same step.
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         if not math.isfinite(float(norm)):  # NaN / Inf loss: stop before it reaches the weights
             nonfinite_stop(step + 1, float(norm), last_ckpt)
-        opt.step()
+        opt.step()  # AdamW: bias-corrected moments, decoupled weight decay (0 in LLaDA-V)
         step += 1
         meter.add(n_tok, seq, n_masked, n_img)
+        # --- bookkeeping, after the step: log line (and JSON line), quick held-out check, checkpoint ---
         if logging:
             rec = meter.record(step, step_loss, lr)
             log(f"step {step:5d}/{tc.max_steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | {rec['tok_per_s']:,.0f} tok/s"
@@ -714,10 +777,12 @@ def _train(tc: TrainConfig, mc, info, log):
                     log(f"  skipped {n_bad:.0f} of {n_seen:.0f} samples so far (this process: {bad.summary()})")
         if tc.eval_every and tc.eval_quick and step % tc.eval_every == 0 and step < tc.max_steps and can_eval and info.main:
             log(f"  held-out ({tc.eval_quick}): " + format_eval(evaluate(model, tok, heldout[:tc.eval_quick], **gen)))
-        if step % tc.ckpt_every == 0 or step == tc.max_steps:
+        if step % tc.ckpt_every == 0 or step == tc.max_steps:  # a resume restarts from the newest of these
             last_ckpt = (save(tc, mc, fmt, step, model, opt, tok, bad, info), step)
 
     # --- the end: export, loss curve, held-out report ---
+    # model.safetensors + config.json (+ a weights-only ckpt.pt for a DCP run) is what sample.py, bench and
+    # the next stage's --init_from read; report.json is written last, so its presence means "finished".
     train_time = time.time() - meter.t_start
     log(f"trained {step - meter.first} steps in {train_time:.0f}s; checkpoint "
         f"{os.path.join(tc.out_dir, 'ckpt.pt') if fmt == 'pt' else os.path.join(tc.out_dir, 'dcp')}")

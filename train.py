@@ -401,7 +401,10 @@ def claim_out_dir(tc: TrainConfig, log) -> str:
     if tc.overwrite and not tc.resume and earlier:  # only now, under our lock, in a folder that is ours
         for f in OURS:
             p = os.path.join(real, f)
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
         log(f"--overwrite=1: removed the earlier run's {', '.join(earlier)} in {out}")
     for p in remove_stale_temporaries(real):
         log(f"removed {p}, left by a save that was killed half-way")
@@ -650,7 +653,6 @@ def train(tc: TrainConfig, mc, quiet=False):
     # Under torchrun each process runs this same function; rank 0 alone checks and locks out_dir, the
     # others wait at the barrier (if rank 0 refuses, torchrun ends them with it).
     info = setup(pick_device(tc.device))
-    device = info.device
     log = (lambda *a: None) if quiet or not info.main else (lambda *a: print(*a, flush=True))
     lock = claim_out_dir(tc, log) if info.main else None
     barrier()  # the other processes start once rank 0 has claimed the folder

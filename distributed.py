@@ -261,18 +261,20 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(out_dir: str) -> list:
-    """Delete what saves killed half-way leave behind: `<file>.tmp.<pid>` files whose process is dead
-    (an 8B ckpt.pt.tmp is ~135 GB) and unfinished DCP folders `dcp/step_*.tmp` (called under the run's
-    lock, so no live run is writing them). -> the paths removed."""
+def remove_stale_temporaries(out_dir: str, owned=()) -> list:
+    """Delete what saves killed half-way leave behind (an 8B ckpt.pt.tmp is ~135 GB): unfinished DCP
+    folders `dcp/step_*.tmp`, and `<file>.tmp.<pid>` files. Called under the run's lock, so no live run
+    writes the `owned` files (the run's checkpoints): their temporaries go whatever their pid (a dead
+    run's pid may already belong to an unrelated process); any other file's only if its pid is dead.
+    -> the paths removed."""
     gone = []
     for d in (out_dir, os.path.join(out_dir, "dcp")):
         if not os.path.isdir(d):
             continue
         for name in sorted(os.listdir(d)):
             p = os.path.join(d, name)
-            m = re.search(r"\.tmp\.(\d+)$", name)
-            if m and int(m[1]) != os.getpid() and not pid_alive(int(m[1])) and not os.path.isdir(p):
+            m = re.fullmatch(r"(.+)\.tmp\.(\d+)", name)
+            if m and not os.path.isdir(p) and (m[1] in owned or int(m[2]) != os.getpid() and not pid_alive(int(m[2]))):
                 os.remove(p)
                 gone.append(p)
             elif d.endswith("dcp") and re.fullmatch(r"step_\d+\.tmp", name) and os.path.isdir(p):

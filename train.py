@@ -406,7 +406,7 @@ def claim_out_dir(tc: TrainConfig, log) -> str:
             elif os.path.exists(p):
                 os.remove(p)
         log(f"--overwrite=1: removed the earlier run's {', '.join(earlier)} in {out}")
-    for p in remove_stale_temporaries(real):
+    for p in remove_stale_temporaries(real, owned=OURS + (MARKER, "latest")):
         log(f"removed {p}, left by a save that was killed half-way")
     return lock
 

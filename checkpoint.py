@@ -181,8 +181,10 @@ def save_checkpoint(path, state: dict, keep_prev: bool = False):
     def w(tmp):
         with open(tmp, "wb") as f:
             torch.save(state, f)
-        if keep_prev and os.path.exists(path):
-            prev, link = prev_path(path), f"{prev_path(path)}.tmp.{os.getpid()}"
+        prev, link = prev_path(path), f"{prev_path(path)}.tmp.{os.getpid()}"
+        # a kill just after the last rotation leaves prev and path one file (two names, one inode): then
+        # it is already in place, and a rename between two names of one file would do nothing at all
+        if keep_prev and os.path.exists(path) and not (os.path.exists(prev) and os.path.samefile(path, prev)):
             try:
                 os.link(path, link)          # a second name for the current file (no copy) ...
                 os.replace(link, prev)       # ... atomically becomes the previous checkpoint

@@ -251,7 +251,21 @@ def verify_dcp(folder: str, info: DistInfo) -> str | None:
     return f"{len(bad)} file(s) fail their sha256 checksum ({', '.join(bad[:3])})" if bad else None
 
 
-def pid_alive(pid: int) -> bool:
+def process_start(pid: int):
+    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22) or None off Linux.
+    With the pid it names one process for good: a dead run's pid, reused by another process, no
+    longer matches."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, start=None) -> bool:
+    """Is process `pid` running (and, given its start time, still the same process)?"""
+    if start is not None and process_start(pid) not in (None, start):
+        return False
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:

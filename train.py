@@ -59,7 +59,8 @@ from checkpoint import load_state, load_state_file, prev_path, save_checkpoint, 
 from data import default_system
 from diffusion import diffusion_loss, forward_process
 from distributed import (all_sum, autocast, barrier, dcp_checkpoints, export, load_dcp, pick_device, pid_alive,
-                         read_extra, remove_stale_temporaries, resolve_parallel, save_dcp, setup, verify_dcp, wrap)
+                         process_start, read_extra, remove_stale_temporaries, resolve_parallel, save_dcp, setup,
+                         verify_dcp, wrap)
 from model import LLaDAV, count_params, device_peak, get_config, step_flops
 from sample import evaluate, format_eval
 from synthetic import SyntheticVQA, toy_tokenizer
@@ -294,7 +295,7 @@ class JsonlLog:
 # lock says a live process uses it, and the checkpoints themselves (run_checkpoints) say there is work
 # to lose. Deleting the marker or the lock by hand is always safe; neither holds any state of the run.
 MARKER = "train_run.json"  # "train.py wrote this folder": the folders we may write into again
-LOCK = "train.lock"        # {"pid", "host"} of the run using the folder now
+LOCK = "train.lock"        # {"pid", "host", "start"} of the run using the folder now
 OURS = ("ckpt.pt", "ckpt.prev.pt", "model.safetensors", "config.json", "report.json", "dcp")
 
 
@@ -330,7 +331,8 @@ def take_lock(out_dir: str, log) -> str:
     pid is dead (a run killed with -9 cannot remove it) is said and taken over. The lock is written
     aside and hard-linked into place: creating a link fails if the name exists, so of two runs racing
     for the folder exactly one wins, and nobody ever reads a half-written lock."""
-    path, me = os.path.join(out_dir, LOCK), {"pid": os.getpid(), "host": socket.gethostname()}
+    path = os.path.join(out_dir, LOCK)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid())}
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(me, f)
@@ -346,7 +348,8 @@ def take_lock(out_dir: str, log) -> str:
                 except (OSError, ValueError):
                     owner = {}
                 pid, host = owner.get("pid"), owner.get("host")
-                if not (isinstance(pid, int) and host == me["host"] and (pid == me["pid"] or not pid_alive(pid))):
+                dead = isinstance(pid, int) and (pid == me["pid"] or not pid_alive(pid, owner.get("start")))
+                if not (dead and host == me["host"]):
                     sys.exit(f"--out_dir={out_dir} is in use by another run (pid {pid} on {host}; lock {path}); "
                              f"wait for it to end or pick another --out_dir (if that run is gone, delete the lock)")
                 log(f"{path}: stale lock of pid {pid}, which is no longer running: taken over")

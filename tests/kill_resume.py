@@ -83,11 +83,14 @@ def run(base, kills=10, steps=30, fmt="dcp", seed=0, say=print):
             resumed_at.append(checkpoint_step(out, fmt))
         log = os.path.join(out, "log.jsonl")
         n0 = logged_steps(log)
-        p = subprocess.Popen(command(out, steps, fmt, resume), env=env(), stdout=subprocess.DEVNULL)
+        err = open(os.path.join(base, "stderr.txt"), "w+")
+        p = subprocess.Popen(command(out, steps, fmt, resume), env=env(), stdout=subprocess.DEVNULL, stderr=err)
         while logged_steps(log) == n0 and p.poll() is None:  # wait for a step of this process
             time.sleep(0.01)
-        if p.poll() is not None:
-            break  # it finished before we could kill it: raise --steps
+        if p.poll() is not None:  # it finished before we could kill it (raise --steps), or it failed
+            err.seek(0)
+            assert p.returncode == 0, f"round {kills_done + 1} failed: {err.read()[-2000:]}"
+            break
         time.sleep(rng.uniform(0, 1.5))
         p.send_signal(signal.SIGKILL)
         p.wait()

@@ -381,3 +381,15 @@ def test_worker_exits_when_its_launcher_is_killed(tmp_path):
     if not gone:
         os.kill(child, signal.SIGKILL)
     assert gone, "the worker outlived its launcher"
+
+
+def test_prev_rotation_after_a_kill_between_its_renames(tmp_path):
+    """A kill right after ckpt.pt was linked to ckpt.prev.pt leaves both names on one file; the next save
+    must still end with the new ckpt.pt, the old one as ckpt.prev.pt, and no stray link."""
+    p = tmp_path / "ckpt.pt"
+    save_checkpoint(p, {"step": 1})
+    os.link(p, tmp_path / "ckpt.prev.pt")  # the state such a kill leaves
+    for step in (2, 3):
+        save_checkpoint(p, {"step": step}, keep_prev=True)
+        assert load_state_file(p)["step"] == step and load_state_file(tmp_path / "ckpt.prev.pt")["step"] == step - 1
+        assert sorted(os.listdir(tmp_path)) == ["ckpt.prev.pt", "ckpt.pt"]

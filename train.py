@@ -677,6 +677,8 @@ def _train(tc: TrainConfig, mc, info, log):
                                  kind_weights=tc.kind_weights, kind_weights_from=tc.kind_weights_from)
     except ValueError as e:
         sys.exit(f"--kind_weights: {e}")
+    # built in fp32 on the CPU, moved once: init_weights draws from the global RNG seeded above, so the same
+    # seed gives the same initial weights on every machine and process count (DDP / FSDP2 start equal)
     model = LLaDAV(mc)
     model.init_weights()
     if tc.init_from:

@@ -199,14 +199,6 @@ def prev_path(path) -> str:
     return f"{root}.prev{ext}"
 
 
-def file_sha256(path, chunk=1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_safetensors(path, tensors: dict):
     """Atomic safetensors write whose header metadata carries {key: sha256} of every tensor (the manifest)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -12,7 +12,14 @@ file or the new one, never a torn one; every file this project writes goes throu
 Our checkpoints (train.py's out/ckpt.pt): torch.save of plain containers of tensors, numbers and strings
 (config, train_config, model, optimizer, step, the toy tokenizer's ranks), read back with
 torch.load(weights_only=True): a file that carries anything else (a pickled object) is refused, so
-nothing runs from a file we load.
+nothing runs from a file we load. train.py keeps the one before the newest as ckpt.prev.pt, so a damaged
+newest file can fall back to it.
+
+Integrity: every file we write carries a manifest, sha256 of each tensor's bytes, inside the file itself
+(ckpt.pt's "manifest" entry; the metadata of a safetensors header; a manifest.json written into a DCP
+folder before it is renamed into place). Being part of the same atomic write, data and checksums cannot
+disagree after a crash; they disagree only when bytes were damaged on disk or in a copy, and loading
+then stops with one line. Model weights holding NaN or Inf are refused on load too (ours and official).
 
 A Hugging Face directory holds config.json and either one model.safetensors or shards
 model-0000k-of-0000n.safetensors with model.safetensors.index.json = {"weight_map": {key: shard file}}.
@@ -47,6 +54,7 @@ is read shard by shard and assigned in place of its meta parameter, converted to
 device on the way. On the CPU, with no dtype change, the tensor stays a copy-on-write view of the
 memory-mapped file, so peak memory is the checkpoint's size (see --selftest_memory=1).
 """
+import hashlib
 import json
 import os
 import re
@@ -112,17 +120,97 @@ def write_text(path, text: str):
 # ----------------------------------------------------------------------------------------------
 # This project's checkpoints (train.py's ckpt.pt)
 
-def save_checkpoint(path, state: dict):
-    """Atomic torch.save of `state` (plain containers of tensors, numbers and strings only)."""
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (any dtype, bf16 included: viewed as uint8, nothing converted)."""
+    t = t.detach().contiguous().cpu().reshape(-1)
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+
+
+def _tensors(obj, prefix=""):
+    """Every tensor in nested dicts / lists, as (dotted path, tensor): what a manifest covers."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def tensor_manifest(state) -> dict:
+    """{path: sha256} of every tensor in `state`. Stored inside the file it describes (a "manifest"
+    entry of ckpt.pt, the metadata of a safetensors header), so the data and its checksums are written
+    by the same atomic rename and can never disagree because of a crash; only damage makes them differ."""
+    return {k: tensor_sha256(v) for k, v in _tensors(state)}
+
+
+def check_manifest(state, manifest: dict, source: str):
+    """Recompute every tensor's sha256 and compare with `manifest`: a flipped bit, a bad copy or a
+    half-written download is refused here instead of silently lowering accuracy."""
+    got = tensor_manifest(state)
+    bad = sorted(k for k in set(got) | set(manifest) if got.get(k) != manifest.get(k))
+    if bad:
+        raise ValueError(f"{source} is corrupt: {len(bad)} tensor(s) fail their sha256 checksum "
+                         f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); use an intact copy")
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 16) -> bool:
+    """torch.isfinite(t).all(), 65,536 elements at a time: isfinite makes temporaries as large as
+    what it checks (abs, compare), and a loader that holds one copy of the weights must not briefly
+    hold two; 64K elements keep them at a few hundred KB."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(piece).all()) for piece in flat.split(chunk))
+
+
+def check_finite(state: dict, source: str):
+    """Refuse weights holding NaN or Inf: such a model answers garbage (e.g. all NUL tokens) with exit 0."""
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not all_finite(v)]
+    if bad:
+        raise ValueError(f"{source} holds non-finite weights (NaN or Inf) in {len(bad)} tensor(s): "
+                         f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the run that wrote it diverged")
+
+
+def save_checkpoint(path, state: dict, keep_prev: bool = False):
+    """Atomic torch.save of `state` (plain containers of tensors, numbers and strings only), with a
+    "manifest" entry {tensor path: sha256} that load_state_file verifies.
+    keep_prev: the file being replaced stays as <name>.prev.pt, a fallback should the new one later turn
+    out damaged. It is hard-linked there before the rename, so `path` exists at every moment of a save."""
+    state = {k: v for k, v in state.items() if k != "manifest"}
+    state["manifest"] = tensor_manifest(state)
+
     def w(tmp):
         with open(tmp, "wb") as f:
             torch.save(state, f)
+        prev, link = prev_path(path), f"{prev_path(path)}.tmp.{os.getpid()}"
+        # a kill just after the last rotation leaves prev and path one file (two names, one inode): then
+        # it is already in place, and a rename between two names of one file would do nothing at all
+        if keep_prev and os.path.exists(path) and not (os.path.exists(prev) and os.path.samefile(path, prev)):
+            try:
+                os.link(path, link)          # a second name for the current file (no copy) ...
+                os.replace(link, prev)       # ... atomically becomes the previous checkpoint
+            except OSError:                  # no hard links here (e.g. FAT): rename; a resume in the
+                os.replace(path, prev)       # moment until the new file lands falls back to prev
     atomic_write(path, w)
+
+
+def prev_path(path) -> str:
+    """out/ckpt.pt -> out/ckpt.prev.pt: the checkpoint before the newest one."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.prev{ext}"
+
+
+def save_safetensors(path, tensors: dict):
+    """Atomic safetensors write whose header metadata carries {key: sha256} of every tensor (the manifest)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"format": "pt", "sha256": json.dumps(tensor_manifest(tensors))}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_state_file(path, device="cpu") -> dict:
     """A ckpt.pt (torch.load with weights_only=True: no pickled objects, nothing runs) or a
-    .safetensors file -> its dict. One-line errors for what is not such a file."""
+    .safetensors file -> its dict. One-line errors for what is not such a file, for a file whose
+    tensors fail the checksums stored with them, and for non-finite model weights."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `python train.py` "
@@ -130,9 +218,15 @@ def load_state_file(path, device="cpu") -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
-            return load_file(path, device=str(device))
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(path, device=str(device))
         except Exception as e:
             raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        if "sha256" in meta:  # written by this project; official files carry no manifest
+            check_manifest(state, json.loads(meta["sha256"]), path)
+        check_finite(state, path)
+        return state
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -141,6 +235,10 @@ def load_state_file(path, device="cpu") -> dict:
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a checkpoint written by train.py (it holds a {type(ckpt).__name__})")
+    if isinstance(ckpt.get("manifest"), dict):  # checkpoints from before manifests load unverified
+        check_manifest({k: v for k, v in ckpt.items() if k != "manifest"}, ckpt["manifest"], path)
+    if isinstance(ckpt.get("model"), dict):
+        check_finite(ckpt["model"], path)
     return ckpt
 
 
@@ -410,6 +508,7 @@ def load_weights(model: nn.Module, path, names: dict, n_vision_layers: int = 0, 
         raise ValueError(f"{os.fspath(path)} does not match the model built from its config.json: "
                          f"{len(missing)} missing {missing}, {len(unexpected)} unexpected {unexpected}, "
                          f"{len(bad)} mis-shaped {bad}")
+    nonfinite = []
     for file in sorted(set(index.values())):  # shard by shard
         with safe_open(file, framework="pt") as f:
             for k in f.keys():
@@ -419,7 +518,12 @@ def load_weights(model: nn.Module, path, names: dict, n_vision_layers: int = 0, 
                     t = t.to(device)
                     if t.is_floating_point() and dtype is not None:
                         t = t.to(dtype)
+                    if t.is_floating_point() and not all_finite(t):
+                        nonfinite.append(k)  # NaN / Inf weights: refused below, all named at once
                     _assign(model, by_official[k], t)
+    if nonfinite:
+        raise ValueError(f"{os.fspath(path)} holds non-finite weights (NaN or Inf) in {len(nonfinite)} tensor(s): "
+                         f"{', '.join(nonfinite[:3])}{' ...' if len(nonfinite) > 3 else ''}; download it again")
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"parameters/buffers not filled by the checkpoint: {left}")

@@ -224,20 +224,48 @@ def move_image_first(text: str) -> str:
 
 
 def load_records(path: str) -> list:
-    """A .json list or a .jsonl file of records."""
+    """A .json list or a .jsonl file of records (UTF-8, as JSON must be)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path} does not exist; pass --data=<path to a LLaVA-format .json>")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             recs = [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); expect a list of LLaVA records") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     if not isinstance(recs, list):
         raise ValueError(f"{path} holds a {type(recs).__name__}; expect a list of LLaVA records")
     return recs
 
 
 TRUNCATIONS = ("official", "whole_images")
+
+
+def record_problem(r, fmt: str = "conv") -> str | None:
+    """The one validation every LLaVA record goes through -> None, or the reason it is skipped (the bad-
+    sample counter counts them by this reason). A record is an object with a non-empty "conversations"
+    list of {"from": human | gpt | user | assistant | system, "value": string} turns, at least one
+    non-empty answer, and an optional "image": one path or a list of paths (strings)."""
+    if not isinstance(r, dict):
+        return "record is not an object"
+    conv = r.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        return "malformed record"  # no conversations, or not a list of turns
+    if any(isinstance(m, dict) and m.get("from") == "system" for m in conv):
+        return "system turn in the data"  # the system prompt is ours to add (preprocess_llada refuses one)
+    if not all(isinstance(m, dict) and isinstance(m.get("value"), str) and m.get("from") in ROLES for m in conv):
+        return "malformed turn"    # a turn that is not {"from": <known role>, "value": <string>}
+    im = r.get("image")
+    if im is not None and not (isinstance(im, str) and im or isinstance(im, list) and im
+                               and all(isinstance(f, str) and f for f in im)):
+        return "bad image field"   # "image": 5, [5], [null], "", [] ...: not paths
+    answers = [m["value"] for m in conv if ROLES[m["from"]] == "assistant"]
+    if not answers or not all(a.strip() for a in answers):
+        return "empty answer"
+    if im is not None and fmt == "conv" and not any(ROLES[m["from"]] == "user" for m in conv):
+        return "image without a user turn"  # nowhere to put the image tokens
+    return None
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -284,13 +312,10 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def _item(self, i):
         r = self.records[i]
-        conv = r.get("conversations") if isinstance(r, dict) else None
-        if not isinstance(conv, list) or not conv or not all(
-                isinstance(m, dict) and isinstance(m.get("value"), str) and (m.get("from") in ROLES or m.get("from") == "system")
-                for m in conv):
-            raise _BadSample("malformed record")
-        if any(m["from"] == "system" for m in conv):
-            raise _BadSample("system turn in the data")  # the system prompt is ours to add (preprocess_llada)
+        problem = record_problem(r, self.fmt)
+        if problem:
+            raise _BadSample(problem)
+        conv = r["conversations"]
         files = _image_list(r)
         if self.fmt == "conv":
             if ROLES[conv[0]["from"]] == "assistant":

@@ -19,15 +19,24 @@ batch follows the same trajectory (test_distributed.py checks it to 1e-5).
          gradients and AdamW state falls as 1/W (tools/plan.py prints the budget). With MixedPrecisionPolicy the
          gathered copies are bf16 and gradients are reduced in fp32; the sharded masters stay fp32.
 
-Checkpoints (DCP): every rank writes its shards into <out_dir>/dcp/step_NNNNNN.tmp; then rank 0 fsyncs,
-renames the folder to step_NNNNNN (an atomic rename) and atomically rewrites <out_dir>/dcp/latest. A
-SIGKILL at any moment leaves `latest` pointing at a complete checkpoint. DCP stores tensors by their
-full names and shapes, so a checkpoint written by W processes loads on any other number (resharding).
+Checkpoints (DCP): every rank writes its shards into <out_dir>/dcp/step_NNNNNN.tmp, hashes its own files
+into the folder's manifest.json (sha256 per file); then rank 0 fsyncs, renames the folder to step_NNNNNN
+(an atomic rename) and atomically rewrites <out_dir>/dcp/latest. A SIGKILL at any moment leaves `latest`
+pointing at a complete checkpoint; the two newest are kept, so a resume whose newest fails its checksums
+falls back to the one before. DCP stores tensors by their full names and shapes, so a checkpoint written
+by W processes loads on any other number (resharding).
+
+Workers and their launcher: under torchrun each worker asks Linux to be sent SIGTERM when its parent
+dies (prctl PR_SET_PDEATHSIG, in setup), so a kill -9 of torchrun does not leave orphans training.
 """
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -76,6 +85,7 @@ def setup(device: torch.device) -> DistInfo:
     NCCL on CUDA, gloo on the CPU; each process takes GPU LOCAL_RANK."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return DistInfo(device=device)
+    exit_with_parent()  # a worker must not outlive torchrun (a kill -9 of it would leave us training)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -83,6 +93,25 @@ def setup(device: torch.device) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, local_rank, world, device)
+
+
+def exit_with_parent(sig=signal.SIGTERM):
+    """Ask Linux to send us `sig` when the process that started us (torchrun's agent) dies, however it
+    dies: a kill -9 of torchrun cannot run its own clean-up, and its workers would otherwise go on
+    training and writing checkpoints, unseen. prctl(PR_SET_PDEATHSIG) only covers deaths from now on,
+    so a parent that died before this call is caught by the second check: we were re-parented (to init
+    or a sub-reaper) and our parent pid is no longer torchrun's. Elsewhere than Linux: nothing to do."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent == 1 or os.getppid() != parent:  # orphaned already (adopted by init), or since the first look
+        raise SystemExit(f"the launcher (pid {parent}) is gone; this worker exits instead of training alone")
 
 
 def teardown():
@@ -160,6 +189,114 @@ def latest_checkpoint(out_dir: str):
     return path if os.path.exists(os.path.join(path, ".metadata")) else None
 
 
+def dcp_checkpoints(out_dir: str) -> list:
+    """-> every complete DCP checkpoint folder (renamed into place, with DCP's .metadata), newest first:
+    the candidates a resume tries in turn when the newest turns out damaged."""
+    root = os.path.join(out_dir, "dcp")
+    if not os.path.isdir(root):
+        return []
+    names = sorted((d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)), reverse=True)
+    return [os.path.join(root, d) for d in names if os.path.exists(os.path.join(root, d, ".metadata"))]
+
+
+def _sha256(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gather(obj, info: DistInfo) -> list:
+    """One Python object from every rank -> the list of them, on every rank."""
+    if not info.on:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def write_dcp_manifest(folder: str, info: DistInfo):
+    """manifest.json = {file: sha256} for every file of a DCP checkpoint. Each rank hashes its own shard
+    files (DCP names them __<rank>_<n>.distcp), so an 8B save's ~100 GB are hashed W ways in parallel;
+    rank 0 hashes the rest and writes the manifest into the folder before it is renamed into place."""
+    files = sorted(os.listdir(folder))
+    mine = [f for f in files if f.startswith(f"__{info.rank}_")]
+    if info.main:
+        mine += [f for f in files if not re.match(r"__\d+_", f)]
+    sums = {}
+    for part in _gather({f: _sha256(os.path.join(folder, f)) for f in mine}, info):
+        sums.update(part)
+    if info.main:
+        with open(os.path.join(folder, "manifest.json"), "w") as fh:
+            json.dump(sums, fh, indent=0)
+
+
+def verify_dcp(folder: str, info: DistInfo) -> str | None:
+    """-> None if every file of the DCP checkpoint matches its manifest.json (or it has none: written
+    before manifests), else what is wrong. The ranks share the hashing; every rank gets the same answer."""
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            sums = json.load(fh)
+        assert isinstance(sums, dict)
+    except (OSError, ValueError, AssertionError):
+        return "its manifest.json is unreadable"
+    names = sorted(sums)[info.rank::info.world]
+    bad = [f for f in names if not os.path.exists(os.path.join(folder, f))
+           or _sha256(os.path.join(folder, f)) != sums[f]]
+    bad = sorted(f for part in _gather(bad, info) for f in part)
+    return f"{len(bad)} file(s) fail their sha256 checksum ({', '.join(bad[:3])})" if bad else None
+
+
+def process_start(pid: int):
+    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22) or None off Linux.
+    With the pid it names one process for good: a dead run's pid, reused by another process, no
+    longer matches."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, start=None) -> bool:
+    """Is process `pid` running (and, given its start time, still the same process)?"""
+    if start is not None and process_start(pid) not in (None, start):
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True      # it exists, under another user
+    return True
+
+
+def remove_stale_temporaries(out_dir: str, owned=()) -> list:
+    """Delete what saves killed half-way leave behind (an 8B ckpt.pt.tmp is ~135 GB): unfinished DCP
+    folders `dcp/step_*.tmp`, and `<file>.tmp.<pid>` files. Called under the run's lock, so no live run
+    writes the `owned` files (the run's checkpoints): their temporaries go whatever their pid (a dead
+    run's pid may already belong to an unrelated process); any other file's only if its pid is dead.
+    -> the paths removed."""
+    gone = []
+    for d in (out_dir, os.path.join(out_dir, "dcp")):
+        if not os.path.isdir(d):
+            continue
+        for name in sorted(os.listdir(d)):
+            p = os.path.join(d, name)
+            m = re.fullmatch(r"(.+)\.tmp\.(\d+)", name)
+            if m and not os.path.isdir(p) and (m[1] in owned or int(m[2]) != os.getpid() and not pid_alive(int(m[2]))):
+                os.remove(p)
+                gone.append(p)
+            elif d.endswith("dcp") and re.fullmatch(r"step_\d+\.tmp", name) and os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
 def _fsync_tree(path: str):
     for name in os.listdir(path):
         fd = os.open(os.path.join(path, name), os.O_RDONLY)
@@ -198,6 +335,7 @@ def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, k
     # `extra` (step, config, counters) travels as one JSON string: DCP flattens nested dicts into keys
     with _one_process_ok():
         dcp.save({"model": msd, "optim": osd, "extra": json.dumps(extra)}, checkpoint_id=tmp)  # collective
+    write_dcp_manifest(tmp, info)        # checksums of every file, inside the folder
     if info.main:
         _fsync_tree(tmp)
         final = os.path.join(root, name)
@@ -242,13 +380,10 @@ def export(model, out_dir: str, config: dict, info: DistInfo, write_pt: bool = T
     """Final export: model.safetensors (full weights) + config.json, and (write_pt) a weights-only
     ckpt.pt, the file sample.py loads (a pt-format run has written its own, with optimizer state).
     extra: more entries for that ckpt.pt (the toy tokenizer, the training config)."""
-    from safetensors.torch import save_file
-
-    from checkpoint import atomic_write, save_checkpoint
+    from checkpoint import save_checkpoint, save_safetensors
     sd = full_state_dict(model)
     if info.main:
-        atomic_write(os.path.join(out_dir, "model.safetensors"),
-                     lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp))
+        save_safetensors(os.path.join(out_dir, "model.safetensors"), sd)  # with its per-tensor sha256 manifest
         write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1))
         if write_pt:
             save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {"config": config, "model": sd, **(extra or {})})

@@ -413,6 +413,10 @@ def main(argv):
             print(f"step {step + 1:3d} (block {block}): {shown}")
     frames = []
     if sc.gif:
+        # the animation may replace an earlier GIF, never anything else (a checkpoint, an image, a report)
+        gif = sc.gif
+        if os.path.isdir(gif) or os.path.exists(gif) and open(gif, "rb").read(6) not in (b"GIF87a", b"GIF89a"):
+            sys.exit(f"--gif={gif} exists and is not a GIF; refusing to replace it, pick another file name")
         show = callback
 
         def callback(x, step, block):  # keep every canvas for the animation

@@ -23,21 +23,44 @@ torchrun with DDP or FSDP2 and resharding DCP checkpoints (distributed.py), MFU 
         --init_from=out/s1/model.safetensors --micro_batch_size=1          (one command line)
 Each step: loss = sum over micro-batches m and processes of (n_m W / B) * loss_m, averaged over the W
 processes by DDP / FSDP2, which is the loss of the global batch of B sequences.
+
+Reading order. train() is setup -> resume -> batches -> the loop; everything it calls sits above it:
+    TrainConfig, STAGES          every option, and LLaDA-V's three stage recipes
+    lr_at, make_groups, freeze   the schedule and the per-component learning rates
+    claim_out_dir                what a run may write over (below)
+    resume, save                 checkpoints: the newest intact one in, one out every ckpt_every steps
+    StepBatches                  step -> micro-batches already through the forward process q(x_t | x0)
+    Meter                        tokens/s, MFU, ETA, memory for the log lines
+The loop itself reads as the method does: forward_process -> model -> diffusion_loss -> backward ->
+clip -> AdamW step, with the bookkeeping (logging, quick evaluation, checkpoint) after it.
+
+Safety. A checkpoint can hold days of GPU time, so a run refuses what would lose work without a word:
+  - an out_dir holding another run's checkpoint (unless --resume=1 or --overwrite=1), a model train.py
+    did not write (a Hugging Face download), or its own --init_from; an empty or unwritable out_dir;
+  - a second run on the same out_dir (train.lock holds the owner's pid; a dead owner's lock is taken over);
+  - a resume with another seed, batch, schedule or data (unless --resume_changed=1).
+A resume falls back past a damaged newest checkpoint (every file carries sha256 checksums, checkpoint.py)
+to the one before it, and says so; temporary files of saves killed half-way are removed at the start.
+A NaN or Inf loss stops the run before the update, naming the step and the last good checkpoint.
 """
 import contextlib
 import json
 import math
 import os
+import shutil
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from checkpoint import load_state, load_state_file, save_checkpoint, write_text
+from checkpoint import load_state, load_state_file, prev_path, save_checkpoint, write_text
 from data import default_system
 from diffusion import diffusion_loss, forward_process
-from distributed import autocast, pick_device
+from distributed import (all_sum, autocast, barrier, dcp_checkpoints, export, load_dcp, pick_device, pid_alive,
+                         process_start, read_extra, remove_stale_temporaries, resolve_parallel, save_dcp, setup,
+                         verify_dcp, wrap)
 from model import PRESETS, LLaDAV, count_params, device_peak, model_config, opt, parse_config, run_cli, step_flops
 from sample import evaluate, format_eval
 from synthetic import SyntheticVQA, parse_kind_weights, toy_tokenizer
@@ -50,10 +73,13 @@ class TrainConfig:
     # Every field is an option, --key=value; opt(default, rule) declares what the option accepts (model.py,
     # "Configuration from the command line"), and the comment after a field is its --help text.
     preset: str = opt("toy", choices=tuple(PRESETS))  # model preset (see model.py)
-    out_dir: str = opt("out", out="dir")              # checkpoint (ckpt.pt) and final report (report.json) go here
+    out_dir: str = opt("out", out="dir")              # checkpoint (ckpt.pt) and final report (report.json) go
+                                                      # here; one run at a time
+    overwrite: bool = False                           # replace the checkpoint of an earlier run in out_dir (else refused)
     tokenizer: str = opt("", path="any", also=("toy",))  # presets with the official vocabulary: a tokenizer.json
                                                          # or a model dir holding one
-    resume: bool = False                              # continue from out_dir/ckpt.pt
+    resume: bool = False                              # continue from out_dir's newest intact checkpoint (ckpt.pt or dcp/)
+    resume_changed: bool = False                      # resume although seed, batch, lr schedule or data changed (else refused)
     device: str = opt("auto", device=True)            # auto = cuda > mps > cpu
     seed: int = opt(0, min=0)                         # the data, the masks and the initial weights
     batch_size: int = opt(32, min=1)                  # sequences per step
@@ -188,7 +214,11 @@ def parse_args(argv, tc: TrainConfig | None = None):
 
 
 def lr_at(step, tc: TrainConfig):
-    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps:
+        lr(s) = lr (s + 1) / warmup                                       s < warmup
+        lr(s) = min_lr + (lr - min_lr) (1 + cos(pi p)) / 2,  p = (s - warmup) / (max_steps - warmup)
+    LLaDA-V uses warmup_ratio 0.03 and min_lr 0 (STAGES); the toy recipe keeps a floor, min_lr, so the
+    late steps still move the weights."""
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
     progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
@@ -221,6 +251,7 @@ def make_groups(model, tc: TrainConfig):
 
 
 def freeze(model, tc: TrainConfig):
+    """requires_grad off for every component whose lr multiplier is 0 (stage 1 freezes LLM and ViT)."""
     for part, scale in component_scales(model, tc):
         if scale == 0:
             for p in part:
@@ -326,21 +357,272 @@ def llava_inputs(b, mc, pad_id: int, device, key_pad_mask: bool, need_image: boo
     return ids, labels, attn, dict(pixels=pixels, image_layout=layout, attention_mask=mask)
 
 
-def train(tc: TrainConfig, mc, quiet=False):
-    from distributed import (all_sum, barrier, export, latest_checkpoint, load_dcp, read_extra, resolve_parallel,
-                             save_dcp, setup, wrap)
-    info = setup(pick_device(tc.device))
-    device = info.device
-    log = (lambda *a: None) if quiet or not info.main else (lambda *a: print(*a, flush=True))
-    torch.manual_seed(tc.seed)
-    if tc.tokenizer:
-        mc.tokenizer = tc.tokenizer  # recorded in the checkpoint's config, so sample.py finds it again
+# ----------------------------------------------------------------------------------------------
+# The output folder: what a run may write over. A checkpoint can hold days of GPU time, so a typo in
+# --out_dir or a forgotten --resume=1 must never replace one without a word.
+
+# Three small files make the rules below checkable: the marker says the folder is a run of ours, the
+# lock says a live process uses it, and the checkpoints themselves (run_checkpoints) say there is work
+# to lose. Deleting the marker or the lock by hand is always safe; neither holds any state of the run.
+MARKER = "train_run.json"  # "train.py wrote this folder": the folders we may write into again
+LOCK = "train.lock"        # {"pid", "host", "start"} of the run using the folder now
+OURS = ("ckpt.pt", "ckpt.prev.pt", "model.safetensors", "config.json", "report.json", "dcp")
+
+
+def foreign_model(out_dir: str) -> str | None:
+    """-> what in out_dir is a model train.py did not write (a Hugging Face download, say), or None.
+    A config.json naming `architectures` is Hugging Face's (ours never does); weight files count as
+    foreign unless our marker says this folder is a run of ours."""
+    if not os.path.isdir(out_dir):
+        return None
+    cfg = os.path.join(out_dir, "config.json")
+    if os.path.isfile(cfg):
+        try:
+            with open(cfg) as f:
+                c = json.load(f)
+        except (OSError, ValueError):
+            return "a config.json train.py did not write"
+        if isinstance(c, dict) and "architectures" in c:
+            return "a Hugging Face model's config.json"
+    if os.path.exists(os.path.join(out_dir, MARKER)):
+        return None
+    weights = sorted(f for f in os.listdir(out_dir) if f.endswith((".safetensors", ".bin", ".pth", ".gguf")))
+    return weights[0] if weights else None
+
+
+def run_checkpoints(out_dir: str) -> list:
+    """The checkpoints of an earlier run in out_dir (an unfinished DCP folder is not one)."""
+    found = [f for f in ("ckpt.pt", "ckpt.prev.pt", "model.safetensors") if os.path.exists(os.path.join(out_dir, f))]
+    return found + (["dcp/"] if dcp_checkpoints(out_dir) else [])
+
+
+def take_lock(out_dir: str, log) -> str:
+    """Create out_dir/train.lock holding our pid, or stop: another live run owns the folder. A lock whose
+    pid is dead (a run killed with -9 cannot remove it) is said and taken over. The lock is written
+    aside and hard-linked into place: creating a link fails if the name exists, so of two runs racing
+    for the folder exactly one wins, and nobody ever reads a half-written lock."""
+    path = os.path.join(out_dir, LOCK)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid())}
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(me, f)
     try:
-        flag = mc.lm.mask_id if mc.lm.mask_id != 126336 else None  # --lm.mask_id=5 (iLLaDA); else the tokenizer's
-        tok = toy_tokenizer() if mc.tokenizer == "toy" else get_tokenizer(mc.tokenizer, flag)
-    except ValueError as e:
-        sys.exit(f"preset {tc.preset!r} needs the {mc.tokenizer!r} tokenizer; pass --tokenizer=<tokenizer.json or "
-                 f"model dir> ({e})")
+        for _ in range(3):
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                try:
+                    with open(path) as f:
+                        owner = json.load(f)
+                except (OSError, ValueError):
+                    owner = {}
+                pid, host = owner.get("pid"), owner.get("host")
+                dead = isinstance(pid, int) and (pid == me["pid"] or not pid_alive(pid, owner.get("start")))
+                if not (dead and host == me["host"]):
+                    sys.exit(f"--out_dir={out_dir} is in use by another run (pid {pid} on {host}; lock {path}); "
+                             f"wait for it to end or pick another --out_dir (if that run is gone, delete the lock)")
+                log(f"{path}: stale lock of pid {pid}, which is no longer running: taken over")
+                os.remove(path)
+        sys.exit(f"could not take the lock {path}; another run keeps taking it")
+    finally:
+        os.remove(tmp)
+
+
+def release_lock(path: str | None):
+    """Remove our lock (only ours: a lock taken over by another run stays). Called from train()'s
+    `finally`, so a run that stops with an error (a NaN, bad data) frees the folder too; only a kill
+    leaves the lock, and the next run recognises it as stale by its dead pid."""
+    try:
+        with open(path) as f:
+            if json.load(f).get("pid") == os.getpid():
+                os.remove(path)
+    except (TypeError, OSError, ValueError):
+        pass
+
+
+def claim_out_dir(tc: TrainConfig, log) -> str:
+    """Every check on --out_dir, before any work starts (rank 0 only) -> the lock to release at the end.
+    Refused: an empty name; a file; a folder holding a model train.py did not write; a folder holding
+    --init_from (the run would overwrite its own starting point); another run's checkpoint unless
+    --resume=1 or --overwrite=1; a folder another live run holds; a folder we cannot write."""
+    out = tc.out_dir.strip()
+    if not out:
+        sys.exit("--out_dir is empty; name the folder for the run's checkpoints, e.g. --out_dir=out")
+    real = os.path.realpath(out)
+    if os.path.exists(real) and not os.path.isdir(real):
+        sys.exit(f"--out_dir={out} is a file, not a folder; pick a folder for the run's checkpoints")
+    if tc.init_from and (os.path.realpath(tc.init_from) + os.sep).startswith(real + os.sep):
+        sys.exit(f"--init_from={tc.init_from} lies inside --out_dir={out}: the run would write over its own "
+                 f"starting point; pick another --out_dir")
+    theirs = foreign_model(real)
+    if theirs:
+        sys.exit(f"--out_dir={out} holds a model train.py did not write ({theirs}); refusing to write into "
+                 f"it, pick another --out_dir")
+    # the refusals above and below write nothing: a refused run leaves the folder byte-identical
+    earlier = run_checkpoints(real)
+    if earlier and not tc.resume and not tc.overwrite:
+        sys.exit(f"--out_dir={out} holds another run's checkpoint ({', '.join(earlier)}); continue it with "
+                 f"--resume=1, replace it with --overwrite=1, or pick another --out_dir")
+    try:  # the first writes: an unwritable folder fails here, not at the first save hours later
+        os.makedirs(real, exist_ok=True)
+        lock = take_lock(real, log)
+        if not os.path.exists(os.path.join(real, MARKER)):  # once: a resume leaves every file as it was
+            write_text(os.path.join(real, MARKER), json.dumps({"written_by": "LLaDA-V train.py", "started": time.time()}))
+    except OSError as e:
+        sys.exit(f"cannot write to --out_dir={out} ({type(e).__name__}: {e.strerror or e}); pick a writable folder")
+    if tc.overwrite and not tc.resume and earlier:  # only now, under our lock, in a folder that is ours
+        for f in OURS:
+            p = os.path.join(real, f)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+        log(f"--overwrite=1: removed the earlier run's {', '.join(earlier)} in {out}")
+    for p in remove_stale_temporaries(real, owned=OURS + (MARKER, "latest")):
+        log(f"removed {p}, left by a save that was killed half-way")
+    return lock
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume: the newest intact checkpoint, of the same run
+
+# The options that shape the trajectory: a resumed run with any of them changed is another experiment
+# (another seed, batch or lr schedule, other data), so --resume=1 refuses it unless --resume_changed=1.
+RESUME_KEYS = ("seed", "batch_size", "lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "beta2",
+               "grad_clip", "llm_lr_scale", "vision_lr_scale", "projector_lr_scale", "stratified_t", "exact_count",
+               "weighting", "loss_mode", "single_object_steps", "kind_weights_from", "kind_weights", "gen_length",
+               "stage", "data", "image_root", "data_format", "max_len", "unignore_special", "pad_labels")
+
+
+def resume(tc: TrainConfig, mc, model, opt, fmt, info, log):
+    """Load the newest intact checkpoint of out_dir into model and optimizer -> (step, bad-sample counts,
+    its path). Candidates, newest first: the DCP folders (two are kept), else ckpt.pt then ckpt.prev.pt.
+    One that is truncated or fails its checksums is skipped, and said; a changed model config stops the
+    run, and so does a changed training config (RESUME_KEYS) unless --resume_changed=1."""
+    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+    candidates = dcp_checkpoints(tc.out_dir) or [p for p in (ckpt_path, prev_path(ckpt_path)) if os.path.exists(p)]
+    if not candidates:
+        sys.exit(f"--resume=1 but {ckpt_path} does not exist (nor {tc.out_dir}/dcp/step_*); drop --resume "
+                 f"or point --out_dir at a run")
+    # Why fall back rather than stop: a save killed before its fsync reached the disk, a full disk, or a
+    # bad copy between machines damages the newest file only; the one before it is intact and costs a
+    # few steps. A wrong config is another matter: it would be wrong for every candidate, so it stops.
+    skipped = []
+    for path in candidates:
+        try:  # read (and verify) the candidate; anything wrong with it moves on to the next one
+            if os.path.isdir(path):
+                problem = verify_dcp(path, info)
+                if problem:
+                    raise ValueError(problem)
+                ckpt = None
+                saved = read_extra(path)
+            else:
+                ckpt = saved = load_state_file(path, info.device)
+                if "optimizer" not in ckpt:
+                    raise ValueError(f"a final export without optimizer state (resume from {tc.out_dir}/dcp)")
+            saved_cfg = type(mc).from_dict(saved["config"]).to_dict()  # fields added since get defaults
+        except Exception as e:  # noqa: BLE001 (truncated zip, bad DCP shard, ...): all mean "not intact"
+            skipped.append(path)
+            log(f"skipped {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            continue
+        if saved_cfg != mc.to_dict():
+            diff = [k for k in ("lm", "vision", "tokenizer") if saved_cfg[k] != mc.to_dict()[k]]
+            sys.exit(f"{path} was trained with another model config (differs in {', '.join(diff)}); "
+                     f"use the same --preset and overrides, or a new --out_dir")
+        old = saved.get("train_config") or {}
+        changed = [f"{k} {old[k]!r} -> {getattr(tc, k)!r}" for k in RESUME_KEYS if k in old and old[k] != getattr(tc, k)]
+        if changed and not tc.resume_changed:
+            sys.exit(f"{path} was trained with other options ({'; '.join(changed)}); resume with the same ones, "
+                     f"or pass --resume_changed=1 to go on with the new ones")
+        if ckpt is not None:
+            load_state(model, ckpt["model"], path)
+            opt.load_state_dict(ckpt["optimizer"])
+            step, bad = ckpt["step"], {}
+        else:
+            extra = load_dcp(path, model, opt)
+            step, bad = extra["step"], extra.get("bad", {})
+        log(f"resumed from {path} at step {step}" + (f" (skipped {len(skipped)} damaged: {', '.join(skipped)})"
+                                                     if skipped else "") + (f"; changed: {'; '.join(changed)}" if changed else ""))
+        return step, bad, path
+    sys.exit(f"no intact checkpoint in {tc.out_dir} to resume from (skipped {', '.join(skipped)}); "
+             f"start over with --overwrite=1")
+
+
+def save(tc: TrainConfig, mc, fmt, step, model, opt, tok, bad, info) -> str:
+    """One checkpoint with everything a resume needs -> its path. pt: ckpt.pt (the previous one kept as
+    ckpt.prev.pt), written by rank 0; DCP: a collective, every rank writes its shards."""
+    # train_config travels with every checkpoint: resume() compares it with the new command line
+    if fmt == "dcp":
+        save_dcp(tc.out_dir, step, model, opt, {"step": step, "config": mc.to_dict(), "train_config": asdict(tc),
+                                                "bad": dict(bad.errors) if bad else {}}, info)
+        return os.path.join(tc.out_dir, "dcp", f"step_{step:06d}")
+    path = os.path.join(tc.out_dir, "ckpt.pt")
+    if info.main:
+        save_checkpoint(path, {"config": mc.to_dict(), "train_config": asdict(tc), "model": model.state_dict(),
+                               "optimizer": opt.state_dict(), "step": step, "tokenizer": tok.to_dict()}, keep_prev=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+class StepBatches:
+    """step -> this process's `accum` micro-batches, each already through the forward process:
+    (ids, labels, attn, kw, x_t, masked, p_mask, n_samples), kw being the model's other inputs (pixels,
+    image_layout, attention_mask: see llava_inputs). Masks come from generators seeded by
+    (seed, step[, micro-batch, rank]), never from the global RNG, so a resumed run redraws them exactly."""
+
+    def __init__(self, tc, mc, tok, info, accum, micro, synthetic, stream, bad, trains, newline_trains):
+        # synthetic: SyntheticVQA (drawn per step); stream: the LLaVA DataLoader iterator, or None;
+        # bad: the BadSampleCounter of skipped records; trains: which components get gradients
+        self.tc, self.mc, self.tok, self.info, self.dev = tc, mc, tok, info, info.device
+        self.accum, self.micro, self.synthetic, self.stream, self.bad = accum, micro, synthetic, stream, bad
+        self.key_mask = key_mask_on(tc)  # hide the padding from attention (the toy) or not (LLaDA-V's collator)
+        self.needs_image = info.on and (trains["vision"] or trains["projector"] or newline_trains)
+
+    def noise(self, ids, labels, g):
+        """x0 -> (x_t, masked, p_mask): t ~ U(0,1) per row, answer tokens masked with prob. p_mask."""
+        return forward_process(ids, labels, self.tok.mask_id, generator=g, stratified=self.tc.stratified_t,
+                               exact_count=self.tc.exact_count)
+
+    def __call__(self, step):
+        """-> the list of this process's micro-batches for global step `step`."""
+        tc, info, dev = self.tc, self.info, self.dev
+        if self.stream is None:
+            # Synthetic data: the batch and masks depend only on (seed, step). Every process draws the
+            # whole global batch and its masks, then keeps its rows, so any number of processes trains on
+            # exactly what one process would.
+            batch = self.synthetic.train_batch(step, tc.batch_size, lambda im: preprocess(im, self.mc.vision.image_size))
+            ids, labels, attn, pixels = (t.to(dev) for t in batch)  # (B, L) x 3, (B, 3, S, S)
+            xt, masked, p_mask = self.noise(ids, labels, torch.Generator(device=dev).manual_seed(tc.seed * 1_000_003 + step))
+            kw = lambda r: dict(pixels=pixels[r], attention_mask=attn[r] if self.key_mask else None)
+            if self.accum == 1 and not info.on:
+                return [(ids, labels, attn, kw(slice(None)), xt, masked, p_mask, tc.batch_size)]
+            out = []
+            for a in range(self.accum):  # micro-batch a of rank r: rows (a W + r) m ... (a W + r + 1) m
+                r = slice((a * info.world + info.rank) * self.micro, (a * info.world + info.rank + 1) * self.micro)
+                out.append((ids[r], labels[r], attn[r], kw(r), xt[r], masked[r], p_mask[r], self.micro))
+            return out
+        out = []
+        while len(out) < self.accum:  # LLaVA data: this rank's next micro-batches from the DataLoader
+            b = next(self.stream)
+            self.bad.update(b["errors"], b["n_seen"])
+            if b["ids"] is None:  # every sample of this micro-batch was bad: take the next one, unless
+                self.bad.check(self.bad.bad, self.bad.seen)  # this process's data is mostly broken
+                continue
+            ids, labels, attn, kw = llava_inputs(b, self.mc, self.tok.pad_id, dev, self.key_mask, self.needs_image)
+            g = torch.Generator(device=dev).manual_seed(((tc.seed * 1_000_003 + step) * 64 + len(out)) * 4096 + info.rank)
+            out.append((ids, labels, attn, kw, *self.noise(ids, labels, g), b["n_samples"]))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+def check_options(tc: TrainConfig, mc, tok, info):
+    """The checks that need the tokenizer or the process count -> (micro, accum): sequences per process
+    per forward, and micro-batches per step."""
     if tok.vocab_size > mc.lm.vocab_size:
         sys.exit(f"tokenizer has {tok.vocab_size} tokens but lm.vocab_size={mc.lm.vocab_size}; raise --lm.vocab_size")
     if tc.gen_length % tc.block_length or tc.sample_steps % (tc.gen_length // tc.block_length):
@@ -350,72 +632,143 @@ def train(tc: TrainConfig, mc, quiet=False):
     if micro < 1 or tc.batch_size % (micro * info.world):
         sys.exit(f"batch_size={tc.batch_size} must be a multiple of micro_batch_size={micro} x {info.world} "
                  f"processes; change --batch_size or --micro_batch_size")
-    accum = tc.batch_size // (micro * info.world)
+    return micro, tc.batch_size // (micro * info.world)
+
+
+def load_tokenizer(tc: TrainConfig, mc):
+    """The toy tokenizer (learnt deterministically from the synthetic data) or the official vocabulary
+    from --tokenizer; the choice is written into the model config, so the checkpoint carries it."""
+    if tc.tokenizer:
+        mc.tokenizer = tc.tokenizer  # recorded in the checkpoint's config, so sample.py finds it again
     try:
-        data = SyntheticVQA(tok, mc.vision.image_size, mc.vision.n_patches, tc.gen_length, seed=tc.seed,
-                            system=default_system(mc.tokenizer), single_object_steps=tc.single_object_steps,
-                            kind_weights=tc.kind_weights, kind_weights_from=tc.kind_weights_from)
+        flag = mc.lm.mask_id if mc.lm.mask_id != 126336 else None  # --lm.mask_id=5 (iLLaDA); else the tokenizer's
+        return toy_tokenizer() if mc.tokenizer == "toy" else get_tokenizer(mc.tokenizer, flag)
+    except ValueError as e:
+        sys.exit(f"preset {tc.preset!r} needs the {mc.tokenizer!r} tokenizer; pass --tokenizer=<tokenizer.json or "
+                 f"model dir> ({e})")
+
+
+def open_llava(tc: TrainConfig, mc, tok, info, micro):
+    """--data: the LLaVA dataset -> (MicroBatches, BadSampleCounter); with --epochs, max_steps follows."""
+    from data import BadSampleCounter, LlavaDataset, MicroBatches
+    try:
+        ds = LlavaDataset(tc.data, tc.image_root, tok, mc.vision.image_size, mc.vision.n_patches,
+                          fmt=tc.data_format, max_len=min(tc.max_len, mc.lm.max_seq_len),
+                          unignore_special=tc.unignore_special, image_mode=mc.image_aspect_ratio,
+                          newline="unpad" in mc.mm_patch_merge_type, truncation=tc.truncation)
+    except (OSError, ValueError) as e:
+        sys.exit(str(e))
+    batches = MicroBatches(ds, tc.batch_size, micro, info.world, info.rank, tc.seed, tc.workers, tc.pad_labels,
+                           tc.group_by_length)
+    if tc.epochs > 0:
+        tc.max_steps = max(1, math.ceil(tc.epochs * batches.steps_per_epoch))
+    return batches, BadSampleCounter(tc.max_bad_frac, min_seen=min(50, len(ds)))
+
+
+class Meter:
+    """Throughput, MFU, ETA and memory for the log lines, summed over the processes at each log."""
+
+    def __init__(self, tc, mc, info, first_step, trains):
+        self.tc, self.mc, self.info, self.first, self.trains = tc, mc, info, first_step, trains
+        self.peak, _ = device_peak(info.device)
+        self.t_start = self.t_log = time.time()
+        self.tokens, self.flops = 0, 0.0
+
+    def add(self, n_tok, seq, n_masked, n_img):
+        """Count one step: its tokens and its FLOPs (model.step_flops: 6 N per trained token, plus the
+        attention and the head on the masked rows only)."""
+        self.tokens += n_tok
+        self.flops += step_flops(self.mc, n_tok, seq, n_masked, n_img, self.trains["llm"], self.trains["vision"],
+                                 self.trains["projector"])
+
+    def record(self, step, loss_sum, lr) -> dict:
+        """-> the log record of this step (collective: every process calls it).
+            tok/s = tokens since the start / seconds since the start      (all processes)
+            MFU   = FLOPs since the last log / seconds / (peak x processes)
+            ETA   = steps left x seconds per step so far (this run's steps, not the resumed ones)"""
+        tc, info = self.tc, self.info
+        loss, tokens, flops = all_sum([loss_sum, self.tokens, self.flops], info)
+        now = time.time()
+        dt = now - self.t_start
+        mfu = flops / (now - self.t_log) / (self.peak * info.world) if self.flops else 0.0
+        rec = {"step": step, "loss": loss / info.world, "lr": lr, "tok_per_s": tokens / dt, "mfu": mfu,
+               "peak_mem_gib": peak_memory(info.device) / 2 ** 30,
+               "eta_s": (tc.max_steps - step) * dt / (step - self.first), "time": now,
+               "ms_per_step": (now - self.t_log) * 1000 / tc.log_every}
+        self.t_log, self.flops = now, 0.0
+        return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+def nonfinite_stop(step, norm, last_ckpt):
+    """A NaN / Inf loss (seen as a non-finite gradient norm, the same number on every process) stops the
+    run before opt.step(): the weights and every checkpoint stay finite; training on would spread the
+    NaN into every weight and then into the next checkpoint."""
+    where = f"{last_ckpt[0]} (step {last_ckpt[1]})" if last_ckpt else "none yet"
+    sys.exit(f"step {step}: the loss is not finite (gradient norm {norm}); stopped before the update. Last good "
+             f"checkpoint: {where}. Lower --lr or --grad_clip, check the data, then continue with --resume=1")
+
+
+def train(tc: TrainConfig, mc, quiet=False):
+    """One training run: setup, resume, then the loop. Returns (model, report)."""
+    # --- setup: processes and device, the output folder, tokenizer, data, model, optimizer ---
+    # Under torchrun each process runs this same function; rank 0 alone checks and locks out_dir, the
+    # others wait at the barrier (if rank 0 refuses, torchrun ends them with it).
+    info = setup(pick_device(tc.device))
+    log = (lambda *a: None) if quiet or not info.main else (lambda *a: print(*a, flush=True))
+    lock = claim_out_dir(tc, log) if info.main else None
+    barrier()  # the other processes start once rank 0 has claimed the folder
+    try:
+        return _train(tc, mc, info, log)
+    finally:
+        release_lock(lock)
+
+
+def _train(tc: TrainConfig, mc, info, log):
+    """train()'s body, run while this process holds out_dir's lock."""
+    device = info.device
+    torch.manual_seed(tc.seed)  # the model's initial weights; every later random draw has its own seed
+    tok = load_tokenizer(tc, mc)
+    micro, accum = check_options(tc, mc, tok, info)
+    try:
+        synthetic = SyntheticVQA(tok, mc.vision.image_size, mc.vision.n_patches, tc.gen_length, seed=tc.seed,
+                                 system=default_system(mc.tokenizer), single_object_steps=tc.single_object_steps,
+                                 kind_weights=tc.kind_weights, kind_weights_from=tc.kind_weights_from)
     except ValueError as e:
         sys.exit(f"--kind_weights: {e}")
+    # built in fp32 on the CPU, moved once: init_weights draws from the global RNG seeded above, so the same
+    # seed gives the same initial weights on every machine and process count (DDP / FSDP2 start equal)
     model = LLaDAV(mc)
     model.init_weights()
     if tc.init_from:
         init_from(model, tc, log)
     model.to(device)
     model.llm.checkpointing, model.llm.head_chunk = tc.checkpointing, tc.head_chunk
-    freeze(model, tc)
+    freeze(model, tc)  # before wrapping: DDP and FSDP2 must see which parameters train
     n = count_params(model)
     parallel = resolve_parallel(tc.parallel, n["total"], info)
-    fwd = wrap(model, parallel, info, bf16=device.type == "cuda")
+    fwd = wrap(model, parallel, info, bf16=device.type == "cuda")  # call fwd; `model` holds the state
     opt = torch.optim.AdamW(make_groups(model, tc), lr=tc.lr, betas=(0.9, tc.beta2), eps=1e-8,
                             fused=device.type == "cuda" and parallel != "fsdp")
+    # pt: one file, simple, fine for one process; dcp: sharded, written by every process in parallel and
+    # loadable on any other number of processes, the only option under FSDP2
     fmt = tc.ckpt_format if tc.ckpt_format != "auto" else "dcp" if (info.on or tc.data) else "pt"
     if fmt not in ("pt", "dcp") or (fmt == "pt" and parallel == "fsdp"):
         sys.exit(f"--ckpt_format={tc.ckpt_format}: use pt, dcp or auto (FSDP2 needs dcp)")
-    stream = None
-    if tc.data:
-        from data import BadSampleCounter, LlavaDataset, MicroBatches
-        try:
-            ds = LlavaDataset(tc.data, tc.image_root, tok, mc.vision.image_size, mc.vision.n_patches,
-                              fmt=tc.data_format, max_len=min(tc.max_len, mc.lm.max_seq_len),
-                              unignore_special=tc.unignore_special, image_mode=mc.image_aspect_ratio,
-                              newline=hasattr(model, "image_newline"), truncation=tc.truncation)
-        except (OSError, ValueError) as e:
-            sys.exit(str(e))
-        batches = MicroBatches(ds, tc.batch_size, micro, info.world, info.rank, tc.seed, tc.workers, tc.pad_labels,
-                               tc.group_by_length)
-        bad = BadSampleCounter(tc.max_bad_frac, min_seen=min(50, len(ds)))
-        if tc.epochs > 0:
-            tc.max_steps = max(1, math.ceil(tc.epochs * batches.steps_per_epoch))
+    # --data: LLaVA records read by DataLoader workers, and the counter of records skipped as bad
+    llava, bad = open_llava(tc, mc, tok, info, micro) if tc.data else (None, None)
     if tc.warmup_ratio > 0:
         tc.warmup_steps = max(1, round(tc.warmup_ratio * tc.max_steps))
-    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
-    step, bad_prev = 0, {}
+
+    # --- resume: the newest intact checkpoint of this run ---
+    # weights, AdamW moments and the step; the data order and the masks are functions of (seed, step), so
+    # nothing else needs saving for the run to continue bit for bit (tests/kill_resume.py checks it)
+    step, bad_prev, last_ckpt = 0, {}, None
     if tc.resume:
-        dcp_path = latest_checkpoint(tc.out_dir)
-        if dcp_path is None and not os.path.exists(ckpt_path):
-            sys.exit(f"--resume=1 but {ckpt_path} does not exist (nor {tc.out_dir}/dcp/latest); drop --resume "
-                     f"or point --out_dir at a run")
-        try:
-            ckpt = load_state_file(ckpt_path, device) if dcp_path is None else None
-        except ValueError as e:
-            sys.exit(str(e))
-        if ckpt is not None and "optimizer" not in ckpt:
-            sys.exit(f"{ckpt_path} is a final export without optimizer state; resume from {tc.out_dir}/dcp")
-        saved_cfg = ckpt["config"] if ckpt is not None else read_extra(dcp_path)["config"]
-        saved_cfg = type(mc).from_dict(saved_cfg).to_dict()  # fields added since it was written get defaults
-        if saved_cfg != mc.to_dict():
-            diff = [k for k in ("lm", "vision", "tokenizer") if saved_cfg[k] != mc.to_dict()[k]]
-            sys.exit(f"{dcp_path or ckpt_path} was trained with another model config (differs in {', '.join(diff)}); "
-                     f"use the same --preset and overrides, or a new --out_dir")
-        if ckpt is not None:
-            load_state(model, ckpt["model"], ckpt_path)
-            opt.load_state_dict(ckpt["optimizer"])
-            step = ckpt["step"]
-        else:
-            extra = load_dcp(dcp_path, model, opt)
-            step, bad_prev = extra["step"], extra.get("bad", {})
-        log(f"resumed from {dcp_path or ckpt_path} at step {step}")
+        step, bad_prev, path = resume(tc, mc, model, opt, fmt, info, log)
+        last_ckpt = (path, step)
     if tc.compile:
         fwd = torch.compile(fwd)
     log(f"preset {tc.preset}: {n['total'] / 1e6:.2f}M parameters (language model {n['language model'] / 1e6:.2f}M, "
@@ -423,80 +776,40 @@ def train(tc: TrainConfig, mc, quiet=False):
     if info.on or accum > 1 or tc.stage:
         log(f"stage {tc.stage} | {info.world} process(es), {parallel} | global batch {tc.batch_size} = {micro} x "
             f"{info.world} x {accum} accumulation | checkpoints: {fmt} | activation checkpointing {tc.checkpointing}")
-    heldout = data.heldout(max(tc.eval_quick, tc.eval_final)) if not tc.data else []
+
+    # --- batches, evaluation and logging ---
+    # heldout: questions never drawn for training (synthetic.py keeps the two seed ranges apart); the
+    # quick checks and the final report sample them with the same settings as sample.py
+    heldout = synthetic.heldout(max(tc.eval_quick, tc.eval_final)) if not tc.data else []
     gen = dict(gen_length=tc.gen_length, steps=tc.sample_steps, block_length=tc.block_length)
     trains = {k: any(p.requires_grad for p in getattr(model, k).parameters()) for k in ("llm", "vision", "projector")}
-    peak, peak_src = device_peak(device)
     jlog = JsonlLog(tc.jsonl if info.main else None)
-    can_eval = not tc.data and parallel != "fsdp"
-
-    def save(step):
-        if fmt == "dcp":
-            save_dcp(tc.out_dir, step, model, opt, {"step": step, "config": mc.to_dict(), "bad": dict(bad.errors)
-                                                    if tc.data else {}}, info)
-        elif info.main:
-            save_checkpoint(ckpt_path, {"config": mc.to_dict(), "train_config": asdict(tc), "model": model.state_dict(),
-                                        "optimizer": opt.state_dict(), "step": step, "tokenizer": tok.to_dict()})
-
-    key_mask = key_mask_on(tc)
-    newline_trains = hasattr(model, "image_newline") and model.image_newline.requires_grad
-    need_image = info.on and (trains["vision"] or trains["projector"] or newline_trains)  # see llava_inputs
-
-    def micro_batches(step):
-        """-> accum tuples (ids, labels, attn, model inputs, xt, masked, p_mask, n_samples) for this process."""
-        if not tc.data:
-            # The batch and the masks depend only on (seed, step): a resumed run sees exactly the same data.
-            # Every process draws the whole global batch and its masks, then keeps its rows, so any number
-            # of processes trains on exactly what one process would.
-            ids, labels, attn, pixels = data.train_batch(step, tc.batch_size, lambda im: preprocess(im, mc.vision.image_size))
-            ids, labels, attn, pixels = ids.to(device), labels.to(device), attn.to(device), pixels.to(device)
-            gen_rng = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
-            xt, masked, p_mask = forward_process(ids, labels, tok.mask_id, generator=gen_rng,
-                                                 stratified=tc.stratified_t, exact_count=tc.exact_count)
-            kw = lambda r: dict(pixels=pixels[r], attention_mask=attn[r] if key_mask else None)
-            if accum == 1 and not info.on:
-                return [(ids, labels, attn, kw(slice(None)), xt, masked, p_mask, tc.batch_size)]
-            out = []
-            for a in range(accum):
-                r = slice((a * info.world + info.rank) * micro, (a * info.world + info.rank + 1) * micro)
-                out.append((ids[r], labels[r], attn[r], kw(r), xt[r], masked[r], p_mask[r], micro))
-            return out
-        out = []
-        while len(out) < accum:
-            b = next(stream)
-            bad.update(b["errors"], b["n_seen"])
-            if b["ids"] is None:  # every sample of this micro-batch was bad: take the next one, unless
-                bad.check(bad.bad, bad.seen)  # this process's data is mostly broken (then stop here)
-                continue
-            ids, labels, attn, kw = llava_inputs(b, mc, tok.pad_id, device, key_mask, need_image)
-            g = torch.Generator(device=device).manual_seed(((tc.seed * 1_000_003 + step) * 64 + len(out)) * 4096 + info.rank)
-            xt, masked, p_mask = forward_process(ids, labels, tok.mask_id, generator=g, stratified=tc.stratified_t,
-                                                 exact_count=tc.exact_count)
-            out.append((ids, labels, attn, kw, xt, masked, p_mask, b["n_samples"]))
-        return out
-
+    can_eval = not tc.data and parallel != "fsdp"  # evaluate() needs the whole model in one process
+    stream = iter(llava.iterate(step)) if tc.data else None  # the data order continues from `step`
     if tc.data:
-        stream = iter(batches.iterate(step))
         bad.errors.update(bad_prev)
+    newline_trains = hasattr(model, "image_newline") and model.image_newline.requires_grad
+    batches = StepBatches(tc, mc, tok, info, accum, micro, synthetic, stream, bad, trains, newline_trains)
+    meter = Meter(tc, mc, info, step, trains)
+
+    # --- the loop: x0 -> forward_process -> model -> loss -> backward, then one optimizer step ---
     model.train()
-    t_start, tokens_seen, t_log, flops_since = time.time(), 0, time.time(), 0.0
-    first_step = step
     while step < tc.max_steps:
+        # the schedule is a pure function of the step, so a resumed run picks it up where it was
         lr = lr_at(step, tc)
         for g in opt.param_groups:
-            g["lr"] = lr * g["lr_scale"]
+            g["lr"] = lr * g["lr_scale"]  # per component: LLM x1, ViT and projector x their scales
         opt.zero_grad(set_to_none=True)
+        logging = (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps
         step_loss, n_tok, n_masked, n_img, seq = 0.0, 0, 0, 0, 0
-        mbs = micro_batches(step)
-        for a, (ids, labels, attn, kw, xt, masked, p_mask, n_samples) in enumerate(mbs):
+        # ids, labels, attn: (b, L); kw: the model's image and mask inputs; xt: (b, L) with answer tokens
+        # masked; masked: (b, L) bool; p_mask: (b,) each row's masking probability; n_samples: rows kept
+        for a, (ids, labels, attn, kw, xt, masked, p_mask, n_samples) in enumerate(batches(step)):
+            # gradients are averaged over processes once per step, after the last micro-batch
             sync = a == accum - 1
-            if parallel == "ddp" and not sync:
-                ctx = fwd.no_sync()  # all-reduce the gradients once, after the last micro-batch
-            else:
-                ctx = contextlib.nullcontext()
             if parallel == "fsdp":
                 fwd.set_requires_gradient_sync(sync)
-            with ctx:
+            with fwd.no_sync() if parallel == "ddp" and not sync else contextlib.nullcontext():
                 with autocast(device):
                     if tc.head_chunk:  # per-row CE (N_masked,): the head runs in chunks inside the model
                         ce, logits = fwd(xt, output_positions=masked, targets=labels[masked], **kw), None
@@ -506,42 +819,42 @@ def train(tc: TrainConfig, mc, quiet=False):
                 if n_samples * info.world != tc.batch_size:  # scale so the sum over micro-batches and the
                     loss = loss * (n_samples * info.world / tc.batch_size)  # mean over processes = batch loss
                 loss.backward()
-            step_loss += loss.item() if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps else 0.0
+            step_loss += loss.item() if logging else 0.0  # .item() waits for the GPU: only when logging
             n_tok += int(attn.sum())
             n_masked += int(masked.sum())
             n_img += 0 if kw["pixels"] is None else kw["pixels"].shape[0]  # crops through the tower
             seq = max(seq, ids.shape[1])
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+        # clip ||g|| to grad_clip. The norm is of the whole gradient (all processes, all shards: the same
+        # number everywhere), so the finiteness check below stops every process at the same step.
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        if not math.isfinite(float(norm)):  # NaN / Inf loss: stop before it reaches the weights
+            nonfinite_stop(step + 1, float(norm), last_ckpt)
+        opt.step()  # AdamW: bias-corrected moments, decoupled weight decay (0 in LLaDA-V)
         step += 1
-        tokens_seen += n_tok
-        flops_since += step_flops(mc, n_tok, seq, n_masked, n_img, trains["llm"], trains["vision"], trains["projector"])
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            loss_g, tok_g, flops_g = all_sum([step_loss, tokens_seen, flops_since], info)
-            loss_g /= info.world
-            dt = time.time() - t_start
-            tps = tok_g / dt
-            eta = (tc.max_steps - step) * dt / (step - first_step)
-            mfu = flops_g / (time.time() - t_log) / (peak * info.world) if flops_since else 0.0
-            mem = peak_memory(device) / 2 ** 30
-            line = (f"step {step:5d}/{tc.max_steps} | loss {loss_g:.4f} | lr {lr:.2e} | "
-                    f"{tps:,.0f} tok/s | {(time.time() - t_log) * 1000 / tc.log_every:.0f} ms/step | ETA {eta:.0f}s")
-            log(line + f" | MFU {100 * mfu:.1f}% | peak mem {mem:.2f} GiB")
-            jlog.write({"step": step, "loss": loss_g, "lr": lr, "tok_per_s": tps, "mfu": mfu, "peak_mem_gib": mem,
-                        "eta_s": eta, "time": time.time()})
+        meter.add(n_tok, seq, n_masked, n_img)
+        # --- bookkeeping, after the step: log line (and JSON line), quick held-out check, checkpoint ---
+        if logging:
+            rec = meter.record(step, step_loss, lr)
+            log(f"step {step:5d}/{tc.max_steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | {rec['tok_per_s']:,.0f} tok/s"
+                f" | {rec['ms_per_step']:.0f} ms/step | ETA {rec['eta_s']:.0f}s | MFU {100 * rec['mfu']:.1f}% | "
+                f"peak mem {rec['peak_mem_gib']:.2f} GiB")
+            jlog.write({k: v for k, v in rec.items() if k != "ms_per_step"})
             if tc.data:
                 n_bad, n_seen = all_sum([bad.bad, bad.seen], info)
                 bad.check(n_bad, n_seen)
                 if n_bad:
                     log(f"  skipped {n_bad:.0f} of {n_seen:.0f} samples so far (this process: {bad.summary()})")
-            t_log, flops_since = time.time(), 0.0
         if tc.eval_every and tc.eval_quick and step % tc.eval_every == 0 and step < tc.max_steps and can_eval and info.main:
             log(f"  held-out ({tc.eval_quick}): " + format_eval(evaluate(model, tok, heldout[:tc.eval_quick], **gen)))
-        if step % tc.ckpt_every == 0 or step == tc.max_steps:
-            save(step)
-    train_time = time.time() - t_start
-    log(f"trained {step - first_step} steps in {train_time:.0f}s; checkpoint "
-        f"{ckpt_path if fmt == 'pt' else os.path.join(tc.out_dir, 'dcp')}")
+        if step % tc.ckpt_every == 0 or step == tc.max_steps:  # a resume restarts from the newest of these
+            last_ckpt = (save(tc, mc, fmt, step, model, opt, tok, bad, info), step)
+
+    # --- the end: export, loss curve, held-out report ---
+    # model.safetensors + config.json (+ a weights-only ckpt.pt for a DCP run) is what sample.py, bench and
+    # the next stage's --init_from read; report.json is written last, so its presence means "finished".
+    train_time = time.time() - meter.t_start
+    log(f"trained {step - meter.first} steps in {train_time:.0f}s; checkpoint "
+        f"{os.path.join(tc.out_dir, 'ckpt.pt') if fmt == 'pt' else os.path.join(tc.out_dir, 'dcp')}")
     export(model, tc.out_dir, mc.to_dict(), info, write_pt=fmt == "dcp",
            extra={"tokenizer": tok.to_dict(), "train_config": asdict(tc)})
     if tc.jsonl and info.main:

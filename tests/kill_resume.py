@@ -10,7 +10,8 @@ new step, sleeps a random 0-1.5 s (a checkpoint is written every step and takes 
 many kills land inside a save) and sends SIGKILL. After every kill the newest checkpoint must be complete and loadable. A kill
 that leaves a temporary `.tmp` file or folder behind happened during a save. At the end, the loss of
 every step (the last one logged for a step wins: a resumed run redoes the steps after its checkpoint)
-and the final weights must equal the uninterrupted run's bit for bit.
+and the final weights must equal the uninterrupted run's bit for bit, and the final resume must have
+removed every temporary file the kills left (and its own lock).
 """
 import argparse
 import os
@@ -39,8 +40,8 @@ def env():
 
 
 def has_checkpoint(out, fmt):
-    from distributed import latest_checkpoint
-    return latest_checkpoint(out) is not None if fmt == "dcp" else os.path.exists(os.path.join(out, "ckpt.pt"))
+    from distributed import dcp_checkpoints
+    return bool(dcp_checkpoints(out)) if fmt == "dcp" else os.path.exists(os.path.join(out, "ckpt.pt"))
 
 
 def leftovers(out):
@@ -57,8 +58,8 @@ def checkpoint_step(out, fmt):
     import torch
     if fmt == "pt":
         return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
-    from distributed import latest_checkpoint, read_extra
-    return read_extra(latest_checkpoint(out))["step"]
+    from distributed import dcp_checkpoints, read_extra
+    return read_extra(dcp_checkpoints(out)[0])["step"]
 
 
 def logged_steps(path):
@@ -82,11 +83,14 @@ def run(base, kills=10, steps=30, fmt="dcp", seed=0, say=print):
             resumed_at.append(checkpoint_step(out, fmt))
         log = os.path.join(out, "log.jsonl")
         n0 = logged_steps(log)
-        p = subprocess.Popen(command(out, steps, fmt, resume), env=env(), stdout=subprocess.DEVNULL)
+        err = open(os.path.join(base, "stderr.txt"), "w+")
+        p = subprocess.Popen(command(out, steps, fmt, resume), env=env(), stdout=subprocess.DEVNULL, stderr=err)
         while logged_steps(log) == n0 and p.poll() is None:  # wait for a step of this process
             time.sleep(0.01)
-        if p.poll() is not None:
-            break  # it finished before we could kill it: raise --steps
+        if p.poll() is not None:  # it finished before we could kill it (raise --steps), or it failed
+            err.seek(0)
+            assert p.returncode == 0, f"round {kills_done + 1} failed: {err.read()[-2000:]}"
+            break
         time.sleep(rng.uniform(0, 1.5))
         p.send_signal(signal.SIGKILL)
         p.wait()
@@ -97,6 +101,8 @@ def run(base, kills=10, steps=30, fmt="dcp", seed=0, say=print):
         say(f"kill {kills_done}: newest checkpoint step {step}" + (f", killed during a save ({len(left)} temp left)"
                                                                   if left else ""))
     subprocess.run(command(out, steps, fmt, True), check=True, env=env(), stdout=subprocess.DEVNULL)
+    # the final resume removed what the killed saves left behind (and released its lock)
+    assert not leftovers(out) and not os.path.exists(os.path.join(out, "train.lock")), leftovers(out)
     a, b = read_curve(os.path.join(ref, "log.jsonl")), read_curve(os.path.join(out, "log.jsonl"))
     assert list(a) == list(b) == list(range(1, steps + 1)), (list(a), list(b))
     diff = [s for s in a if a[s] != b[s]]
@@ -112,11 +118,13 @@ if __name__ == "__main__":
     import tempfile
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=60, help="training steps (raise it if the run ends before the kills)")
+    ap.add_argument("--steps", type=int, default=0, help="training steps; 0: enough for the kills (16 per kill for "
+                    "dcp, 60 for pt, whose saves are quicker, so a run gets further between kills)")
     ap.add_argument("--format", default="dcp", choices=["dcp", "pt"])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         t = time.time()
-        run(d, args.kills, args.steps, args.format, args.seed)
+        steps = args.steps or args.kills * (16 if args.format == "dcp" else 60)
+        run(d, args.kills, steps, args.format, args.seed)
         print(f"{time.time() - t:.0f}s")

@@ -625,9 +625,7 @@ def check_options(tc: TrainConfig, mc, tok, info):
     per forward, and micro-batches per step."""
     if tok.vocab_size > mc.lm.vocab_size:
         sys.exit(f"tokenizer has {tok.vocab_size} tokens but lm.vocab_size={mc.lm.vocab_size}; raise --lm.vocab_size")
-    if tc.gen_length % tc.block_length or tc.sample_steps % (tc.gen_length // tc.block_length):
-        sys.exit(f"gen_length={tc.gen_length} must be divisible by block_length={tc.block_length}, and "
-                 f"sample_steps={tc.sample_steps} by the number of blocks; fix the three options")
+    # (the sampler's block schedule and the other option-only rules: TrainConfig.check, at parse time)
     micro = tc.micro_batch_size or tc.batch_size // info.world
     if micro < 1 or tc.batch_size % (micro * info.world):
         sys.exit(f"batch_size={tc.batch_size} must be a multiple of micro_batch_size={micro} x {info.world} "

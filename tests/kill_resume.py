@@ -24,10 +24,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-TINY = ["--lm.d_model=64", "--lm.n_heads=8", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32", "--vision.n_heads=2",
-        "--vision.mlp_hidden=64", "--vision.n_layers=2", "--batch_size=8", "--log_every=1", "--eval_every=0",
-        "--final_eval=0", "--gen_length=12", "--block_length=12", "--sample_steps=12", "--warmup_steps=2",
-        "--ckpt_every=1", "--lr=3e-3"]
+# The tiny model and the short logged run that test_distributed.py also uses, from tests/conftest.py (this script's
+# folder is on sys.path when it runs, and pytest has loaded conftest when test_kill_resume.py imports this file).
+from conftest import TINY_CURVE  # noqa: E402
+
+TINY = TINY_CURVE + ["--ckpt_every=1"]  # a checkpoint every step, so that many kills land inside a save
 
 
 def command(out, steps, fmt, resume):

@@ -1,5 +1,8 @@
 """Tests for tools/bench.py's one-block benchmark (--layer_only) and its --lm.* / --vision.* model overrides.
-CPU only, a few seconds. (The whole-model training and sampling benchmark is tested in test_fast.py.)"""
+CPU only, a few seconds. (The whole-model training and sampling benchmark is tested in test_fast.py.)
+
+    python -m pytest -q tests/test_bench.py
+"""
 
 import re
 

@@ -1,6 +1,9 @@
 """Tests for checkpoint.py: synthetic checkpoints written with the official key names (REFERENCE 1.3, 2.2-2.4)
 in each layout load, give the same logits (also against a reference forward written from the official
-names), survive save -> load bit-exactly, and a damaged one gets one error naming every bad key."""
+names), survive save -> load bit-exactly, and a damaged one gets one error naming every bad key.
+
+    python -m pytest -q tests/test_checkpoint.py
+"""
 import os
 import sys
 import json
@@ -16,6 +19,7 @@ from safetensors.torch import save_file
 import checkpoint as pretrained
 from model import LLaDA, LLaDAV
 from vision import VisionTower
+from conftest import narrow_llada_v
 
 V, D, M, NL, H = 64, 32, 48, 2, 4            # language model: vocab, width, MLP, layers, heads
 VD, VM, VL, VS, VP = 16, 24, 3, 16, 8        # vision: width, MLP, layers in the checkpoint, image, patch
@@ -233,15 +237,8 @@ def test_sample_cli_runs_a_hugging_face_directory(tmp_path, capsys, monkeypatch)
     """sample.py --checkpoint=<HF dir>: a tiny LLaDA-V (real 384-pixel anyres geometry, toy tokenizer)
     answers one question, then a two-turn --chat whose second prompt carries the first answer."""
     import sample
-    from model import LLaDAConfig, LLaDAVConfig
-    from vision import VisionConfig
     from PIL import Image
-    torch.manual_seed(0)
-    cfg = LLaDAVConfig(lm=LLaDAConfig(vocab_size=512, d_model=16, n_layers=1, n_heads=2, mlp_hidden=32),
-                       vision=VisionConfig(d_model=8, n_layers=2, n_heads=2, mlp_hidden=16), tokenizer="toy",
-                       image_aspect_ratio="anyres_max_4", mm_patch_merge_type="spatial_unpad")
-    m = LLaDAV(cfg)
-    m.init_weights()
+    m = narrow_llada_v(vocab_size=512, image_aspect_ratio="anyres_max_4", mm_patch_merge_type="spatial_unpad")
     pretrained.save_pretrained(m, tmp_path / "v")
     Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "red.png")
     common = [f"--checkpoint={tmp_path / 'v'}", "--tokenizer=toy", f"--image={tmp_path / 'red.png'}",

@@ -1,5 +1,8 @@
 """Tests for data.py: LLaDA-V's chat template (REFERENCE 3.1, 3.3), SFT sequences with answer masks,
-and batching (right padding for training, left padding for sampling). CPU only."""
+and batching (right padding for training, left padding for sampling). CPU only.
+
+    python -m pytest -q tests/test_data.py
+"""
 
 
 import pytest

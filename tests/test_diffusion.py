@@ -1,7 +1,10 @@
 """Tests for diffusion.py: the forward masking process, the likelihood-bound loss, Gumbel-max sampling, the
 transfer schedule, the one sampler in its official generate.py mode and its LLaDA-V options (REFERENCE 4, 5.1,
 5.2, 11.5, 11.6), each also against the frozen pre-merge samplers (tests/reference_samplers.py). Tiny models,
-CPU only. Fast decoding is tested in test_fast.py."""
+CPU only. Fast decoding is tested in test_fast.py.
+
+    python -m pytest -q tests/test_diffusion.py
+"""
 import math
 
 import pytest
@@ -14,30 +17,7 @@ torch.set_num_threads(1)
 from tokenizer import IMAGE_TOKEN_INDEX
 from diffusion import (add_gumbel_noise, choose, diffusion_loss, forward_process, generate, get_log_likelihood,
                        get_num_transfer_tokens, mc_mask_counts)
-from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
-from vision import VisionConfig
-
-V, MASK, EOS, EOT, PAD = 64, 63, 62, 61, 62  # pad with EOS, as LLaDA does
-GEN = dict(mask_id=MASK, eos_id=EOS, eot_id=EOT)
-
-
-def tiny_cfg():
-    return LLaDAVConfig(lm=LLaDAConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64, max_seq_len=128),
-                        vision=VisionConfig(image_size=16, patch_size=8, d_model=32, n_layers=2, n_heads=4,
-                                            mlp_hidden=64), tokenizer="toy")
-
-
-def tiny_lm(seed=0):
-    """A random LLaDA wrapped to the sampler's model(x, attention_mask=..., [output_positions, cache]) interface."""
-    torch.manual_seed(seed)
-    llm = LLaDA(tiny_cfg().lm)
-    llm.init_weights()
-    llm.eval()
-    return lambda x, attention_mask=None, **kw: llm(llm.embed_tokens(x), attention_mask, **kw)
-
-
-def prompt(n=5, seed=0, B=1):
-    return torch.randint(0, 60, (B, n), generator=torch.Generator().manual_seed(seed))
+from conftest import EOS, EOT, GEN, MASK, V, fixed_logits_model, left_padded, prompt, tiny_lm, tiny_vlm_and_prompt
 
 
 def run(model, p, **kw):
@@ -45,24 +25,6 @@ def run(model, p, **kw):
     snaps = []
     out = generate(model, p, callback=lambda x, step, block: snaps.append((x.clone(), step, block)), **GEN, **kw)
     return out, snaps
-
-
-def fixed_logits_model(rows, P=None, seen=None):
-    """A fake model whose logits at canvas position j are rows[j] (the canvas starts at P, default: it ends
-    the sequence); a fresh tensor every call (the sampler edits logits in place). It answers the sampler's
-    output_positions (the rows it asks for) and ignores a cache; seen: a list that collects every input."""
-    rows = torch.tensor(rows, dtype=torch.float32)  # (G, V)
-
-    def f(x, attention_mask=None, output_positions=None, cache=None):
-        if seen is not None:
-            seen.append(x.clone())
-        out = torch.zeros(x.shape[0], x.shape[1], rows.shape[1])
-        start = x.shape[1] - rows.shape[0] if P is None else P
-        out[:, start:start + rows.shape[0]] = rows
-        if cache is not None and cache.span is not None:
-            out = out[:, cache.span[0]:cache.span[1]]
-        return out if output_positions is None else out[output_positions]
-    return f
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,9 +334,7 @@ def test_generate_batched_left_padding_matches_single():
     """A left-padded batch (with attention_mask) at T = 0 yields the same answers as one prompt at a time."""
     m = tiny_lm(1)
     prompts = [prompt(3, seed=1)[0], prompt(7, seed=2)[0], prompt(5, seed=3)[0]]
-    P = max(len(q) for q in prompts)
-    batch = torch.stack([torch.cat([torch.full((P - len(q),), PAD), q]) for q in prompts])
-    am = torch.stack([torch.cat([torch.zeros(P - len(q)), torch.ones(len(q))]) for q in prompts]).long()
+    batch, am, P = left_padded(prompts, torch.long)
     kw = dict(steps=8, gen_length=8, block_length=4, **GEN)
     out = generate(m, batch, attention_mask=am, **kw)
     for q, o in zip(prompts, out):
@@ -382,15 +342,6 @@ def test_generate_batched_left_padding_matches_single():
         assert torch.equal(o[P:], single[0, len(q):])
     # sanity: without the attention mask the padding does change some answer
     assert not torch.equal(generate(m, batch, **kw), out)
-
-
-def tiny_vlm_and_prompt(seed=0):
-    """A random tiny LLaDA-V and a prompt with one image's placeholders in it."""
-    torch.manual_seed(seed)
-    m = LLaDAV(tiny_cfg())
-    m.init_weights()
-    m.eval()
-    return m, torch.tensor([[1, 2] + [IMAGE_TOKEN_INDEX] * m.cfg.vision.n_patches + [3, 4]])
 
 
 def test_generate_with_image_features():
@@ -419,13 +370,6 @@ def test_generate_with_image_features():
 import reference_samplers as ref
 
 
-def _left_padded(prompts):
-    P = max(len(q) for q in prompts)
-    batch = torch.stack([torch.cat([torch.full((P - len(q),), PAD), q]) for q in prompts])
-    am = torch.stack([torch.cat([torch.zeros(P - len(q)), torch.ones(len(q))]) for q in prompts]).long()
-    return batch, am
-
-
 def _conf_rows():
     def row(top, c):
         return [c if v == top else 0.0 for v in range(V)]
@@ -434,7 +378,7 @@ def _conf_rows():
 
 def official_cases():
     """(name, model, prompt, kwargs): every situation the sampler tests above exercise."""
-    batch, am = _left_padded([prompt(3, seed=1)[0], prompt(7, seed=2)[0], prompt(5, seed=3)[0]])
+    batch, am, _ = left_padded([prompt(3, seed=1)[0], prompt(7, seed=2)[0], prompt(5, seed=3)[0]], torch.long)
     eos_rows = [[5.0 if v == EOS else (1.0 if v == 7 else 0.0) for v in range(V)]] * 6
     vlm, vp = tiny_vlm_and_prompt()
     with torch.no_grad():
@@ -597,7 +541,7 @@ def test_llada_v_batch_of_left_padded_prompts():
     prompts = [torch.tensor([1, 2] + [IMAGE_TOKEN_INDEX] * n + t) for t in ([3, 4], [5, 6, 7, 8, 9], [10])]
     with torch.no_grad():
         feats = m.encode_images(torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1)
-    batch, am = _left_padded(prompts)
+    batch, am, _ = left_padded(prompts, torch.long)
     kw = dict(steps=8, gen_length=8, block_length=4, mask_id=MASK, banned_ids=(EOS,))
     free = generate(m, batch, am, stop_sequences=[], image_features=feats, **kw)
     stop = [[free[0][2]]]  # a token of the first answer

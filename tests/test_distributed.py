@@ -1,5 +1,9 @@
 """Data parallelism on the CPU (gloo, 2 processes): DDP and FSDP2 follow the single-process trajectory,
-gradient accumulation, activation checkpointing and the chunked head too, and a DCP checkpoint written by 2 FSDP2 processes resumes on 1 process."""
+gradient accumulation, activation checkpointing and the chunked head too, and a DCP checkpoint written by 2 FSDP2
+processes resumes on 1 process.
+
+    python -m pytest -q tests/test_distributed.py
+"""
 import os
 import sys
 import json
@@ -12,10 +16,9 @@ import torch.multiprocessing as mp
 import train
 from tools.draw import read_curve
 
-TINY = ["--lm.d_model=64", "--lm.n_heads=8", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32", "--vision.n_heads=2",
-        "--vision.mlp_hidden=64", "--vision.n_layers=2", "--batch_size=8", "--log_every=1", "--eval_every=0",
-        "--final_eval=0", "--gen_length=12", "--block_length=12", "--sample_steps=12", "--warmup_steps=2",
-        "--max_steps=4", "--ckpt_every=2", "--lr=3e-3"]
+from conftest import TINY_CURVE
+
+TINY = TINY_CURVE + ["--max_steps=4", "--ckpt_every=2"]  # 4 steps: enough for a checkpoint half-way
 
 
 def run(out, *extra):

@@ -1,7 +1,10 @@
 """Tests for fast decoding, the options of diffusion.generate (the one sampler) that Fast-dLLM adds: the approximate
 KV caches (prefix, dual, diffusion.KVCache) and confidence-threshold parallel decoding; each also against the frozen
 pre-merge generate_fast (tests/reference_samplers.py); fast decoding of the official model through sample.py.
-Tiny random models, CPU only."""
+Tiny random models, CPU only.
+
+    python -m pytest -q tests/test_fast.py
+"""
 
 import pytest
 import torch
@@ -10,30 +13,8 @@ torch.set_num_threads(1)  # tiny tensors: one thread is fastest on a shared 2-co
 
 from diffusion import CountingModel, KVCache, MODES, generate, mode_kwargs
 import reference_samplers as ref
-from model import LLaDA
-from test_diffusion import GEN, MASK, PAD, V, fixed_logits_model, prompt, tiny_cfg, tiny_vlm_and_prompt
-
-
-def tiny_llm(seed=0, n_layers=2):
-    torch.manual_seed(seed)
-    cfg = tiny_cfg().lm
-    cfg.n_layers = n_layers
-    llm = LLaDA(cfg)
-    llm.init_weights()
-    return llm.eval()
-
-
-def lm_fn(llm):
-    """The sampler's model interface for a bare LLaDA: model(x, attention_mask=..., cache=..., output_positions=...)."""
-    return lambda x, attention_mask=None, **kw: llm(llm.embed_tokens(x), attention_mask, **kw)
-
-
-
-def left_padded(prompts):
-    P = max(len(q) for q in prompts)
-    batch = torch.stack([torch.cat([torch.full((P - len(q),), PAD), q]) for q in prompts])
-    am = torch.stack([torch.cat([torch.zeros(P - len(q)), torch.ones(len(q))]) for q in prompts]).bool()
-    return batch, am, P
+from conftest import (GEN, MASK, V, fixed_logits_model, left_padded, lm_fn, narrow_llada_v, prompt, run_train,
+                      tiny_llm, tiny_vlm_and_prompt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,16 +238,8 @@ def test_official_model_cli_fast_mode_equals_exact(tmp_path, capsys, monkeypatch
     model calls; with the default refresh the cached mode runs with fewer full passes."""
     import sample
     from checkpoint import save_pretrained
-    from model import LLaDAConfig, LLaDAV, LLaDAVConfig
-    from vision import VisionConfig
     from PIL import Image
-    torch.manual_seed(0)
-    cfg = LLaDAVConfig(lm=LLaDAConfig(vocab_size=512, d_model=16, n_layers=1, n_heads=2, mlp_hidden=32),
-                       vision=VisionConfig(image_size=28, patch_size=14, d_model=8, n_layers=2, n_heads=2,
-                                           mlp_hidden=16), tokenizer="toy")
-    m = LLaDAV(cfg)
-    m.init_weights()
-    save_pretrained(m, tmp_path / "v")
+    save_pretrained(narrow_llada_v(vocab_size=512, image_size=28), tmp_path / "v")  # 2 x 2 patches of 14 px
     Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "g.png")
     common = [f"--checkpoint={tmp_path / 'v'}", "--tokenizer=toy", f"--image={tmp_path / 'g.png'}",
               "--question=What color?", "--gen_length=8", "--block_length=4", "--dtype=fp32"]
@@ -292,7 +265,6 @@ def test_official_model_cli_fast_mode_equals_exact(tmp_path, capsys, monkeypatch
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from test_train import run_train
     out = tmp_path_factory.mktemp("ckpt")
     run_train(out, "--max_steps=2")
     return str(out / "ckpt.pt")

@@ -2,7 +2,10 @@
 tests skip with a message without it): a SiglipVisionModel and a LlamaForCausalLM with random weights are
 saved by transformers, loaded by pretrained.from_pretrained, and must compute the same thing:
 the ViT's penultimate hidden state (LLaDA-V's features) and, with a full 4-D mask instead of the causal
-one, LLaDA's bidirectional logits. Then our save_pretrained is read back by transformers."""
+one, LLaDA's bidirectional logits. Then our save_pretrained is read back by transformers.
+
+    python -m pytest -q tests/test_hf_parity.py
+"""
 import json
 
 import pytest

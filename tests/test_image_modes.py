@@ -1,5 +1,8 @@
 """Tests for vision.py's image modes and LLaDAV.encode_image_crops: LLaDA-V's image modes and their visual token counts
-(REFERENCE 2.6): 729 (square 384), 1485 (384x384 anyres), 2929 (640x480 anyres), 730 (pad mode)."""
+(REFERENCE 2.6): 729 (square 384), 1485 (384x384 anyres), 2929 (640x480 anyres), 730 (pad mode).
+
+    python -m pytest -q tests/test_image_modes.py
+"""
 
 import pytest
 import torch
@@ -8,19 +11,7 @@ torch.set_num_threads(1)
 from PIL import Image
 
 import vision as anyres
-from model import LLaDAConfig, LLaDAV, LLaDAVConfig
-from vision import VisionConfig
-
-
-def tiny_model(mode, merge):
-    """Real SigLIP geometry (384 px, patch 14 -> 27 x 27) at a tiny width, so the counts are the real ones."""
-    torch.manual_seed(0)
-    cfg = LLaDAVConfig(lm=LLaDAConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, mlp_hidden=32),
-                       vision=VisionConfig(d_model=8, n_layers=2, n_heads=2, mlp_hidden=16),
-                       tokenizer="toy", image_aspect_ratio=mode, mm_patch_merge_type=merge)
-    m = LLaDAV(cfg)
-    m.init_weights()
-    return m.eval()
+from conftest import narrow_llada_v
 
 
 def noise_image(w, h, seed=0):
@@ -33,7 +24,7 @@ def noise_image(w, h, seed=0):
                                                       ("anyres_max_4", "spatial_unpad", (640, 480), 2929),
                                                       ("pad", "spatial_unpad", (300, 200), 730)])
 def test_visual_token_counts(mode, merge, size, expected):
-    m = tiny_model(mode, merge)
+    m = narrow_llada_v(image_aspect_ratio=mode, mm_patch_merge_type=merge)  # the real 384 px geometry
     crops, image_size = anyres.process_image(noise_image(*size), mode)
     with torch.no_grad():
         feats = m.encode_image_crops(crops, image_size)
@@ -85,7 +76,7 @@ def test_pad_mode_uses_grey():
 
 
 def test_toy_path_has_no_newline_and_bad_mode_errors():
-    m = tiny_model("square", "flat")
+    m = narrow_llada_v(image_aspect_ratio="square", mm_patch_merge_type="flat")
     assert not hasattr(m, "image_newline") and "image_newline" not in m.state_dict()
     with pytest.raises(ValueError, match="anyres_max_4"):
         anyres.process_image(noise_image(8, 8), "anyres")

@@ -1,6 +1,9 @@
 """SIGKILL a training run (checkpoints every step, so the kill usually lands in a save) and resume it:
 the resumed run reproduces the uninterrupted loss curve and weights bit for bit. The 10-kill version is
-`python tests/kill_resume.py --kills=10` (about 2-3 minutes; figures in the README)."""
+`python tests/kill_resume.py --kills=10` (about 2-3 minutes; figures in the README).
+
+    python -m pytest -q tests/test_kill_resume.py
+"""
 
 import pytest
 

@@ -1,5 +1,8 @@
 """LLaVA-format data (data.py) and the staged recipe: labels of both formats, truncation, grouping, bad samples, and a
-stage-1 -> stage-2 run on a small LLaVA-format dataset written here (PNG images + JSON)."""
+stage-1 -> stage-2 run on a small LLaVA-format dataset written here (PNG images + JSON).
+
+    python -m pytest -q tests/test_llava.py
+"""
 import json
 
 import pytest
@@ -11,6 +14,7 @@ from data import IGNORE_INDEX
 from data import LlavaDataset, collate_llava, length_grouped_batches, _truncate
 from synthetic import toy_tokenizer
 from tokenizer import IMAGE_TOKEN_INDEX
+from conftest import TINY_DATA, tiny_toy_cfg
 
 torch.set_num_threads(1)
 TOK = toy_tokenizer()
@@ -119,8 +123,7 @@ def test_length_grouped_batches_are_deterministic_and_grouped():
     assert spread < 20  # random batches of 4 from 0..99 spread ~60
 
 
-TINY = ["--lm.d_model=64", "--lm.n_heads=8", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32", "--vision.n_heads=2",
-        "--vision.mlp_hidden=64", "--vision.n_layers=2", "--log_every=1", "--eval_every=0", "--batch_size=4"]
+TINY = TINY_DATA + ["--batch_size=4"]
 
 
 def run(out, *args):
@@ -132,10 +135,8 @@ def test_stage1_then_stage2(data_dir, tmp_path):
     """Stage 1 trains the projector only (LLM and ViT stay bit-identical to the starting weights); stage 2
     starts from stage 1's export, trains everything, skips and reports the broken records."""
     from safetensors.torch import load_file, save_file
-    from model import LLaDAV, get_config
-    mc = get_config("toy")
-    mc.lm.d_model, mc.lm.n_heads, mc.lm.n_layers, mc.lm.mlp_hidden = 64, 8, 2, 128
-    mc.vision.d_model, mc.vision.n_heads, mc.vision.mlp_hidden, mc.vision.n_layers = 32, 2, 64, 2
+    from model import LLaDAV
+    mc = tiny_toy_cfg()  # the model TINY's flags build
     torch.manual_seed(1)
     base = LLaDAV(mc)
     base.init_weights()

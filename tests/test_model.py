@@ -1,5 +1,8 @@
 """Tests for model.py: the bidirectional LLaDA transformer, RoPE, RMSNorm, the projector, the LLaDA-V glue,
-the 8B preset's shapes, and checkpoints. Tiny configs, CPU only, no downloads."""
+the 8B preset's shapes, and checkpoints. Tiny configs, CPU only, no downloads.
+
+    python -m pytest -q tests/test_model.py
+"""
 import math
 
 import pytest
@@ -14,31 +17,8 @@ import torch.nn.functional as F
 import checkpoint
 import model
 from tokenizer import IMAGE_TOKEN_INDEX
-from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig, RMSNorm, apply_rope, rope_cos_sin, rotate_half
-from vision import VisionConfig
-
-V = 64
-
-
-def tiny_cfg(**lm):
-    lm = dict(dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64, max_seq_len=128), **lm)
-    return LLaDAVConfig(lm=LLaDAConfig(**lm),
-                        vision=VisionConfig(image_size=16, patch_size=8, d_model=32, n_layers=2, n_heads=4,
-                                            mlp_hidden=64), tokenizer="toy")
-
-
-def tiny_llm(seed=0):
-    torch.manual_seed(seed)
-    m = LLaDA(tiny_cfg().lm)
-    m.init_weights()
-    return m.eval()
-
-
-def tiny_llada_v(seed=0):
-    torch.manual_seed(seed)
-    m = LLaDAV(tiny_cfg())
-    m.init_weights()
-    return m.eval()
+from model import LLaDA, LLaDAConfig, LLaDAV, RMSNorm, apply_rope, rope_cos_sin, rotate_half
+from conftest import V, tiny_cfg, tiny_llada_v, tiny_llm
 
 
 def logits_of(llm, ids, attention_mask=None):

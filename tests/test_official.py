@@ -1,7 +1,10 @@
 """Matching the official code where numerical fixtures cannot see (issue 17): the real tokenizer's format and
 self-check (REFERENCE 1.2, 8), the official inference prompt (tokenizer_image_token, REFERENCE 11.1-11.2), RoPE in
 the activation dtype (11.4), and the LLaDA family's grouped-query attention, tied embeddings and mask id (iLLaDA).
-CPU only, no downloads:  python -m pytest -q tests/test_official.py"""
+CPU only, no downloads.
+
+    python -m pytest -q tests/test_official.py
+"""
 import json
 import math
 
@@ -19,6 +22,7 @@ from diffusion import KVCache
 from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig, apply_rope, get_config, rope_cos_sin, rotate_half
 from tokenizer import IMAGE_TOKEN_INDEX, LLADA_SELF_CHECK, bytes_to_unicode
 from vision import VisionConfig
+from conftest import V, tiny_llm
 
 # ----------------------------------------------------------------------------------------------
 # A tokenizer.json in the real format (REFERENCE 8): byte-level BPE over GPT-2's byte alphabet, 126,080 base
@@ -220,23 +224,14 @@ def test_training_form_keeps_the_newline(llada_tok, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The LLaDA family: grouped-query attention, tied embeddings, RoPE precision
 
-V = 64
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    m = LLaDA(LLaDAConfig(**dict(dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, mlp_hidden=48,
-                                      max_seq_len=128), **kw)))
-    m.init_weights()
-    return m.eval()
-
+# conftest's tiny_llm (V = 64 tokens, 32 wide, 2 layers, 4 heads) with a 48-wide MLP: illada_config's shape below.
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
     """A GQA model (2 key/value heads for 4 query heads) computes exactly what an MHA model computes whose k/v
     heads 2i and 2i+1 are both GQA's head i (LLaMA's repeat_kv); k_proj/v_proj shrink to n_kv_heads * hd."""
-    g = tiny(n_kv_heads=2)
+    g = tiny_llm(mlp_hidden=48, n_kv_heads=2)
     assert g.layers[0].k_proj.weight.shape == g.layers[0].v_proj.weight.shape == (16, 32)
-    m = tiny()
+    m = tiny_llm(mlp_hidden=48)
     sd = g.state_dict()
     for k in list(sd):
         if k.endswith(("k_proj.weight", "v_proj.weight")):
@@ -246,12 +241,12 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     with torch.no_grad():
         torch.testing.assert_close(g(g.embed_tokens(ids)), m(m.embed_tokens(ids)), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="n_kv_heads 3 must divide n_heads 4"):
-        tiny(n_kv_heads=3)
+        tiny_llm(mlp_hidden=48, n_kv_heads=3)
 
 
 def test_kv_cache_with_gqa():
     """diffusion.KVCache holds n_kv_heads heads per layer, and a cached span equals the full pass."""
-    g = tiny(n_kv_heads=2)
+    g = tiny_llm(mlp_hidden=48, n_kv_heads=2)
     x = torch.randint(0, V, (2, 20))
     with torch.no_grad():
         full = g(g.embed_tokens(x))
@@ -265,9 +260,10 @@ def test_kv_cache_with_gqa():
 def test_tied_embeddings_train_and_save(tmp_path):
     """Tied: no lm_head module or key, logits = h E^T, one matrix gets both gradients (input and output), an
     optimizer step moves it, and train.py's ckpt (state dict) round-trips bit-exactly."""
-    t = tiny(tie_embeddings=True)
+    t = tiny_llm(mlp_hidden=48, tie_embeddings=True)
     assert t.lm_head is None and "lm_head.weight" not in t.state_dict()
-    assert sum(p.numel() for p in t.parameters()) == sum(p.numel() for p in tiny().parameters()) - V * 32
+    untied = tiny_llm(mlp_hidden=48)
+    assert sum(p.numel() for p in t.parameters()) == sum(p.numel() for p in untied.parameters()) - V * 32
     ids = torch.randint(0, V, (2, 8))
     h = t.norm(t.layers[1](t.layers[0](t.embed_tokens(ids), *rope_cos_sin(8, 8, 500000.0, "cpu"), None),
                            *rope_cos_sin(8, 8, 500000.0, "cpu"), None))
@@ -302,7 +298,7 @@ def illada_config(layout):
 def test_illada_shaped_checkpoint_loads_and_saves(tmp_path, layout):
     """An iLLaDA-shaped directory (no head key) loads with the right config and logits h E^T; save -> load is
     bit-exact; a stored head equal to E is accepted, one that differs is refused in one line."""
-    ref = tiny(tie_embeddings=True, n_kv_heads=2, mask_id=5, max_seq_len=8192)
+    ref = tiny_llm(mlp_hidden=48, tie_embeddings=True, n_kv_heads=2, mask_id=5, max_seq_len=8192)
     names = checkpoint.official_names(ref, layout)
     src = tmp_path / "src"
     src.mkdir()
@@ -363,7 +359,7 @@ def test_rope_precision_switch():
     scale = qb.float().abs() + rotate_half(qb.float()).abs()  # |x cos| + |rot(x) sin| <= this
     assert ((a - b).abs() <= 2 ** -6 * scale).all()
     # the model-level switch, and its defaults: the llada_v_8b preset follows LLaDA-V, the toy keeps fp32
-    m = tiny()
+    m = tiny_llm(mlp_hidden=48)
     ids = torch.randint(0, V, (1, 64))
     with torch.no_grad():
         x = m(m.embed_tokens(ids))

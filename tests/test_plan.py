@@ -1,5 +1,8 @@
 """tools/plan.py: the memory estimate is within 25% of the measured CPU peak for the toy and small presets;
-the masked-only output head gives the full head's loss; the 8B plan's headline answers."""
+the masked-only output head gives the full head's loss; the 8B plan's headline answers.
+
+    python -m pytest -q tests/test_plan.py
+"""
 
 import torch
 

@@ -23,7 +23,7 @@ import train
 from checkpoint import load_checkpoint, load_state_file, save_checkpoint
 from data import LlavaDataset, collate_llava
 from synthetic import toy_tokenizer
-from test_train import TINY, run_train
+from conftest import TINY_TRAIN, run_train
 
 torch.set_num_threads(1)
 
@@ -121,7 +121,7 @@ def test_lost_work_cases_are_refused(pt_run, dcp_run, tmp_path):
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as e:
-            tc, mc = train.parse_args(TINY + ["--max_steps=1"] + args, train.TrainConfig())
+            tc, mc = train.parse_args(TINY_TRAIN + ["--max_steps=1"] + args, train.TrainConfig())
             train.train(tc, mc, quiet=True)
         assert __import__("re").search(message, one_line(e)), (args, str(e.value))
     with pytest.raises(SystemExit) as e:  # --gif pointed at a checkpoint: the option check refuses it
@@ -149,7 +149,8 @@ def test_lock_keeps_two_runs_apart_and_a_stale_one_is_taken_over(tmp_path, capsy
     finally:
         other.kill()
         other.wait()
-    tc, mc = train.parse_args([f"--out_dir={out}"] + TINY + ["--max_steps=1", "--eval_final=0"], train.TrainConfig())
+    tc, mc = train.parse_args([f"--out_dir={out}"] + TINY_TRAIN + ["--max_steps=1", "--eval_final=0"],
+                              train.TrainConfig())
     train.train(tc, mc)  # the owner is dead now: said, taken over, released at the end
     assert f"stale lock of pid {other.pid}, which is no longer running: taken over" in capsys.readouterr().out
     assert (out / "ckpt.pt").exists() and not (out / "train.lock").exists()
@@ -239,8 +240,8 @@ def test_resume_falls_back_past_a_truncated_checkpoint(pt_run, tmp_path, capsys)
     ref = load_state_file(pt_run / "model.safetensors")
     data = (out / "ckpt.pt").read_bytes()
     (out / "ckpt.pt").write_bytes(data[:len(data) // 2])
-    tc, mc = train.parse_args([f"--out_dir={out}"] + TINY + ["--max_steps=3", "--ckpt_every=1", "--eval_final=0",
-                                                             "--resume=1"], train.TrainConfig())
+    tc, mc = train.parse_args([f"--out_dir={out}"] + TINY_TRAIN + ["--max_steps=3", "--ckpt_every=1", "--eval_final=0",
+                                                                   "--resume=1"], train.TrainConfig())
     model, _ = train.train(tc, mc)
     said = capsys.readouterr().out
     assert f"skipped {out / 'ckpt.pt'}" in said and f"resumed from {out / 'ckpt.prev.pt'} at step 2" in said
@@ -255,8 +256,9 @@ def test_dcp_resume_falls_back_past_a_corrupt_step(dcp_run, tmp_path, capsys):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    tc, mc = train.parse_args([f"--out_dir={out}"] + TINY + ["--max_steps=2", "--ckpt_every=1", "--eval_final=0",
-                                                             "--ckpt_format=dcp", "--resume=1"], train.TrainConfig())
+    tc, mc = train.parse_args([f"--out_dir={out}"] + TINY_TRAIN + ["--max_steps=2", "--ckpt_every=1",
+                                                                   "--eval_final=0", "--ckpt_format=dcp", "--resume=1"],
+                              train.TrainConfig())
     train.train(tc, mc)
     said = capsys.readouterr().out
     assert "skipped" in said and "fail their sha256 checksum" in said and "step_000001 at step 1" in said
@@ -286,8 +288,8 @@ def test_stale_temporaries_are_removed(pt_run, tmp_path, capsys):
     dead.wait()  # its pid is now free: what a kill -9 in a save leaves behind
     (out / f"ckpt.pt.tmp.{dead.pid}").write_bytes(b"half a checkpoint")
     (out / "dcp" / "step_000007.tmp").mkdir(parents=True)
-    tc, mc = train.parse_args([f"--out_dir={out}"] + TINY + ["--max_steps=3", "--ckpt_every=1", "--eval_final=0",
-                                                             "--resume=1"], train.TrainConfig())
+    tc, mc = train.parse_args([f"--out_dir={out}"] + TINY_TRAIN + ["--max_steps=3", "--ckpt_every=1", "--eval_final=0",
+                                                                   "--resume=1"], train.TrainConfig())
     train.train(tc, mc)
     said = capsys.readouterr().out
     assert f"removed {out / f'ckpt.pt.tmp.{dead.pid}'}" in said and "step_000007.tmp" in said

@@ -1,7 +1,10 @@
 """LLaDA-V's stages 2-3 as the official code trains them (REFERENCE 2.6, 3.3, 11.8-11.12): anyres_max_4 images with
 spatial_unpad and a trainable image_newline, pad mode for multi-image records, no attention mask over the EOS padding,
 one sample per micro-batch in stages 2-3, random batches in stage 1, the conversation edge cases and the planner's
-anyres counts. Tiny CPU configs: 64 px images cut into 16 px patches (n = 4, n^2 = 16), an anyres grid of 64 px crops."""
+anyres counts. Tiny CPU configs: 64 px images cut into 16 px patches (n = 4, n^2 = 16), an anyres grid of 64 px crops.
+
+    python -m pytest -q tests/test_stages.py
+"""
 import json
 
 import pytest
@@ -15,6 +18,7 @@ from diffusion import diffusion_loss, forward_process
 from model import LLaDAV, get_config
 from synthetic import toy_tokenizer
 from tokenizer import IMAGE_TOKEN_INDEX
+from conftest import TINY_DATA, TINY_MODEL, tiny_toy_cfg
 
 torch.set_num_threads(1)
 TOK = toy_tokenizer()
@@ -28,19 +32,6 @@ S, n = 64, 4  # toy preset: 64 px crops, 16 px patches
 #           of the 12 rows, unpad keeps rows 1..10           -> 10 x 4              -> 16 + 10 * 5 = 66, 4 crops
 # A two-image record: each image padded to a square (pad mode), n^2 + 1 newline = 17 each (730 at 384 px).
 SIZES = {(64, 64): (36, 2), (96, 64): (44, 3), (64, 160): (66, 4)}
-
-
-def tiny_cfg(stage2=True):
-    mc = get_config("toy")
-    mc.lm.d_model, mc.lm.n_heads, mc.lm.n_layers, mc.lm.mlp_hidden = 64, 8, 2, 128
-    mc.vision.d_model, mc.vision.n_heads, mc.vision.mlp_hidden, mc.vision.n_layers = 32, 2, 64, 2
-    if stage2:
-        mc.image_aspect_ratio, mc.mm_patch_merge_type = "anyres_max_4", "spatial_unpad"
-    return mc
-
-
-TINY = ["--lm.d_model=64", "--lm.n_heads=8", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32",
-        "--vision.n_heads=2", "--vision.mlp_hidden=64", "--vision.n_layers=2", "--log_every=1", "--eval_every=0"]
 
 
 def noise(w, h, seed):
@@ -67,7 +58,7 @@ def dataset(d, mc, **kw):
 
 
 def test_anyres_token_counts_per_image_and_pad_mode_for_two_images(data_dir):
-    mc = tiny_cfg()
+    mc = tiny_toy_cfg(anyres=True)
     ds = dataset(data_dir, mc)
     ids = {r["id"]: i for i, r in enumerate(ds.records)}
     torch.manual_seed(0)
@@ -83,7 +74,7 @@ def test_anyres_token_counts_per_image_and_pad_mode_for_two_images(data_dir):
     assert two["ids"].count(IMAGE_TOKEN_INDEX) == 2 * (n * n + 1)
     assert two["pixels"].shape == (2, 3, S, S) and [k for k, _, _ in two["layout"]] == [1, 1]
     # stage 1's square model: 16 tokens, one crop, no newline
-    sq = dataset(data_dir, tiny_cfg(stage2=False))[ids["96x64"]]
+    sq = dataset(data_dir, tiny_toy_cfg())[ids["96x64"]]
     assert sq["ids"].count(IMAGE_TOKEN_INDEX) == n * n and sq["pixels"].shape[0] == 1
 
 
@@ -91,7 +82,7 @@ def test_batched_tower_call_packs_each_image_and_image_newline_gets_a_gradient(d
     """One micro-batch holding all four records: one tower call over the 2 + 3 + 4 + 2 crops, then per image
     packing; the loss reaches image_newline, and each image's rows land in its own placeholders (the batch
     gives the same per-sample logits as each sample alone)."""
-    mc = tiny_cfg()
+    mc = tiny_toy_cfg(anyres=True)
     ds = dataset(data_dir, mc)
     torch.manual_seed(0)
     model = LLaDAV(mc)
@@ -119,13 +110,13 @@ def test_stage2_run_keeps_and_trains_image_newline(data_dir, tmp_path):
 
     from checkpoint import save_pretrained
     torch.manual_seed(3)
-    base = LLaDAV(tiny_cfg())
+    base = LLaDAV(tiny_toy_cfg(anyres=True))
     base.init_weights()
     save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
     save_pretrained(base, tmp_path / "hf")
     for src in (tmp_path / "base.safetensors", tmp_path / "hf"):
         out = tmp_path / f"run_{src.name}"
-        tc, mc = train.parse_args([f"--out_dir={out}"] + TINY + [
+        tc, mc = train.parse_args([f"--out_dir={out}"] + TINY_DATA + [
             "--stage=2", f"--data={data_dir / 'conv.json'}", f"--image_root={data_dir}", "--workers=0",
             "--batch_size=4", "--lr=1e-3", "--warmup_ratio=0", f"--init_from={src}"], train.TrainConfig())
         assert tc.micro_batch_size == 1 and mc.image_aspect_ratio == "anyres_max_4"
@@ -159,7 +150,7 @@ def test_padding_follows_the_official_collator_by_default(tmp_path):
             {"id": "long", "conversations": [{"from": "human", "value": "Describe it in words please"},
                                              {"from": "gpt", "value": "a big red square and a blue circle"}]}]
     (tmp_path / "t.json").write_text(json.dumps(recs))
-    tc, mc = train.parse_args([f"--data={tmp_path / 't.json'}", "--stage=1"] + TINY[:8], train.TrainConfig())
+    tc, mc = train.parse_args([f"--data={tmp_path / 't.json'}", "--stage=1"] + TINY_MODEL, train.TrainConfig())
     assert train.key_mask_on(tc) is False and tc.pad_labels  # the defaults of a --data run
     ds = LlavaDataset(str(tmp_path / "t.json"), "", TOK, S, n * n, fmt="conv", system=None)
     items = [ds[0], ds[1]]
@@ -194,14 +185,14 @@ def test_stage_presets_and_switches():
         tc, mc = train.parse_args([f"--stage={stage}"], train.TrainConfig())
         assert tc.micro_batch_size == 1 and tc.group_by_length
         assert (mc.image_aspect_ratio, mc.mm_patch_merge_type) == ("anyres_max_4", "spatial_unpad")
-        assert hasattr(LLaDAV(tiny_cfg()), "image_newline")
+        assert hasattr(LLaDAV(tiny_toy_cfg(anyres=True)), "image_newline")
     tc, mc = train.parse_args(["--stage=2", "--micro_batch_size=2", "--image_aspect_ratio=square",
                                "--truncation=whole_images"], train.TrainConfig())
     assert tc.micro_batch_size == 2 and mc.image_aspect_ratio == "square" and tc.truncation == "whole_images"
     tc, _ = train.parse_args(["--stage=1", "--group_by_length=1"], train.TrainConfig())
     assert tc.group_by_length
     tc, mc = train.parse_args([], train.TrainConfig())  # the toy keeps its square model
-    assert mc.image_aspect_ratio == "square" and not hasattr(LLaDAV(tiny_cfg(False)), "image_newline")
+    assert mc.image_aspect_ratio == "square" and not hasattr(LLaDAV(tiny_toy_cfg()), "image_newline")
     for bad in ("--key_pad_mask=maybe", "--image_aspect_ratio=anyres", "--truncation=never"):
         with pytest.raises(SystemExit, match="use one of"):
             train.parse_args([bad], train.TrainConfig())
@@ -276,7 +267,7 @@ def test_official_truncation_cuts_through_an_anyres_image(tmp_path):
     turns = [("human", "Hi"), ("gpt", "hello"), ("human", "<image>"), ("gpt", "a tall one")]
     (tmp_path / "cut.json").write_text(json.dumps([{"id": "cut", "image": "tall.png", "conversations": [
         {"from": f, "value": v} for f, v in turns]}]))
-    mc = tiny_cfg()
+    mc = tiny_toy_cfg(anyres=True)
     make = lambda **kw: LlavaDataset(str(tmp_path / "cut.json"), str(tmp_path), TOK, S, n * n, fmt="conv",
                                      system=None, image_mode="anyres_max_4", newline=True, **kw)[0]
     full = make()

@@ -1,5 +1,8 @@
 """Tests for synthetic.py: the synthetic scenes are deterministic, varied, and every answer agrees with
-the picture as read back from its pixels; the stream and held-out split are fixed. CPU only."""
+the picture as read back from its pixels; the stream and held-out split are fixed. CPU only.
+
+    python -m pytest -q tests/test_synthetic.py
+"""
 
 import re
 from collections import Counter

@@ -1,5 +1,8 @@
 """Tests for tokenizer.py: the toy byte-level BPE built as a tiktoken Encoding, LLaDA's special tokens
-(REFERENCE 1.2), and the BPE trainer agreeing with tiktoken's segmentation. CPU only, no downloads."""
+(REFERENCE 1.2), and the BPE trainer agreeing with tiktoken's segmentation. CPU only, no downloads.
+
+    python -m pytest -q tests/test_tokenizer.py
+"""
 
 import json
 import re

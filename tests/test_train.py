@@ -1,4 +1,7 @@
-"""train.py and sample.py end to end, on tiny configs: overfitting, checkpoints, resume, CLI errors."""
+"""train.py and sample.py end to end, on tiny configs: overfitting, checkpoints, resume, CLI errors.
+
+    python -m pytest -q tests/test_train.py
+"""
 import os
 import sys
 import json
@@ -15,19 +18,9 @@ from tokenizer import get_tokenizer
 from diffusion import diffusion_loss, forward_process
 from model import LLaDAV, get_config
 from vision import preprocess
+from conftest import run_train
 
 torch.set_num_threads(1)
-
-# A tiny model and a short run: a few seconds on one CPU core.
-TINY = ["--lm.d_model=64", "--lm.n_heads=8", "--lm.n_layers=2", "--lm.mlp_hidden=128", "--vision.d_model=32", "--vision.n_heads=2",
-        "--vision.mlp_hidden=64", "--batch_size=8", "--log_every=1000", "--eval_every=0", "--eval_final=10",
-        "--gen_length=12", "--block_length=12", "--sample_steps=12", "--warmup_steps=2"]
-
-
-def run_train(tmp_path, *extra):
-    tc, mc = train.parse_args([f"--out_dir={tmp_path}"] + TINY + list(extra), train.TrainConfig())
-    return train.train(tc, mc, quiet=True)
-
 
 def test_overfit_then_sampler_reproduces_answers():
     """A tiny LLaDA-V trained on four image-question pairs (one per kind, with different images) learns

@@ -1,5 +1,8 @@
 """Tests for vision.py: SigLIP preprocessing, image-mode handling and the ViT tower (REFERENCE 2.2).
-Tiny configs on the CPU, no downloads."""
+Tiny configs on the CPU, no downloads.
+
+    python -m pytest -q tests/test_vision.py
+"""
 
 import math
 

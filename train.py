@@ -95,6 +95,8 @@ class TrainConfig:
     min_lr: float = opt(1e-4, min=0)             # cosine decays to this (at most lr)
     warmup_steps: int = opt(100, min=0)          # linear warmup from 0 to lr
     weight_decay: float = opt(0.0, min=0)        # LLaDA-V uses 0
+    optimizer: str = opt("adamw", choices=("adamw", "muon"))  # adamw | muon: Muon (orthogonalised momentum) for
+                                                 # the hidden weight matrices, AdamW for the rest (MuonAdamW below)
     beta2: float = opt(0.95, min=0, lt=1)        # AdamW beta2. LLaDA-V's recipe has 0.999; with small batches the
                                                  # 1/t-weighted loss has rare huge gradients, and 0.95 recovers from
                                                  # them far faster
@@ -165,6 +167,9 @@ class TrainConfig:
         if self.gen_length % self.block_length or self.sample_steps % (self.gen_length // self.block_length):
             raise ValueError(f"--gen_length={self.gen_length} must be divisible by --block_length={self.block_length}, "
                              f"and --sample_steps={self.sample_steps} by the number of blocks; fix the three options")
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise ValueError("--optimizer=muon needs whole weight matrices, and --parallel=fsdp shards them; use "
+                             "--optimizer=adamw or --parallel=ddp")
         if self.min_lr > self.lr:
             raise ValueError(f"--min_lr={self.min_lr} is above --lr={self.lr}: the cosine would raise the learning "
                              f"rate; lower --min_lr")
@@ -185,7 +190,7 @@ class TrainConfig:
 
 # LLaDA-V's recipe (REFERENCE 7): AdamW (0.9, 0.999), weight decay 0, 3% warmup, cosine to 0, clip 1.0,
 # one epoch; the global batch is reached with gradient accumulation. Stage 1 trains the projector only.
-_COMMON = dict(beta2=0.999, weight_decay=0.0, min_lr=0.0, warmup_ratio=0.03, grad_clip=1.0, epochs=1.0,
+_COMMON = dict(optimizer="adamw", beta2=0.999, weight_decay=0.0, min_lr=0.0, warmup_ratio=0.03, grad_clip=1.0, epochs=1.0,
                stratified_t=False, exact_count=False, weighting="elbo", loss_mode="sft", max_len=8192, head_chunk=512)
 # Stage 1: square 384 images (729 tokens), 16 random captions per GPU. Stages 2-3: anyres_max_4 images with
 # spatial_unpad (base + crops, a trainable image_newline per row), one sample per GPU and per micro-batch
@@ -235,19 +240,91 @@ def component_scales(model, tc: TrainConfig):
             (list(model.projector.parameters()), tc.projector_lr_scale))
 
 
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the hidden weight matrices (groups with "muon": True), AdamW for everything else, in one
+    optimizer (one state dict: checkpoints, DCP and resume treat it like AdamW). Muon (Jordan et al. 2024;
+    torch.optim.Muon computes the same update one matrix at a time) replaces the matrix's momentum by
+    the nearest semi-orthogonal matrix, so every direction of the update moves by a similar amount:
+        B_t = mu B_{t-1} + (1 - mu) G_t          momentum, an EMA of the gradient G (mu = 0.95)
+        U_t = (1 - mu) G_t + mu B_t              Nesterov look-ahead
+        O_t = NS5(U_t / ||U_t||_F)              ~ U V^T of U_t's SVD, by five Newton-Schulz steps
+              X <- a X + (b A + c A^2) X,  A = X X^T,  (a, b, c) = (3.4445, -4.7750, 2.0315)
+        W_t = W_{t-1} - lr * 0.2 sqrt(max(m, n)) * O_t   (the 0.2 sqrt(max) factor gives the update an
+                                                          AdamW-like RMS, so the same lr serves both)
+    Matrices of one shape are orthogonalised together, as one batched matmul: on a CPU the toy's many
+    small matrices would otherwise spend the step in per-matrix overhead. The iteration runs in bf16 on a
+    GPU (as torch.optim.Muon does) and in fp32 on a CPU, where bf16 matmuls are slow.
+    A Muon update needs the whole matrix: FSDP2 shards it, so train.py refuses muon with FSDP2."""
+
+    NS = (3.4445, -4.7750, 2.0315)
+
+    def __init__(self, groups, lr, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, ns_steps=5):
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps,
+                                      weight_decay=0.0, muon=False))
+
+    @staticmethod
+    def orthogonalise(G, steps: int):
+        """G (n, m, k) -> NS5(G / ||G||) per matrix, batched (the quintic of torch.optim.Muon)."""
+        a, b, c = MuonAdamW.NS
+        X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+        tall = X.shape[-2] > X.shape[-1]
+        if tall:  # iterate on the wide side: A = X X^T is then the smaller Gram matrix
+            X = X.mT
+        X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
+        for _ in range(steps):
+            A = X @ X.mT                                   # (n, m, m)
+            X = a * X + (b * A + c * (A @ A)) @ X
+        return (X.mT if tall else X).to(G.dtype)
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            lr, wd = g["lr"], g["weight_decay"]
+            if g["muon"]:
+                mu, by_shape = g["momentum"], {}
+                for p in params:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.lerp_(p.grad, 1 - mu)                              # B_t
+                    by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, mu)))  # U_t
+                for shape, items in by_shape.items():
+                    O = self.orthogonalise(torch.stack([u for _, u in items]), g["ns_steps"])
+                    for (p, _), o in zip(items, O):
+                        p.mul_(1 - lr * wd).add_(o, alpha=-lr * 0.2 * max(shape) ** 0.5)
+                continue
+            b1, b2 = g["betas"]
+            for p in params:  # AdamW, as torch.optim.AdamW computes it
+                st = self.state[p]
+                if not st:
+                    st["step"], st["exp_avg"], st["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                st["step"] += 1
+                st["exp_avg"].lerp_(p.grad, 1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (st["exp_avg_sq"].sqrt() / (1 - b2 ** st["step"]) ** 0.5).add_(g["eps"])
+                p.mul_(1 - lr * wd).addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** st["step"]))
+
+
 def make_groups(model, tc: TrainConfig):
     """One parameter group per component, each with its own lr multiplier (LLaDA-V trains the vision
     tower at a fifth of the LLM's lr); decay only matrices (LLaDA-V uses weight_decay 0 anyway). A zero
     multiplier freezes the component: call freeze() before wrapping (DDP and FSDP2 must see which
     parameters train) and make_groups() after (FSDP2 replaces the parameters by their shards)."""
+    # Muon's "hidden matrices": the weights of every nn.Linear but the output head. The token embedding,
+    # the head, the ViT's position embedding and patch convolution, norms and biases stay with AdamW.
+    hidden = {id(m.weight) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")} if tc.optimizer == "muon" else set()
     groups = []
     for part, scale in component_scales(model, tc):
         params = [p for p in part if p.requires_grad]
         if scale == 0:
             continue
-        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_scale": scale},
+        mats = [p for p in params if id(p) in hidden]
+        if mats:
+            groups.append({"params": mats, "weight_decay": tc.weight_decay, "lr_scale": scale, "muon": True})
+        groups += [{"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden],
+                    "weight_decay": tc.weight_decay, "lr_scale": scale},
                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
-    return groups
+    return [g for g in groups if g["params"]]
 
 
 def freeze(model, tc: TrainConfig):
@@ -489,7 +566,7 @@ def claim_out_dir(tc: TrainConfig, log) -> str:
 
 # The options that shape the trajectory: a resumed run with any of them changed is another experiment
 # (another seed, batch or lr schedule, other data), so --resume=1 refuses it unless --resume_changed=1.
-RESUME_KEYS = ("seed", "batch_size", "lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "beta2",
+RESUME_KEYS = ("seed", "optimizer", "batch_size", "lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "beta2",
                "grad_clip", "llm_lr_scale", "vision_lr_scale", "projector_lr_scale", "stratified_t", "exact_count",
                "weighting", "loss_mode", "single_object_steps", "kind_weights_from", "kind_weights", "gen_length",
                "stage", "data", "image_root", "data_format", "max_len", "unignore_special", "pad_labels")
@@ -748,8 +825,14 @@ def _train(tc: TrainConfig, mc, info, log):
     n = count_params(model)
     parallel = resolve_parallel(tc.parallel, n["total"], info)
     fwd = wrap(model, parallel, info, bf16=device.type == "cuda")  # call fwd; `model` holds the state
-    opt = torch.optim.AdamW(make_groups(model, tc), lr=tc.lr, betas=(0.9, tc.beta2), eps=1e-8,
-                            fused=device.type == "cuda" and parallel != "fsdp")
+    if tc.optimizer == "muon":
+        if parallel == "fsdp":
+            sys.exit("--optimizer=muon needs whole weight matrices, and FSDP2 shards them; use --optimizer=adamw "
+                     "or --parallel=ddp")
+        opt = MuonAdamW(make_groups(model, tc), lr=tc.lr, betas=(0.9, tc.beta2), eps=1e-8)
+    else:
+        opt = torch.optim.AdamW(make_groups(model, tc), lr=tc.lr, betas=(0.9, tc.beta2), eps=1e-8,
+                                fused=device.type == "cuda" and parallel != "fsdp")
     # pt: one file, simple, fine for one process; dcp: sharded, written by every process in parallel and
     # loadable on any other number of processes, the only option under FSDP2
     fmt = tc.ckpt_format if tc.ckpt_format != "auto" else "dcp" if (info.on or tc.data) else "pt"

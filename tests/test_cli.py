@@ -24,6 +24,8 @@ MAINS = {"train": train.main, "sample": sample.main, "bench": bench.main, "plan"
 BAD = [
     # ranges: steps, lengths, intervals, batch sizes >= 1; rates > 0; probabilities in [0, 1]
     ("train", ["--max_steps=0"], "--max_steps=0: out of range; must be >= 1"),
+    ("train", ["--optimizer=sgd"], "--optimizer=sgd: not allowed; use one of adamw, muon"),
+    ("train", ["--optimizer=muon", "--parallel=fsdp"], "--optimizer=muon needs whole weight matrices"),
     ("train", ["--max_steps=-5"], "--max_steps=-5: out of range"),
     ("train", ["--log_every=0"], "--log_every=0: out of range; must be >= 1"),
     ("train", ["--ckpt_every=0"], "--ckpt_every=0: out of range"),

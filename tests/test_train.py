@@ -88,13 +88,16 @@ def test_train_with_a_converted_tokenizer_json(tmp_path):
     sample.main([f"--checkpoint={tmp_path / 'ckpt.pt'}", "--seed=1"])
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, optimizer):
     """Training 6 steps straight gives bit-identical weights to training 3, stopping, and resuming to 6:
-    batches and masks depend only on (seed, step), and the optimizer state is restored."""
-    straight, _ = run_train(tmp_path / "a", "--max_steps=6")
-    run_train(tmp_path / "b", "--max_steps=3")
+    batches and masks depend only on (seed, step), and the optimizer state (AdamW's moments, Muon's
+    momentum) is restored."""
+    o = f"--optimizer={optimizer}"
+    straight, _ = run_train(tmp_path / "a", "--max_steps=6", o)
+    run_train(tmp_path / "b", "--max_steps=3", o)
     # a longer schedule is a changed option: allowed with --resume_changed=1 (the lr is the same up to step 3)
-    resumed, _ = run_train(tmp_path / "b", "--max_steps=6", "--resume=1", "--resume_changed=1")
+    resumed, _ = run_train(tmp_path / "b", "--max_steps=6", "--resume=1", "--resume_changed=1", o)
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -191,3 +194,36 @@ def test_sample_refuses_a_non_checkpoint(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"\x00" * 100)
     with pytest.raises(SystemExit, match="not a checkpoint written by train.py"):
         sample.main([f"--checkpoint={tmp_path / 'ckpt.pt'}"])
+
+
+def test_muon_adamw_part_is_adamw():
+    """MuonAdamW's groups without the muon flag take exactly torch.optim.AdamW's steps."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))
+    a2, b2 = (torch.nn.Parameter(p.detach().clone()) for p in (a, b))
+    ours = train.MuonAdamW([{"params": [a, b], "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95))
+    ref = torch.optim.AdamW([a2, b2], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        for p, q in ((a, a2), (b, b2)):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    assert torch.allclose(a, a2, atol=1e-6) and torch.allclose(b, b2, atol=1e-6)
+
+
+def test_muon_orthogonalises_each_matrix():
+    """NS5 maps a matrix to ~U V^T of its SVD: the singular values land near 1 (the quintic leaves them in
+    roughly (0.5, 1.5)) whatever the input's scale, the singular vectors are kept, and a batch of
+    same-shape matrices gives what each alone gives."""
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(3, 12, 5, generator=g) * torch.tensor([1e-3, 1.0, 1e3])[:, None, None]
+    O = train.MuonAdamW.orthogonalise(G, 5)
+    for i in range(3):
+        U, S, Vh = torch.linalg.svd(G[i], full_matrices=False)
+        s = torch.linalg.svdvals(O[i])
+        assert s.min() > 0.4 and s.max() < 1.6, s
+        D = U.T @ O[i] @ Vh.T  # O in G's singular basis: nearly diagonal
+        assert (D - torch.diag(torch.diagonal(D))).norm() < 0.05 * D.norm()
+        assert torch.allclose(O[i], train.MuonAdamW.orthogonalise(G[i:i + 1], 5)[0], atol=1e-5)

@@ -267,13 +267,18 @@ def reveal(x, logits, lo, allowed, k, threshold=None, temperature=0.0, remasking
         x0_p = torch.rand(x0.shape, device=x0.device, dtype=torch.float64 if float64 else None)
     # confidence over the whole sequence (-inf outside the window), so that top-k sees the same vector,
     # and breaks ties the same way, as the official code
-    confidence = torch.full(x.shape, -torch.inf, dtype=x0_p.dtype, device=x.device)   # (B, L)
-    confidence[:, lo:lo + W] = torch.where(allowed[:, lo:lo + W], x0_p, -torch.inf)
-    n_allowed = allowed.sum(1).tolist()
+    if W == x.shape[1]:  # the window is everything (the official sampler)
+        confidence = torch.where(allowed, x0_p, -torch.inf)                        # (B, L)
+    else:
+        confidence = torch.full(x.shape, -torch.inf, dtype=x0_p.dtype, device=x.device)   # (B, L)
+        confidence[:, lo:lo + W] = torch.where(allowed[:, lo:lo + W], x0_p, -torch.inf)
+    # the official schedule never asks for more than the block's masks; a stop or a threshold can
+    n_allowed = allowed.sum(1).tolist() if (threshold is not None or float64) else None
     transfer = torch.zeros_like(allowed)
     for j in range(B):
         kj = int(k[j]) if threshold is None else max(1, int((confidence[j] > threshold).sum()))
-        transfer[j, torch.topk(confidence[j], k=min(kj, n_allowed[j])).indices] = True
+        kj = kj if n_allowed is None else min(kj, n_allowed[j])
+        transfer[j, torch.topk(confidence[j], k=kj).indices] = True
     x[:, lo:lo + W] = torch.where(transfer[:, lo:lo + W], x0, x[:, lo:lo + W])
     return x
 
@@ -352,9 +357,12 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         if threshold is None:
             num_transfer_tokens = get_num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)  # (B, s)
         kv, i = None, 0
+        in_window = ((pos >= lo) & (pos < end))[None]  # (1, L): from the window's start to the block's end
         while threshold is not None or i < steps_per_block:
             # where this step may reveal: masked, in the window, before the block's end and the stop (B, L)
-            allowed = (x == mask_id) & (pos >= lo) & (pos < end) & (pos[None] < P + stop[:, None])
+            allowed = (x == mask_id) & in_window
+            if stop_sequences:
+                allowed &= pos[None] < P + stop[:, None]
             if (threshold is not None or llada_v) and not allowed.any():
                 break  # block full (threshold), or LLaDA-V's early end; the official schedule runs all steps
             # ---- one model call: a full pass, or the cached span; logits only for the window

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import repeat
 
 from tokenizer import IMAGE_TOKEN_INDEX
 from vision import VisionConfig, VisionTower, pack_features
@@ -175,10 +175,13 @@ class Block(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_hidden, d, bias=False)  # original LLaDA name: ff_out
 
     def forward(self, x, cos, sin, attn_mask, cache=None, layer=0):
+        B, L, D = x.shape
         h = self.attn_norm(x)
-        q = rearrange(self.q_proj(h), "b l (h d) -> b h l d", h=self.n_heads)     # (B, H, L, hd)
-        k = rearrange(self.k_proj(h), "b l (h d) -> b h l d", h=self.n_kv_heads)  # (B, H_kv, L, hd)
-        v = rearrange(self.v_proj(h), "b l (h d) -> b h l d", h=self.n_kv_heads)
+        # split the heads: (B, L, H hd) -> (B, H, L, hd). Written with view/transpose, not einops: this runs
+        # 4 times per layer per sampler step, and einops' per-call overhead is a visible share of a toy step
+        q = self.q_proj(h).view(B, L, self.n_heads, -1).transpose(1, 2)     # (B, H, L, hd)
+        k = self.k_proj(h).view(B, L, self.n_kv_heads, -1).transpose(1, 2)  # (B, H_kv, L, hd)
+        v = self.v_proj(h).view(B, L, self.n_kv_heads, -1).transpose(1, 2)
         fp32 = self.cfg.rope_fp32  # read at every call: flipping model.cfg.rope_fp32 switches a built model
         q, k = apply_rope(q, cos, sin, fp32), apply_rope(k, cos, sin, fp32)
         if cache is not None:  # approximate KV cache (diffusion.KVCache): keys/values of the whole sequence,
@@ -189,7 +192,7 @@ class Block(nn.Module):
         # is_causal=False is the whole difference to an autoregressive LLaMA: attention is bidirectional.
         # attn_mask (B, 1, 1, L) bool hides padding keys; None means no padding.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)  # (B, H, L, hd)
-        x = x + self.o_proj(rearrange(y, "b h l d -> b l (h d)"))
+        x = x + self.o_proj(y.transpose(1, 2).reshape(B, y.shape[2], D))  # heads merged: (B, L_q, D)
         h = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 

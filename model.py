@@ -792,6 +792,9 @@ def run_cli(main, argv: list[str] | None = None):
     KeyError, a RuntimeError) is a bug, not the user's doing, and keeps its traceback."""
     try:
         main(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:  # `python train.py --help | head`: the reader left; nothing to report
+        sys.stderr.close()
+        sys.exit(0)
     except (SystemExit, ValueError, FileNotFoundError) as e:
         msg = e.code if isinstance(e, SystemExit) else str(e)
         if msg is None or isinstance(msg, int):  # sys.exit(0) after --help, or a plain status: pass it on

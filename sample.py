@@ -15,7 +15,7 @@ Usage:
     python sample.py --gif=out.gif                     # an animation of the denoising
     python sample.py --eval --modes=exact,threshold+dual   # held-out accuracy, NFE and time per mode
     python sample.py --eval_choice                     # multiple choice by the likelihood bound
-The official model (a Hugging Face directory, e.g. GSAI-ML/LLaDA-V; see README "Run the official model"):
+The official model (a Hugging Face directory, e.g. GSAI-ML/LLaDA-V; see docs/official.md):
     python sample.py --checkpoint=LLaDA-V --image=cat.jpg --question="What is in the picture?"
     python sample.py --checkpoint=LLaDA-V --image=cat.jpg --chat        # multi-turn, questions from stdin
     python sample.py --checkpoint=LLaDA-V --image=cat.jpg --mode=threshold+dual    # fast decoding, as above

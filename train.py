@@ -5,7 +5,8 @@ Where this sits in the flow: every piece at once. Each step:
     pixels -> ViT -> projector -> visual tokens, spliced into the chat-template token sequence x0
     t ~ U(0,1) per sample; answer tokens -> [MASK] with p_mask = (1 - 1e-3) t + 1e-3     (diffusion.py)
     loss = 1/B sum_b 1/|A_b| sum_{masked i} CE(f(x_t)_i, x0_i) / p_mask_b                 (SFT form)
-    AdamW, linear warmup then cosine decay, gradient clipping at 1.0.
+    AdamW (or --optimizer=muon: Muon for the hidden matrices, MuonAdamW), linear warmup then cosine
+    decay, gradient clipping at 1.0.
 
 The default run (`python train.py`) trains the `toy` preset from scratch on the embedded synthetic
 shapes dataset on a CPU in a few minutes and ends with a held-out report: exact-match accuracy per
@@ -16,7 +17,7 @@ question kind, and the same evaluation with blank images (a model that really lo
     python train.py --lm.n_layers=6             # model fields: --lm.* and --vision.*
     python train.py --resume=1                  # continue from out/ckpt.pt (same config required)
 
-At scale (README "Training at scale"): LLaDA-V's stages on LLaVA-format data (data.py), under
+At scale (docs/scale.md): LLaDA-V's stages on LLaVA-format data (data.py), under
 torchrun with DDP or FSDP2 and resharding DCP checkpoints (distributed.py), MFU logs (model.step_flops):
     python train.py --stage=1 --data=captions.json --image_root=images/ --out_dir=out/s1
     torchrun --standalone --nproc_per_node=8 train.py --stage=2 --data=conv.json --image_root=images/
@@ -122,7 +123,7 @@ class TrainConfig:
     eval_final: int = opt(500, min=0)   # held-out questions in the final report; 0 = no report
     ckpt_every: int = opt(250, min=1)   # atomic checkpoint every N steps (and at the end)
     compile: bool = False               # torch.compile the model (CUDA)
-    # --- training at scale: LLaVA-format data, stages, torchrun (see README "Training at scale") ---
+    # --- training at scale: LLaVA-format data, stages, torchrun (see docs/scale.md) ---
     stage: int = opt(0, choices=(0, 1, 2, 3))  # 0 = the toy recipe above; 1 | 2 | 3 = LLaDA-V's stage presets
                                                # (STAGES): their values first, explicit options override them
     data: str = opt("", path="file")           # LLaVA-format .json / .jsonl; empty = the embedded synthetic data

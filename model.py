@@ -27,6 +27,10 @@ image is several crops whose features are re-assembled, unpadded and closed row 
 `image_newline` vector (vision.py's image modes; LLaDAV.encode_image_crops for one image, encode_crops for
 a training micro-batch: one tower call over every crop, then packing image by image). Official weights:
 checkpoint.py.
+
+Also here, because they belong to the configs: the FLOPs of a training step and the one table of GPU peaks
+(MFU), and, last, the one command-line parser every script uses (`--key=value` into these dataclass
+configs, each option checked against the rule declared beside its field; nanoGPT's configurator idea).
 """
 import math
 import time

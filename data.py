@@ -149,13 +149,14 @@ def sft_example(tok: Tokenizer, question: str, answer: str, gen_length: int, n_i
     return prompt + ans, [IGNORE_INDEX] * len(prompt) + ans
 
 
-def collate(examples, pad_id: int):
-    """Right-pad a list of (ids, labels) to one length. Padding has attention_mask 0 and IGNORE labels.
-    Returns ids (B, L), labels (B, L), attention_mask (B, L) bool."""
+def collate(examples, pad_id: int, label_pad: int = IGNORE_INDEX):
+    """The one collate: right-pad a list of (ids, labels) to one length with pad_id, the labels with
+    label_pad (IGNORE_INDEX: padding is never scored; the LLaVA collator passes EOS: padding is a target).
+    Returns ids (B, L), labels (B, L), attention_mask (B, L) bool (True on the real tokens)."""
     L = max(len(ids) for ids, _ in examples)
     B = len(examples)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
-    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((B, L), label_pad, dtype=torch.long)
     attn = torch.zeros(B, L, dtype=torch.bool)
     for i, (x, y) in enumerate(examples):
         ids[i, :len(x)] = torch.tensor(x)
@@ -421,14 +422,8 @@ def collate_llava(items, pad_id: int, pad_labels: bool = True):
     out = {"errors": errors, "n_seen": len(items), "n_samples": len(good)}
     if not good:
         return out | {"ids": None}
-    L = max(len(it["ids"]) for it in good)
-    B = len(good)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    labels = torch.full((B, L), pad_id if pad_labels else IGNORE_INDEX, dtype=torch.long)
-    attn = torch.zeros(B, L, dtype=torch.bool)
-    for i, it in enumerate(good):
-        n = len(it["ids"])
-        ids[i, :n], labels[i, :n], attn[i, :n] = torch.tensor(it["ids"]), torch.tensor(it["labels"]), True
+    ids, labels, attn = collate([(it["ids"], it["labels"]) for it in good], pad_id,
+                                pad_id if pad_labels else IGNORE_INDEX)  # (B, L) each
     pix = [it["pixels"] for it in good if it["pixels"] is not None]
     layout = [spec for it in good for spec in it["layout"]]  # the placeholders fill sample by sample, in order
     return out | {"ids": ids, "labels": labels, "attn": attn, "pixels": torch.cat(pix) if pix else None,

@@ -415,8 +415,13 @@ def main(argv):
     if sc.gif:
         # the animation may replace an earlier GIF, never anything else (a checkpoint, an image, a report)
         gif = sc.gif
-        if os.path.isdir(gif) or os.path.exists(gif) and open(gif, "rb").read(6) not in (b"GIF87a", b"GIF89a"):
-            sys.exit(f"--gif={gif} exists and is not a GIF; refusing to replace it, pick another file name")
+        if os.path.exists(gif):
+            magic = b""
+            if os.path.isfile(gif):
+                with open(gif, "rb") as f:
+                    magic = f.read(6)
+            if magic not in (b"GIF87a", b"GIF89a"):
+                sys.exit(f"--gif={gif} exists and is not a GIF; refusing to replace it, pick another file name")
         show = callback
 
         def callback(x, step, block):  # keep every canvas for the animation

@@ -586,11 +586,7 @@ def from_pretrained(path, dtype=None, device="cpu", vision_path=None):
 # Writing
 
 def _write_json(path, obj):
-    def w(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-    atomic_write(path, w)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_size: int = 5 * 10**9, dtype=None):

@@ -124,15 +124,6 @@ def barrier():
         dist.barrier()
 
 
-def all_mean(x: float, info: DistInfo) -> float:
-    """Average a Python number over the ranks (for logging)."""
-    if not info.on:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device="cpu" if info.device.type == "cpu" else info.device)
-    dist.all_reduce(t)
-    return t.item() / info.world
-
-
 def all_sum(values: list, info: DistInfo) -> list:
     if not info.on:
         return values
@@ -177,17 +168,6 @@ def wrap(model: nn.Module, mode: str, info: DistInfo, bf16: bool):
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints (torch.distributed.checkpoint)
-
-def latest_checkpoint(out_dir: str):
-    """-> path of the newest complete DCP checkpoint, or None."""
-    p = os.path.join(out_dir, "dcp", "latest")
-    if not os.path.exists(p):
-        return None
-    with open(p) as f:
-        name = f.read().strip()
-    path = os.path.join(out_dir, "dcp", name)
-    return path if os.path.exists(os.path.join(path, ".metadata")) else None
-
 
 def dcp_checkpoints(out_dir: str) -> list:
     """-> every complete DCP checkpoint folder (renamed into place, with DCP's .metadata), newest first:

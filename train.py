@@ -52,7 +52,6 @@ import shutil
 import socket
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -99,7 +98,6 @@ class TrainConfig:
     weight_decay: float = opt(0.0, min=0)        # LLaDA-V uses 0
     optimizer: str = opt("adamw", choices=("adamw", "muon"))  # adamw | muon: Muon (orthogonalised momentum) for
                                                  # the hidden weight matrices, AdamW for the rest (MuonAdamW below)
-    muon_lr_scale: float = opt(1.0, gt=0)        # --optimizer=muon: the Muon matrices' lr = lr * this (x component scale)
     beta2: float = opt(0.95, min=0, lt=1)        # AdamW beta2. LLaDA-V's recipe has 0.999; with small batches the
                                                  # 1/t-weighted loss has rare huge gradients, and 0.95 recovers from
                                                  # them far faster
@@ -281,43 +279,30 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        # Written with torch._foreach_* (one kernel launch per list, not per tensor, as torch.optim's
-        # foreach AdamW): the toy's ~80 small tensors would otherwise spend the step in per-op overhead.
         for g in self.param_groups:
             params = [p for p in g["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads, lr, wd = [p.grad for p in params], g["lr"], g["weight_decay"]
-            if wd:
-                torch._foreach_mul_(params, 1 - lr * wd)                   # decoupled weight decay
+            lr, wd = g["lr"], g["weight_decay"]
             if g["muon"]:
-                mu = g["momentum"]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-                torch._foreach_lerp_(bufs, grads, 1 - mu)                  # B_t
-                by_shape = {}
-                for p, u in zip(params, torch._foreach_lerp(grads, bufs, mu)):  # U_t
-                    by_shape.setdefault(p.shape, ([], []))
-                    by_shape[p.shape][0].append(p)
-                    by_shape[p.shape][1].append(u)
-                for shape, (ps, us) in by_shape.items():
-                    O = self.orthogonalise(torch.stack(us), g["ns_steps"])
-                    torch._foreach_add_(ps, list(O.unbind(0)), alpha=-lr * 0.2 * max(shape) ** 0.5)
+                mu, by_shape = g["momentum"], {}
+                for p in params:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.lerp_(p.grad, 1 - mu)                              # B_t
+                    by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, mu)))  # U_t
+                for shape, items in by_shape.items():
+                    O = self.orthogonalise(torch.stack([u for _, u in items]), g["ns_steps"])
+                    for (p, _), o in zip(items, O):
+                        p.mul_(1 - lr * wd).add_(o, alpha=-lr * 0.2 * max(shape) ** 0.5)
                 continue
-            b1, b2 = g["betas"]  # AdamW, as torch.optim.AdamW computes it
-            for p in params:
-                if not self.state[p]:
-                    self.state[p].update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            states = [self.state[p] for p in params]
-            for st in states:
+            b1, b2 = g["betas"]
+            for p in params:  # AdamW, as torch.optim.AdamW computes it
+                st = self.state[p]
+                if not st:
+                    st["step"], st["exp_avg"], st["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
                 st["step"] += 1
-            m, v = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
-            torch._foreach_lerp_(m, grads, 1 - b1)                         # m_t
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)         # v_t
-            denom = torch._foreach_sqrt(v)                                 # sqrt(v_t / (1 - b2^t)) + eps
-            torch._foreach_div_(denom, [(1 - b2 ** st["step"]) ** 0.5 for st in states])
-            torch._foreach_add_(denom, g["eps"])
-            torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1 ** st["step"]) for st in states])
+                st["exp_avg"].lerp_(p.grad, 1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (st["exp_avg_sq"].sqrt() / (1 - b2 ** st["step"]) ** 0.5).add_(g["eps"])
+                p.mul_(1 - lr * wd).addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** st["step"]))
 
 
 def make_groups(model, tc: TrainConfig):
@@ -336,8 +321,7 @@ def make_groups(model, tc: TrainConfig):
             continue
         mats = [p for p in params if id(p) in hidden]
         if mats:
-            groups.append({"params": mats, "weight_decay": tc.weight_decay, "lr_scale": scale * tc.muon_lr_scale,
-                           "muon": True})
+            groups.append({"params": mats, "weight_decay": tc.weight_decay, "lr_scale": scale, "muon": True})
         groups += [{"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden],
                     "weight_decay": tc.weight_decay, "lr_scale": scale},
                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
@@ -583,7 +567,7 @@ def claim_out_dir(tc: TrainConfig, log) -> str:
 
 # The options that shape the trajectory: a resumed run with any of them changed is another experiment
 # (another seed, batch or lr schedule, other data), so --resume=1 refuses it unless --resume_changed=1.
-RESUME_KEYS = ("seed", "optimizer", "muon_lr_scale", "batch_size", "lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "beta2",
+RESUME_KEYS = ("seed", "optimizer", "batch_size", "lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "beta2",
                "grad_clip", "llm_lr_scale", "vision_lr_scale", "projector_lr_scale", "stratified_t", "exact_count",
                "weighting", "loss_mode", "single_object_steps", "kind_weights_from", "kind_weights", "gen_length",
                "stage", "data", "image_root", "data_format", "max_len", "unignore_special", "pad_labels")
@@ -674,21 +658,6 @@ class StepBatches:
         self.accum, self.micro, self.synthetic, self.stream, self.bad = accum, micro, synthetic, stream, bad
         self.key_mask = key_mask_on(tc)  # hide the padding from attention (the toy) or not (LLaDA-V's collator)
         self.needs_image = info.on and (trains["vision"] or trains["projector"] or newline_trains)
-        # Synthetic data: one background thread draws step s + 1's scenes while step s computes (pillow and
-        # the tensor ops release the GIL for most of it). The batch is a function of the step alone, so
-        # the prefetch changes nothing but the wall time.
-        self.drawer = ThreadPoolExecutor(1) if synthetic is not None and stream is None else None
-        self.ahead = None  # (step, Future) of the batch being drawn
-
-    def draw(self, step):
-        """The synthetic batch of `step`: ids, labels, attn, pixels (CPU tensors)."""
-        return self.synthetic.train_batch(step, self.tc.batch_size, lambda im: preprocess(im, self.mc.vision.image_size))
-
-    def drawn(self, step):
-        """draw(step), taken from the background thread when it drew it; then starts on step + 1."""
-        batch = self.ahead[1].result() if self.ahead and self.ahead[0] == step else self.draw(step)
-        self.ahead = (step + 1, self.drawer.submit(self.draw, step + 1)) if step + 1 < self.tc.max_steps else None
-        return batch
 
     def noise(self, ids, labels, g):
         """x0 -> (x_t, masked, p_mask): t ~ U(0,1) per row, answer tokens masked with prob. p_mask."""
@@ -702,7 +671,8 @@ class StepBatches:
             # Synthetic data: the batch and masks depend only on (seed, step). Every process draws the
             # whole global batch and its masks, then keeps its rows, so any number of processes trains on
             # exactly what one process would.
-            ids, labels, attn, pixels = (t.to(dev) for t in self.drawn(step))  # (B, L) x 3, (B, 3, S, S)
+            batch = self.synthetic.train_batch(step, tc.batch_size, lambda im: preprocess(im, self.mc.vision.image_size))
+            ids, labels, attn, pixels = (t.to(dev) for t in batch)  # (B, L) x 3, (B, 3, S, S)
             xt, masked, p_mask = self.noise(ids, labels, torch.Generator(device=dev).manual_seed(tc.seed * 1_000_003 + step))
             kw = lambda r: dict(pixels=pixels[r], attention_mask=attn[r] if self.key_mask else None)
             if self.accum == 1 and not info.on:

@@ -82,7 +82,7 @@ BAD = [
     ("train", ["--stage=1", "--min_lr=0.01"], "--min_lr=0.01 is above --lr=0.001"),
     ("train", ["--micro_batch_size=5"], "--batch_size=32 must be a multiple of --micro_batch_size=5"),
     ("train", ["--init_parts=all,llm"], "--init_parts=all,llm: use all, or a comma list"),
-    ("train", ["--ckpt_format=pt", "--parallel=fsdp"], "--ckpt_format=pt cannot save FSDP2"),
+    ("train", ["--ckpt_format=pt", "--parallel=fsdp", "--optimizer=adamw"], "--ckpt_format=pt cannot save FSDP2"),
     ("train", ["--kind_weights=colour:1"], "--kind_weights: bad kind weight 'colour:1'"),
     # the form of an argument, unknown keys, the model's --lm.* / --vision.*
     ("train", ["--gen-length=5"], "unknown option --gen-length: options are spelled with underscores; use --gen_length"),
@@ -187,7 +187,7 @@ def test_good_values_parse_and_stage_presets_come_first():
 
 
 def test_help_lists_every_option_with_its_field_comment(capsys):
-    for main, lines in [(train.main, ["--max_steps=5500", "optimizer steps [>= 1]", "--resume=0",
+    for main, lines in [(train.main, ["--max_steps=3500", "optimizer steps [>= 1]", "--resume=0",
                                       "steps of gradient accumulation",      # a comment's continuation line
                                       "--- training at scale",               # a section heading
                                       "--lm.n_layers=4", "--vision.image_size=64"]),

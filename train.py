@@ -87,12 +87,13 @@ class TrainConfig:
     max_steps: int = opt(3500, min=1)                 # optimizer steps
     lr: float = opt(1.5e-3, gt=0)                     # peak learning rate of the language model; lower it (e.g.
                                                       # 1e-4) for big models
-    vision_lr_scale: float = opt(1.0, min=0)     # vision tower lr = lr * this (0 freezes it). LLaDA-V's stages use
-                                                 # 0.2 (2e-6 / 1e-5); the toy, learning to see from scratch with
-                                                 # Muon, learns relations faster at 1 (docs/notebook.md). With AdamW
-                                                 # keep 0.2: Adam turns the early noise of the vision gradient into
-                                                 # full-size steps, and the features blow up and stall
-    projector_lr_scale: float = opt(1.0, min=0)  # projector lr = lr * this
+    vision_lr_scale: float = opt(0.5, min=0)     # vision tower lr = lr * this (0 freezes it). LLaDA-V's stages use
+                                                 # 0.2 (2e-6 / 1e-5). From scratch it matters too: until the language
+                                                 # model reads the image the vision gradient is noise, and at the full
+                                                 # lr the features can blow up and stall (colour and shape then stay
+                                                 # unlearnt); with Muon the toy learns relations faster at 0.5 than
+                                                 # at 0.2 (docs/notebook.md)
+    projector_lr_scale: float = opt(0.5, min=0)  # projector lr = lr * this
     min_lr: float = opt(1e-4, min=0)             # cosine decays to this (at most lr)
     warmup_steps: int = opt(100, min=0)          # linear warmup from 0 to lr
     weight_decay: float = opt(0.0, min=0)        # LLaDA-V uses 0

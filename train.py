@@ -5,8 +5,8 @@ Where this sits in the flow: every piece at once. Each step:
     pixels -> ViT -> projector -> visual tokens, spliced into the chat-template token sequence x0
     t ~ U(0,1) per sample; answer tokens -> [MASK] with p_mask = (1 - 1e-3) t + 1e-3     (diffusion.py)
     loss = 1/B sum_b 1/|A_b| sum_{masked i} CE(f(x_t)_i, x0_i) / p_mask_b                 (SFT form)
-    AdamW (or --optimizer=muon: Muon for the hidden matrices, MuonAdamW), linear warmup then cosine
-    decay, gradient clipping at 1.0.
+    the toy: Muon for the hidden matrices, AdamW for the rest (MuonAdamW); LLaDA-V's stages: AdamW.
+    Linear warmup then cosine decay, gradient clipping at 1.0.
 
 The default run (`python train.py`) trains the `toy` preset from scratch on the embedded synthetic
 shapes dataset on a CPU in a few minutes and ends with a held-out report: exact-match accuracy per
@@ -33,7 +33,7 @@ Reading order. train() is setup -> resume -> batches -> the loop; everything it 
     StepBatches                  step -> micro-batches already through the forward process q(x_t | x0)
     Meter                        tokens/s, MFU, ETA, memory for the log lines
 The loop itself reads as the method does: forward_process -> model -> diffusion_loss -> backward ->
-clip -> AdamW step, with the bookkeeping (logging, quick evaluation, checkpoint) after it.
+clip -> optimizer step, with the bookkeeping (logging, quick evaluation, checkpoint) after it.
 
 Safety. A checkpoint can hold days of GPU time, so a run refuses what would lose work without a word:
   - an out_dir holding another run's checkpoint (unless --resume=1 or --overwrite=1), a model train.py
@@ -99,7 +99,7 @@ class TrainConfig:
     weight_decay: float = opt(0.0, min=0)        # LLaDA-V uses 0
     optimizer: str = opt("muon", choices=("adamw", "muon"))  # muon: Muon (orthogonalised momentum) for the
                                                  # hidden weight matrices, AdamW for the rest (MuonAdamW below; the
-                                                 # toy learns ~2x faster per step) | adamw: AdamW for all (LLaDA-V)
+                                                 # toy learns in fewer steps) | adamw: AdamW for all (LLaDA-V)
     beta2: float = opt(0.95, min=0, lt=1)        # AdamW beta2. LLaDA-V's recipe has 0.999; with small batches the
                                                  # 1/t-weighted loss has rare huge gradients, and 0.95 recovers from
                                                  # them far faster
@@ -853,7 +853,7 @@ def _train(tc: TrainConfig, mc, info, log):
         tc.warmup_steps = max(1, round(tc.warmup_ratio * tc.max_steps))
 
     # --- resume: the newest intact checkpoint of this run ---
-    # weights, AdamW moments and the step; the data order and the masks are functions of (seed, step), so
+    # weights, optimizer moments and the step; the data order and the masks are functions of (seed, step), so
     # nothing else needs saving for the run to continue bit for bit (tests/kill_resume.py checks it)
     step, bad_prev, last_ckpt = 0, {}, None
     if tc.resume:
@@ -919,7 +919,7 @@ def _train(tc: TrainConfig, mc, info, log):
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         if not math.isfinite(float(norm)):  # NaN / Inf loss: stop before it reaches the weights
             nonfinite_stop(step + 1, float(norm), last_ckpt)
-        opt.step()  # AdamW: bias-corrected moments, decoupled weight decay (0 in LLaDA-V)
+        opt.step()  # MuonAdamW or AdamW: bias-corrected moments, decoupled weight decay (0 in LLaDA-V)
         step += 1
         meter.add(n_tok, seq, n_masked, n_img)
         # --- bookkeeping, after the step: log line (and JSON line), quick held-out check, checkpoint ---

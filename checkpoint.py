@@ -66,7 +66,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
-from tokenizer import Tokenizer, get_tokenizer
+from tokenizer import Tokenizer, config_mask_id, get_tokenizer
 from vision import MODES, VisionConfig, VisionTower, grid_pinpoints
 
 INDEX = "model.safetensors.index.json"
@@ -259,7 +259,7 @@ def load_checkpoint(path, device="cpu"):
         from synthetic import toy_tokenizer
         tok = toy_tokenizer()
     else:
-        tok = get_tokenizer(cfg.tokenizer, cfg.lm.mask_id if cfg.lm.mask_id != LLaDAConfig.mask_id else None)
+        tok = get_tokenizer(cfg.tokenizer, config_mask_id(cfg.lm.mask_id))
     return model, tok, ckpt
 
 

@@ -230,6 +230,14 @@ LLADA_SELF_CHECK = {
     " 6": [220, 21],
 }
 LLADA_BASE_TOKENS = 126080  # ids 0..126079 are BPE pieces, 126080.. the added special tokens
+LLADA_MASK_ID = 126336      # <|mdm_mask|>: LLaDA's [MASK] and model.LLaDAConfig's default mask_id
+
+
+def config_mask_id(mask_id: int) -> int | None:
+    """A model config's mask_id as get_tokenizer's override: the default (LLaDA's 126336) says nothing, so
+    the tokenizer's own [MASK] holds (config.json's mask_token_id, else <|mdm_mask|>: the toy's and other
+    vocabularies have it elsewhere); any other id (--lm.mask_id=5 for iLLaDA) overrides it."""
+    return None if mask_id == LLADA_MASK_ID else int(mask_id)
 
 
 def self_check(tok: Tokenizer, source: str = "tokenizer"):

@@ -65,7 +65,7 @@ from distributed import (all_sum, autocast, barrier, dcp_checkpoints, export, lo
 from model import PRESETS, LLaDAV, count_params, device_peak, model_config, opt, parse_config, run_cli, step_flops
 from sample import evaluate, format_eval
 from synthetic import SyntheticVQA, parse_kind_weights, toy_tokenizer
-from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
+from tokenizer import IMAGE_TOKEN_INDEX, config_mask_id, get_tokenizer
 from vision import preprocess
 
 
@@ -725,8 +725,7 @@ def load_tokenizer(tc: TrainConfig, mc):
     if tc.tokenizer:
         mc.tokenizer = tc.tokenizer  # recorded in the checkpoint's config, so sample.py finds it again
     try:
-        flag = mc.lm.mask_id if mc.lm.mask_id != 126336 else None  # --lm.mask_id=5 (iLLaDA); else the tokenizer's
-        return toy_tokenizer() if mc.tokenizer == "toy" else get_tokenizer(mc.tokenizer, flag)
+        return toy_tokenizer() if mc.tokenizer == "toy" else get_tokenizer(mc.tokenizer, config_mask_id(mc.lm.mask_id))
     except ValueError as e:
         sys.exit(f"preset {tc.preset!r} needs the {mc.tokenizer!r} tokenizer; pass --tokenizer=<tokenizer.json or "
                  f"model dir> ({e})")

@@ -202,3 +202,11 @@ def test_tokenizer_json_rank_order_violation_fails(tmp_path):
         tokenizer.get_tokenizer(str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="tokenizer.json"):
         tokenizer.get_tokenizer(str(tmp_path / "missing"))
+
+
+def test_config_mask_id_rule():
+    """A model config's default mask id (LLaDA's) leaves the tokenizer's own [MASK]; any other overrides it."""
+    from model import LLaDAConfig
+    assert LLaDAConfig().mask_id == tokenizer.LLADA_MASK_ID  # the rule's default is the config's default
+    assert tokenizer.config_mask_id(LLaDAConfig().mask_id) is None
+    assert tokenizer.config_mask_id(5) == 5

@@ -66,7 +66,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
-from tokenizer import Tokenizer, config_mask_id, get_tokenizer
+from tokenizer import LLADA_MASK_ID, Tokenizer, config_mask_id, get_tokenizer
 from vision import MODES, VisionConfig, VisionTower, grid_pinpoints
 
 INDEX = "model.safetensors.index.json"
@@ -350,7 +350,7 @@ def llada_config_from_hf(c: dict) -> LLaDAConfig:
     rope = c.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
     _require(rope, "rope_type", ("default",), "RoPE without scaling")
     theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
-    shared = dict(rope_theta=theta, norm_eps=c.get("rms_norm_eps", 1e-5), mask_id=c.get("mask_token_id", 126336))
+    shared = dict(rope_theta=theta, norm_eps=c.get("rms_norm_eps", 1e-5), mask_id=c.get("mask_token_id", LLADA_MASK_ID))
     if "d_model" in c:  # original
         cfg = LLaDAConfig(vocab_size=c.get("embedding_size") or c["vocab_size"], d_model=c["d_model"],
                           n_layers=c["n_layers"], n_heads=c["n_heads"], n_kv_heads=c.get("n_kv_heads") or 0,

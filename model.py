@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import repeat
 
-from tokenizer import IMAGE_TOKEN_INDEX
+from tokenizer import IMAGE_TOKEN_INDEX, LLADA_MASK_ID
 from vision import VisionConfig, VisionTower, pack_features
 
 
@@ -60,8 +60,8 @@ class LLaDAConfig:
     max_seq_len: int = 8192   # LLaDA-V trains at 8192 (16384 for OneVision); used only to reject prompts
     tie_embeddings: bool = False  # True: the output head is the input embedding E (logits = h E^T; iLLaDA);
                                   # LLaDA-8B and LLaDA-V have a separate head (REFERENCE 1.1)
-    mask_id: int = 126336     # [MASK] (<|mdm_mask|>) of the official vocabulary; config.json's mask_token_id
-                              # (iLLaDA: 5). The toy takes its own from its tokenizer.
+    mask_id: int = LLADA_MASK_ID  # [MASK] (<|mdm_mask|>) of the official vocabulary; config.json's mask_token_id
+                                  # (iLLaDA: 5). The toy takes its own from its tokenizer.
     rope_fp32: bool = True    # rotate q, k in fp32 (original LLaDA, rope_full_precision); False: in the
                               # activation dtype, as LLaDA-V's LLaMA-style port does (REFERENCE 11.4).
                               # from_pretrained sets it from the checkpoint's key layout.

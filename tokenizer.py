@@ -230,7 +230,7 @@ LLADA_SELF_CHECK = {
     " 6": [220, 21],
 }
 LLADA_BASE_TOKENS = 126080  # ids 0..126079 are BPE pieces, 126080.. the added special tokens
-LLADA_MASK_ID = 126336      # <|mdm_mask|>: LLaDA's [MASK] and model.LLaDAConfig's default mask_id
+LLADA_MASK_ID = 126336      # <|mdm_mask|>: LLaDA's [MASK], model.LLaDAConfig's default mask_id
 
 
 def config_mask_id(mask_id: int) -> int | None:

@@ -95,6 +95,9 @@ class TrainConfig:
                                                  # at 0.2 (docs/notebook.md)
     projector_lr_scale: float = opt(0.5, min=0)  # projector lr = lr * this
     min_lr: float = opt(1e-4, min=0)             # cosine decays to this (at most lr)
+    decay_frac: float = opt(0.4, gt=0, max=1)    # the cosine takes the last decay_frac of the steps; before it
+                                                 # the lr holds at its peak (1 = cosine right after warmup, as
+                                                 # LLaDA-V; the toy learns relations faster with the plateau)
     warmup_steps: int = opt(100, min=0)          # linear warmup from 0 to lr
     weight_decay: float = opt(0.0, min=0)        # LLaDA-V uses 0
     optimizer: str = opt("muon", choices=("adamw", "muon"))  # muon: Muon (orthogonalised momentum) for the
@@ -112,7 +115,7 @@ class TrainConfig:
                                                               # pretrain (1 / (B L))
     single_object_steps: int = opt(500, min=0)  # curriculum: the first N steps show one object and ask
                                                 # colour/shape/describe
-    kind_weights_from: int = opt(2500, min=0)   # curriculum: from this step on (once past single_object_steps),
+    kind_weights_from: int = opt(1500, min=0)   # curriculum: from this step on (once past single_object_steps),
                                                 # draw the kinds with kind_weights (before it: equal shares)
     kind_weights: str = "color:0.5,shape:1,count:0.5,relation:2,describe:1"  # kind:weight pairs
     gen_length: int = opt(12, min=1)    # answer canvas G, in tokens (training and sampling): the toy's longest
@@ -193,8 +196,9 @@ class TrainConfig:
 
 # LLaDA-V's recipe (REFERENCE 7): AdamW (0.9, 0.999), weight decay 0, 3% warmup, cosine to 0, clip 1.0,
 # one epoch; the global batch is reached with gradient accumulation. Stage 1 trains the projector only.
-_COMMON = dict(optimizer="adamw", beta2=0.999, weight_decay=0.0, min_lr=0.0, warmup_ratio=0.03, grad_clip=1.0, epochs=1.0,
-               stratified_t=False, exact_count=False, weighting="elbo", loss_mode="sft", max_len=8192, head_chunk=512)
+_COMMON = dict(optimizer="adamw", beta2=0.999, weight_decay=0.0, min_lr=0.0, decay_frac=1.0, warmup_ratio=0.03,
+               grad_clip=1.0, epochs=1.0, stratified_t=False, exact_count=False, weighting="elbo", loss_mode="sft",
+               max_len=8192, head_chunk=512)
 # Stage 1: square 384 images (729 tokens), 16 random captions per GPU. Stages 2-3: anyres_max_4 images with
 # spatial_unpad (base + crops, a trainable image_newline per row), one sample per GPU and per micro-batch
 # (never padded), batches grouped by length (REFERENCE 7, 11.8, 11.10).
@@ -222,14 +226,19 @@ def parse_args(argv, tc: TrainConfig | None = None):
 
 
 def lr_at(step, tc: TrainConfig):
-    """Linear warmup to lr, then cosine decay to min_lr at max_steps:
+    """Linear warmup to lr, a plateau at lr, then cosine decay to min_lr at max_steps:
         lr(s) = lr (s + 1) / warmup                                       s < warmup
-        lr(s) = min_lr + (lr - min_lr) (1 + cos(pi p)) / 2,  p = (s - warmup) / (max_steps - warmup)
-    LLaDA-V uses warmup_ratio 0.03 and min_lr 0 (STAGES); the toy recipe keeps a floor, min_lr, so the
-    late steps still move the weights."""
+        lr(s) = lr                                                        warmup <= s < start
+        lr(s) = min_lr + (lr - min_lr) (1 + cos(pi p)) / 2,  p = (s - start) / (max_steps - start)
+    with start = max(warmup, max_steps - decay_frac * max_steps). decay_frac = 1 is the plain cosine after
+    warmup (LLaDA-V: warmup_ratio 0.03, min_lr 0; STAGES). The toy holds the peak for most of the run
+    ("warmup-stable-decay", as speedrun recipes do): its hardest skill, comparing two objects' positions,
+    is found while the lr is high and only consolidated by the decay; it also keeps a floor, min_lr, so
+    the late steps still move the weights."""
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
-    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    start = max(tc.warmup_steps, tc.max_steps - round(tc.decay_frac * tc.max_steps))
+    progress = min(1.0, max(0, step - start) / max(1, tc.max_steps - start))
     return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -575,7 +584,7 @@ def claim_out_dir(tc: TrainConfig, log) -> str:
 
 # The options that shape the trajectory: a resumed run with any of them changed is another experiment
 # (another seed, batch or lr schedule, other data), so --resume=1 refuses it unless --resume_changed=1.
-RESUME_KEYS = ("seed", "optimizer", "batch_size", "lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "beta2",
+RESUME_KEYS = ("seed", "optimizer", "batch_size", "lr", "min_lr", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta2",
                "grad_clip", "llm_lr_scale", "vision_lr_scale", "projector_lr_scale", "stratified_t", "exact_count",
                "weighting", "loss_mode", "single_object_steps", "kind_weights_from", "kind_weights", "gen_length",
                "stage", "data", "image_root", "data_format", "max_len", "unignore_special", "pad_labels")

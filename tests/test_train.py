@@ -134,9 +134,20 @@ def test_overrides_reach_both_configs():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    tc = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    tc = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, decay_frac=1.0)
     assert train.lr_at(0, tc) == pytest.approx(0.1) and train.lr_at(9, tc) == pytest.approx(1.0)
     assert train.lr_at(60, tc) == pytest.approx(0.55) and train.lr_at(110, tc) == pytest.approx(0.1)
+
+
+def test_lr_schedule_holds_the_peak_until_the_decay():
+    # decay_frac 0.4 of 100 steps: warmup to step 10, the peak up to step 60, then the cosine over 40 steps
+    tc = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100, decay_frac=0.4)
+    assert [train.lr_at(s, tc) for s in (10, 35, 60)] == [pytest.approx(1.0)] * 3
+    assert train.lr_at(80, tc) == pytest.approx(0.55) and train.lr_at(100, tc) == pytest.approx(0.1)
+    lrs = [train.lr_at(s, tc) for s in range(60, 101)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # strictly decreasing through the decay
+    # the stage presets keep LLaDA-V's plain cosine
+    assert all(train.STAGES[k]["decay_frac"] == 1.0 for k in train.STAGES)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -95,9 +95,9 @@ class TrainConfig:
                                                  # at 0.2 (docs/notebook.md)
     projector_lr_scale: float = opt(0.5, min=0)  # projector lr = lr * this
     min_lr: float = opt(1e-4, min=0)             # cosine decays to this (at most lr)
-    decay_frac: float = opt(0.4, gt=0, max=1)    # the cosine takes the last decay_frac of the steps; before it
-                                                 # the lr holds at its peak (1 = cosine right after warmup, as
-                                                 # LLaDA-V; the toy learns relations faster with the plateau)
+    decay_frac: float = opt(1.0, gt=0, max=1)    # the cosine takes the last decay_frac of the steps; before it
+                                                 # the lr holds at its peak ("warmup-stable-decay"); 1 = the cosine
+                                                 # right after warmup, as LLaDA-V
     warmup_steps: int = opt(100, min=0)          # linear warmup from 0 to lr
     weight_decay: float = opt(0.0, min=0)        # LLaDA-V uses 0
     optimizer: str = opt("muon", choices=("adamw", "muon"))  # muon: Muon (orthogonalised momentum) for the
@@ -115,7 +115,7 @@ class TrainConfig:
                                                               # pretrain (1 / (B L))
     single_object_steps: int = opt(500, min=0)  # curriculum: the first N steps show one object and ask
                                                 # colour/shape/describe
-    kind_weights_from: int = opt(1500, min=0)   # curriculum: from this step on (once past single_object_steps),
+    kind_weights_from: int = opt(2500, min=0)   # curriculum: from this step on (once past single_object_steps),
                                                 # draw the kinds with kind_weights (before it: equal shares)
     kind_weights: str = "color:0.5,shape:1,count:0.5,relation:2,describe:1"  # kind:weight pairs
     gen_length: int = opt(12, min=1)    # answer canvas G, in tokens (training and sampling): the toy's longest
@@ -230,11 +230,10 @@ def lr_at(step, tc: TrainConfig):
         lr(s) = lr (s + 1) / warmup                                       s < warmup
         lr(s) = lr                                                        warmup <= s < start
         lr(s) = min_lr + (lr - min_lr) (1 + cos(pi p)) / 2,  p = (s - start) / (max_steps - start)
-    with start = max(warmup, max_steps - decay_frac * max_steps). decay_frac = 1 is the plain cosine after
-    warmup (LLaDA-V: warmup_ratio 0.03, min_lr 0; STAGES). The toy holds the peak for most of the run
-    ("warmup-stable-decay", as speedrun recipes do): its hardest skill, comparing two objects' positions,
-    is found while the lr is high and only consolidated by the decay; it also keeps a floor, min_lr, so
-    the late steps still move the weights."""
+    with start = max(warmup, max_steps - decay_frac * max_steps). decay_frac = 1 (the default) is the plain
+    cosine after warmup (LLaDA-V: warmup_ratio 0.03, min_lr 0; STAGES); decay_frac < 1 holds the peak first
+    ("warmup-stable-decay", as speedrun recipes do; the toy's runs with it: docs/notebook.md). The toy
+    recipe keeps a floor, min_lr, so the late steps still move the weights."""
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
     start = max(tc.warmup_steps, tc.max_steps - round(tc.decay_frac * tc.max_steps))

@@ -6,7 +6,7 @@ Where this sits in the flow: every piece at once. Each step:
     t ~ U(0,1) per sample; answer tokens -> [MASK] with p_mask = (1 - 1e-3) t + 1e-3     (diffusion.py)
     loss = 1/B sum_b 1/|A_b| sum_{masked i} CE(f(x_t)_i, x0_i) / p_mask_b                 (SFT form)
     the toy: Muon for the hidden matrices, AdamW for the rest (MuonAdamW); LLaDA-V's stages: AdamW.
-    Linear warmup then cosine decay, gradient clipping at 1.0.
+    Linear warmup, a plateau at the peak if --decay_frac < 1, then cosine decay; gradient clipping at 1.0.
 
 The default run (`python train.py`) trains the `toy` preset from scratch on the embedded synthetic
 shapes dataset on a CPU in a few minutes and ends with a held-out report: exact-match accuracy per
@@ -583,10 +583,11 @@ def claim_out_dir(tc: TrainConfig, log) -> str:
 
 # The options that shape the trajectory: a resumed run with any of them changed is another experiment
 # (another seed, batch or lr schedule, other data), so --resume=1 refuses it unless --resume_changed=1.
-RESUME_KEYS = ("seed", "optimizer", "batch_size", "lr", "min_lr", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta2",
-               "grad_clip", "llm_lr_scale", "vision_lr_scale", "projector_lr_scale", "stratified_t", "exact_count",
-               "weighting", "loss_mode", "single_object_steps", "kind_weights_from", "kind_weights", "gen_length",
-               "stage", "data", "image_root", "data_format", "max_len", "unignore_special", "pad_labels")
+RESUME_KEYS = ("seed", "optimizer", "batch_size", "lr", "min_lr", "decay_frac", "warmup_steps", "max_steps",
+               "weight_decay", "beta2", "grad_clip", "llm_lr_scale", "vision_lr_scale", "projector_lr_scale",
+               "stratified_t", "exact_count", "weighting", "loss_mode", "single_object_steps", "kind_weights_from",
+               "kind_weights", "gen_length", "stage", "data", "image_root", "data_format", "max_len",
+               "unignore_special", "pad_labels")
 
 
 def resume(tc: TrainConfig, mc, model, opt, fmt, info, log):

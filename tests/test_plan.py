@@ -75,3 +75,18 @@ def test_8b_stage2_plan():
     assert one["peak"] > 80 * 2 ** 30
     no_ckpt = plan.estimate("llada_v_8b", world=8, seq=8192, stage=2, parallel="fsdp", checkpointing=False)
     assert no_ckpt["activations"] > 5 * on8["activations"]
+
+
+def test_root_unit_counts_a_tied_head_once():
+    """FSDP2's root unit holds every parameter outside the per-block units (distributed.py): the embedding
+    and the head are two V x d matrices, or one when tied. The planner's root count equals the parameters
+    named outside `layers.` of a real model, tied or not."""
+    from model import LLaDAV
+    roots = []
+    for tie in (False, True):
+        mc, c = plan.counts("toy", {"lm.tie_embeddings": tie})
+        model = LLaDAV(mc)
+        outside = sum(p.numel() for name, p in model.named_parameters() if ".layers." not in name)
+        assert c["root"] == outside, (tie, c["root"], outside)
+        roots.append(c["root"])
+    assert roots[0] - roots[1] == mc.lm.vocab_size * mc.lm.d_model

@@ -57,10 +57,12 @@ def counts(preset: str, overrides: dict | None = None):
     with torch.device("meta"):
         m = LLaDAV(mc)
     n = lambda mod: sum(p.numel() for p in mod.parameters())
-    lm = mc.lm
+    # root: what FSDP2's root unit holds, everything outside the per-block units (distributed.py): the
+    # embedding and the head (one matrix when tied), the norms, the projector, the ViT's patch and position
+    # embeddings
+    blocks = sum(n(b) for b in list(m.llm.layers) + list(m.vision.layers))
     return mc, {"llm": n(m.llm), "vision": n(m.vision), "projector": n(m.projector), "total": n(m),
-                "block": n(m.llm.layers[0]), "root": 2 * lm.vocab_size * lm.d_model + lm.d_model + n(m.projector)
-                + (n(m.vision) - (mc.vision.n_layers - 1) * n(m.vision.layers[0]))}
+                "block": n(m.llm.layers[0]), "root": n(m) - blocks}
 
 
 def image_tokens(vc, stage: int, image=(640, 480)) -> tuple[int, int]:

@@ -65,6 +65,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cli import atomic_write, write_text
 from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
 from tokenizer import LLADA_MASK_ID, Tokenizer, config_mask_id, get_tokenizer
 from vision import MODES, VisionConfig, VisionTower, grid_pinpoints
@@ -85,36 +86,6 @@ _TOP = {"embed_tokens": ("model.transformer.wte", "model.embed_tokens"),
         "lm_head": ("model.transformer.ff_out", "lm_head")}
 # keys of a SigLIP checkpoint that LLaDA-V does not use (besides the deleted last encoder layer)
 _SIGLIP_UNUSED = re.compile(r"(text_model\.|logit_scale|logit_bias|(vision_model\.)?head\.)")
-
-
-# ----------------------------------------------------------------------------------------------
-# The one atomic write
-
-def atomic_write(path, write):
-    """write(tmp_path), fsync, then rename over path: a crash leaves the old file or the new one.
-    The temporary file is removed if anything fails (an 8B checkpoint's is ~100 GB)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (safetensors creates files 0600)
-        os.replace(tmp, path)          # atomic on POSIX and Windows
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_text(path, text: str):
-    def w(tmp):
-        with open(tmp, "w") as fh:
-            fh.write(text)
-    atomic_write(path, w)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -703,10 +674,10 @@ def _write_reduced_8b(path, shard_bytes):
 
 if __name__ == "__main__":
     # python checkpoint.py --selftest_memory=1 [--dir=/tmp/llada_v_8b_2layers]: one parser for every script
-    # (model.parse_config: --key=value, the comments below are --help; a bad option is one line)
+    # (cli.parse_config: --key=value, the comments below are --help; a bad option is one line)
     from dataclasses import dataclass
 
-    from model import opt, parse_config, run_cli
+    from cli import opt, parse_config, run_cli
 
     @dataclass
     class CheckpointToolConfig:

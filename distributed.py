@@ -44,24 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import write_text
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """auto = cuda > mps > cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast(device, dtype=torch.bfloat16):
-    """Mixed precision on CUDA (bf16 by default), nothing elsewhere (CPU bf16 is slower than fp32 at these sizes)."""
-    dev = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
-    return torch.autocast("cuda", dtype=dtype) if dev == "cuda" else torch.autocast(dev, enabled=False)
+from cli import exit_with_parent, write_text
 
 
 @dataclass
@@ -93,25 +76,6 @@ def setup(device: torch.device) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, local_rank, world, device)
-
-
-def exit_with_parent(sig=signal.SIGTERM):
-    """Ask Linux to send us `sig` when the process that started us (torchrun's agent) dies, however it
-    dies: a kill -9 of torchrun cannot run its own clean-up, and its workers would otherwise go on
-    training and writing checkpoints, unseen. prctl(PR_SET_PDEATHSIG) only covers deaths from now on,
-    so a parent that died before this call is caught by the second check: we were re-parented (to init
-    or a sub-reaper) and our parent pid is no longer torchrun's. Elsewhere than Linux: nothing to do."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if parent == 1 or os.getppid() != parent:  # orphaned already (adopted by init), or since the first look
-        raise SystemExit(f"the launcher (pid {parent}) is gone; this worker exits instead of training alone")
 
 
 def teardown():
@@ -229,52 +193,6 @@ def verify_dcp(folder: str, info: DistInfo) -> str | None:
            or _sha256(os.path.join(folder, f)) != sums[f]]
     bad = sorted(f for part in _gather(bad, info) for f in part)
     return f"{len(bad)} file(s) fail their sha256 checksum ({', '.join(bad[:3])})" if bad else None
-
-
-def process_start(pid: int):
-    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22) or None off Linux.
-    With the pid it names one process for good: a dead run's pid, reused by another process, no
-    longer matches."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def pid_alive(pid: int, start=None) -> bool:
-    """Is process `pid` running (and, given its start time, still the same process)?"""
-    if start is not None and process_start(pid) not in (None, start):
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True      # it exists, under another user
-    return True
-
-
-def remove_stale_temporaries(out_dir: str, owned=()) -> list:
-    """Delete what saves killed half-way leave behind (an 8B ckpt.pt.tmp is ~135 GB): unfinished DCP
-    folders `dcp/step_*.tmp`, and `<file>.tmp.<pid>` files. Called under the run's lock, so no live run
-    writes the `owned` files (the run's checkpoints): their temporaries go whatever their pid (a dead
-    run's pid may already belong to an unrelated process); any other file's only if its pid is dead.
-    -> the paths removed."""
-    gone = []
-    for d in (out_dir, os.path.join(out_dir, "dcp")):
-        if not os.path.isdir(d):
-            continue
-        for name in sorted(os.listdir(d)):
-            p = os.path.join(d, name)
-            m = re.fullmatch(r"(.+)\.tmp\.(\d+)", name)
-            if m and not os.path.isdir(p) and (m[1] in owned or int(m[2]) != os.getpid() and not pid_alive(int(m[2]))):
-                os.remove(p)
-                gone.append(p)
-            elif d.endswith("dcp") and re.fullmatch(r"step_\d+\.tmp", name) and os.path.isdir(p):
-                shutil.rmtree(p, ignore_errors=True)
-                gone.append(p)
-    return gone
 
 
 def _fsync_tree(path: str):

@@ -38,8 +38,8 @@ from checkpoint import load_checkpoint
 from data import (SYSTEM_PROMPT, answer_text, chat_template, default_system, llada_v_messages, prompt_batch,
                   sft_example, tokenizer_image_token)
 from diffusion import MODES, choose, generate, mode_kwargs
-from distributed import autocast, pick_device
-from model import LLaDAV, opt, parse_config, run_cli
+from cli import autocast, opt, parse_config, pick_device, run_cli
+from model import LLaDAV
 from synthetic import CHOICES, DEMO_OFFSET, KINDS, SyntheticVQA, candidates, draw, make_sample, score, toy_tokenizer
 from vision import load_image, preprocess, process_image
 
@@ -299,7 +299,7 @@ def format_modes_table(rows) -> str:
 
 @dataclass
 class SampleConfig:
-    # The options of sample.py, --key=value (model.parse_config): the rule in opt() says what each accepts,
+    # The options of sample.py, --key=value (cli.parse_config): the rule in opt() says what each accepts,
     # the comment after it is its --help. Sampler settings left unset come from the checkpoint's training run.
     checkpoint: str = opt("out/ckpt.pt", path="any")  # our ckpt.pt (train.py), or a Hugging Face model folder
                                                       # (the official weights, e.g. GSAI-ML/LLaDA-V)

@@ -56,13 +56,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from checkpoint import load_state, load_state_file, prev_path, save_checkpoint, write_text
+from checkpoint import load_state, load_state_file, prev_path, save_checkpoint
+from cli import (autocast, claim_out_dir, device_peak, model_config, opt, parse_config, peak_memory, pick_device,
+                 release_lock, run_cli, write_text)
 from data import default_system
 from diffusion import diffusion_loss, forward_process
-from distributed import (all_sum, autocast, barrier, dcp_checkpoints, export, load_dcp, pick_device, pid_alive,
-                         process_start, read_extra, remove_stale_temporaries, resolve_parallel, save_dcp, setup,
-                         verify_dcp, wrap)
-from model import PRESETS, LLaDAV, count_params, device_peak, model_config, opt, parse_config, run_cli, step_flops
+from distributed import (all_sum, barrier, dcp_checkpoints, export, load_dcp, read_extra, resolve_parallel, save_dcp,
+                         setup, verify_dcp, wrap)
+from model import PRESETS, LLaDAV, count_params, step_flops
 from sample import evaluate, format_eval
 from synthetic import SyntheticVQA, parse_kind_weights, toy_tokenizer
 from tokenizer import IMAGE_TOKEN_INDEX, config_mask_id, get_tokenizer
@@ -169,7 +170,7 @@ class TrainConfig:
                                       # backward (model.chunked_head_ce): the loss's memory no longer grows with N x V
 
     def check(self):
-        """The rules that tie options together, checked with the others before any work (model.parse_config)."""
+        """The rules that tie options together, checked with the others before any work (cli.parse_config)."""
         if self.gen_length % self.block_length or self.sample_steps % (self.gen_length // self.block_length):
             raise ValueError(f"--gen_length={self.gen_length} must be divisible by --block_length={self.block_length}, "
                              f"and --sample_steps={self.sample_steps} by the number of blocks; fix the three options")
@@ -216,7 +217,7 @@ STAGES = {
 def parse_args(argv, tc: TrainConfig | None = None):
     """--key=value into a TrainConfig (--stage=N first: its STAGES values, then the explicit options over
     them), --lm.* / --vision.* into the preset's model config -> (tc, mc). Every option is checked here, before
-    any work: a bad one ends the program with one line naming it (model.parse_config)."""
+    any work: a bad one ends the program with one line naming it (cli.parse_config)."""
     tc, overrides = parse_config(tc or TrainConfig(), argv, __doc__, presets=("stage", STAGES), model=True)
     mc = model_config(tc.preset, overrides)
     # the image mode belongs to the model (it is saved in its config); the stage presets set it
@@ -391,19 +392,6 @@ def init_from(model, tc: TrainConfig, log):
     log(f"initialised {', '.join(done)} from {path}")
 
 
-def peak_memory(device: torch.device) -> float:
-    """Peak memory so far in bytes: CUDA's allocator peak, or the process's peak resident set on Linux."""
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float("nan")
-
 
 class JsonlLog:
     """One JSON object per line, appended and flushed at once (a killed run loses at most one line)."""
@@ -449,133 +437,6 @@ def llava_inputs(b, mc, pad_id: int, device, key_pad_mask: bool, need_image: boo
         attn = torch.cat([attn, hidden], 1)
         pixels, layout = torch.zeros(1, 3, S, S, device=device), [(1, (S, S), T)]
     return ids, labels, attn, dict(pixels=pixels, image_layout=layout, attention_mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------
-# The output folder: what a run may write over. A checkpoint can hold days of GPU time, so a typo in
-# --out_dir or a forgotten --resume=1 must never replace one without a word.
-
-# Three small files make the rules below checkable: the marker says the folder is a run of ours, the
-# lock says a live process uses it, and the checkpoints themselves (run_checkpoints) say there is work
-# to lose. Deleting the marker or the lock by hand is always safe; neither holds any state of the run.
-MARKER = "train_run.json"  # "train.py wrote this folder": the folders we may write into again
-LOCK = "train.lock"        # {"pid", "host", "start"} of the run using the folder now
-OURS = ("ckpt.pt", "ckpt.prev.pt", "model.safetensors", "config.json", "report.json", "dcp")
-
-
-def foreign_model(out_dir: str) -> str | None:
-    """-> what in out_dir is a model train.py did not write (a Hugging Face download, say), or None.
-    A config.json naming `architectures` is Hugging Face's (ours never does); weight files count as
-    foreign unless our marker says this folder is a run of ours."""
-    if not os.path.isdir(out_dir):
-        return None
-    cfg = os.path.join(out_dir, "config.json")
-    if os.path.isfile(cfg):
-        try:
-            with open(cfg) as f:
-                c = json.load(f)
-        except (OSError, ValueError):
-            return "a config.json train.py did not write"
-        if isinstance(c, dict) and "architectures" in c:
-            return "a Hugging Face model's config.json"
-    if os.path.exists(os.path.join(out_dir, MARKER)):
-        return None
-    weights = sorted(f for f in os.listdir(out_dir) if f.endswith((".safetensors", ".bin", ".pth", ".gguf")))
-    return weights[0] if weights else None
-
-
-def run_checkpoints(out_dir: str) -> list:
-    """The checkpoints of an earlier run in out_dir (an unfinished DCP folder is not one)."""
-    found = [f for f in ("ckpt.pt", "ckpt.prev.pt", "model.safetensors") if os.path.exists(os.path.join(out_dir, f))]
-    return found + (["dcp/"] if dcp_checkpoints(out_dir) else [])
-
-
-def take_lock(out_dir: str, log) -> str:
-    """Create out_dir/train.lock holding our pid, or stop: another live run owns the folder. A lock whose
-    pid is dead (a run killed with -9 cannot remove it) is said and taken over. The lock is written
-    aside and hard-linked into place: creating a link fails if the name exists, so of two runs racing
-    for the folder exactly one wins, and nobody ever reads a half-written lock."""
-    path = os.path.join(out_dir, LOCK)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid())}
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(me, f)
-    try:
-        for _ in range(3):
-            try:
-                os.link(tmp, path)
-                return path
-            except FileExistsError:
-                try:
-                    with open(path) as f:
-                        owner = json.load(f)
-                except (OSError, ValueError):
-                    owner = {}
-                pid, host = owner.get("pid"), owner.get("host")
-                dead = isinstance(pid, int) and (pid == me["pid"] or not pid_alive(pid, owner.get("start")))
-                if not (dead and host == me["host"]):
-                    sys.exit(f"--out_dir={out_dir} is in use by another run (pid {pid} on {host}; lock {path}); "
-                             f"wait for it to end or pick another --out_dir (if that run is gone, delete the lock)")
-                log(f"{path}: stale lock of pid {pid}, which is no longer running: taken over")
-                os.remove(path)
-        sys.exit(f"could not take the lock {path}; another run keeps taking it")
-    finally:
-        os.remove(tmp)
-
-
-def release_lock(path: str | None):
-    """Remove our lock (only ours: a lock taken over by another run stays). Called from train()'s
-    `finally`, so a run that stops with an error (a NaN, bad data) frees the folder too; only a kill
-    leaves the lock, and the next run recognises it as stale by its dead pid."""
-    try:
-        with open(path) as f:
-            if json.load(f).get("pid") == os.getpid():
-                os.remove(path)
-    except (TypeError, OSError, ValueError):
-        pass
-
-
-def claim_out_dir(tc: TrainConfig, log) -> str:
-    """Every check on --out_dir, before any work starts (rank 0 only) -> the lock to release at the end.
-    Refused: an empty name; a file; a folder holding a model train.py did not write; a folder holding
-    --init_from (the run would overwrite its own starting point); another run's checkpoint unless
-    --resume=1 or --overwrite=1; a folder another live run holds; a folder we cannot write."""
-    out = tc.out_dir.strip()
-    if not out:
-        sys.exit("--out_dir is empty; name the folder for the run's checkpoints, e.g. --out_dir=out")
-    real = os.path.realpath(out)
-    if os.path.exists(real) and not os.path.isdir(real):
-        sys.exit(f"--out_dir={out} is a file, not a folder; pick a folder for the run's checkpoints")
-    if tc.init_from and (os.path.realpath(tc.init_from) + os.sep).startswith(real + os.sep):
-        sys.exit(f"--init_from={tc.init_from} lies inside --out_dir={out}: the run would write over its own "
-                 f"starting point; pick another --out_dir")
-    theirs = foreign_model(real)
-    if theirs:
-        sys.exit(f"--out_dir={out} holds a model train.py did not write ({theirs}); refusing to write into "
-                 f"it, pick another --out_dir")
-    # the refusals above and below write nothing: a refused run leaves the folder byte-identical
-    earlier = run_checkpoints(real)
-    if earlier and not tc.resume and not tc.overwrite:
-        sys.exit(f"--out_dir={out} holds another run's checkpoint ({', '.join(earlier)}); continue it with "
-                 f"--resume=1, replace it with --overwrite=1, or pick another --out_dir")
-    try:  # the first writes: an unwritable folder fails here, not at the first save hours later
-        os.makedirs(real, exist_ok=True)
-        lock = take_lock(real, log)
-        if not os.path.exists(os.path.join(real, MARKER)):  # once: a resume leaves every file as it was
-            write_text(os.path.join(real, MARKER), json.dumps({"written_by": "LLaDA-V train.py", "started": time.time()}))
-    except OSError as e:
-        sys.exit(f"cannot write to --out_dir={out} ({type(e).__name__}: {e.strerror or e}); pick a writable folder")
-    if tc.overwrite and not tc.resume and earlier:  # only now, under our lock, in a folder that is ours
-        for f in OURS:
-            p = os.path.join(real, f)
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            elif os.path.exists(p):
-                os.remove(p)
-        log(f"--overwrite=1: removed the earlier run's {', '.join(earlier)} in {out}")
-    for p in remove_stale_temporaries(real, owned=OURS + (MARKER, "latest")):
-        log(f"removed {p}, left by a save that was killed half-way")
-    return lock
 
 
 # ----------------------------------------------------------------------------------------------

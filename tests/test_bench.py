@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import model_config, parse_config
+from cli import model_config, parse_config
 from tools import bench
 
 

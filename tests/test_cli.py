@@ -13,7 +13,7 @@ import pytest
 
 import sample
 import train
-from model import field_notes, opt, parse_config, run_cli
+from cli import field_notes, opt, parse_config, run_cli
 from tools import bench, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

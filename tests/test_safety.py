@@ -113,7 +113,7 @@ def test_lost_work_cases_are_refused(pt_run, dcp_run, tmp_path):
         ([f"--out_dir={hf}", "--overwrite=1"], "holds a model train.py did not write"),
         ([f"--out_dir={pt_run}", f"--init_from={pt_run / 'model.safetensors'}", "--overwrite=1"],
          "lies inside --out_dir.*own starting point"),
-        # these four the option check already refuses (model.parse_config), before train() is reached
+        # these four the option check already refuses (cli.parse_config), before train() is reached
         (["--out_dir="], "--out_dir=: empty"),
         (["--out_dir=  "], "--out_dir= *: empty"),
         ([f"--out_dir={tmp_path / 'file'}"], "is a file; pass a folder"),
@@ -363,10 +363,10 @@ def test_bad_dataset_files_get_one_line(tmp_path, content, message):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux-only")
 def test_worker_exits_when_its_launcher_is_killed(tmp_path):
-    """A launcher starts a 'worker' that calls distributed.exit_with_parent() and would sleep 60 s;
+    """A launcher starts a 'worker' that calls cli.exit_with_parent() and would sleep 60 s;
     kill -9 the launcher: the worker is gone within seconds."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    worker = "import sys, time; sys.path.insert(0, %r); import distributed; distributed.exit_with_parent(); " \
+    worker = "import sys, time; sys.path.insert(0, %r); import cli; cli.exit_with_parent(); " \
              "print('ready', flush=True); time.sleep(60)" % root
     launcher = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', %r]); "
                 "print(p.pid, flush=True); time.sleep(60)" % worker)

@@ -39,15 +39,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from checkpoint import load_checkpoint
 from data import default_system, prompt_batch
 from diffusion import LLADA_V_BANNED, MODES, diffusion_loss, forward_process, generate, mode_kwargs
-from distributed import autocast, pick_device
-from model import PRESETS, Block, LLaDAV, device_peak, model_config, opt, parse_config, rope_cos_sin, run_cli
+from cli import autocast, device_peak, model_config, opt, parse_config, pick_device, run_cli
+from model import PRESETS, Block, LLaDAV, rope_cos_sin
 from synthetic import SyntheticVQA, toy_tokenizer
 from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
 from vision import preprocess
 
 @dataclass
 class BenchConfig:
-    # The options, --key=value (model.parse_config; the comments are --help), plus the preset's --lm.* / --vision.*
+    # The options, --key=value (cli.parse_config; the comments are --help), plus the preset's --lm.* / --vision.*
     preset: str = opt("toy", choices=tuple(PRESETS))  # random weights of this preset ...
     checkpoint: str = opt("", path="file")     # ... or a trained checkpoint (its config wins over --preset)
     device: str = opt("auto", device=True)     # auto = cuda > mps > cpu
@@ -98,7 +98,7 @@ def matmul_peak(device, dtype=torch.float32, sizes=(256, 512, 1024, 2048)):
 def peak_flops(device):
     """(peak FLOP/s, where it comes from)."""
     if device.type == "cuda":
-        peak, src = device_peak(device)  # the one table of data-sheet peaks (model.GPU_PEAK_BF16)
+        peak, src = device_peak(device)  # the one table of data-sheet peaks (cli.GPU_PEAK_BF16)
         if peak == peak:
             return peak, src
         return matmul_peak(device, torch.bfloat16, (4096, 8192)), f"{torch.cuda.get_device_name(device)}: measured bf16 matmul"

@@ -18,7 +18,7 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
-from checkpoint import atomic_write
+from cli import atomic_write
 from data import answer_text
 
 W, H = 600, 240        # frame size, pixels

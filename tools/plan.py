@@ -43,7 +43,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from model import PRESETS, opt, parse_config, run_cli
+from cli import opt, parse_config, run_cli
+from model import PRESETS
 
 GB = 2 ** 30
 
@@ -52,7 +53,8 @@ def counts(preset: str, overrides: dict | None = None):
     """Parameter counts per part, from the meta device (no memory)."""
     import torch
 
-    from model import LLaDAV, model_config
+    from cli import model_config
+    from model import LLaDAV
     mc = model_config(preset, overrides)
     with torch.device("meta"):
         m = LLaDAV(mc)
@@ -159,7 +161,8 @@ def _measure_step(preset, batch, text_len, checkpointing, overrides):
     import torch
 
     from diffusion import diffusion_loss, forward_process
-    from model import LLaDAV, model_config
+    from cli import model_config
+    from model import LLaDAV
     from tokenizer import IMAGE_TOKEN_INDEX
     torch.manual_seed(0)
     mc = model_config(preset, overrides)
@@ -274,7 +277,7 @@ def head_bench(tokens=8192, vocab=126464, d=256, fracs=(0.5, 0.25, 0.1), chunk=5
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line (model.parse_config: --key=value, the comment after each field is its --help)
+# Command line (cli.parse_config: --key=value, the comment after each field is its --help)
 
 @dataclass
 class PlanConfig:

@@ -59,6 +59,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -66,6 +67,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cli import atomic_write, write_text
+from distributed import (barrier, dcp_checkpoints, full_state_dict, load_dcp, read_extra, save_dcp,
+                         verify_dcp)
 from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
 from tokenizer import LLADA_MASK_ID, Tokenizer, config_mask_id, get_tokenizer
 from vision import MODES, VisionConfig, VisionTower, grid_pinpoints
@@ -611,6 +614,100 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
     for f in os.listdir(path):  # shards of an earlier save that the new one does not use
         if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", f) and f not in files:
             os.remove(os.path.join(path, f))
+
+
+# ----------------------------------------------------------------------------------------------
+# A training run's checkpoints: one out every ckpt_every steps, the newest intact one in on --resume=1
+
+# The options that shape the trajectory: a resumed run with any of them changed is another experiment
+# (another seed, batch or lr schedule, other data), so --resume=1 refuses it unless --resume_changed=1.
+RESUME_KEYS = ("seed", "optimizer", "batch_size", "lr", "min_lr", "decay_frac", "warmup_steps", "max_steps",
+               "weight_decay", "beta2", "grad_clip", "llm_lr_scale", "vision_lr_scale", "projector_lr_scale",
+               "stratified_t", "exact_count", "weighting", "loss_mode", "single_object_steps", "kind_weights_from",
+               "kind_weights", "gen_length", "stage", "data", "image_root", "data_format", "max_len",
+               "unignore_special", "pad_labels")
+
+
+def resume(tc, mc, model, opt, info, log):
+    """Load the newest intact checkpoint of out_dir into model and optimizer -> (step, bad-sample counts,
+    its path). Candidates, newest first: the DCP folders (two are kept), else ckpt.pt then ckpt.prev.pt.
+    One that is truncated or fails its checksums is skipped, and said; a changed model config stops the
+    run, and so does a changed training config (RESUME_KEYS) unless --resume_changed=1."""
+    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+    candidates = dcp_checkpoints(tc.out_dir) or [p for p in (ckpt_path, prev_path(ckpt_path)) if os.path.exists(p)]
+    if not candidates:
+        sys.exit(f"--resume=1 but {ckpt_path} does not exist (nor {tc.out_dir}/dcp/step_*); drop --resume "
+                 f"or point --out_dir at a run")
+    # Why fall back rather than stop: a save killed before its fsync reached the disk, a full disk, or a
+    # bad copy between machines damages the newest file only; the one before it is intact and costs a
+    # few steps. A wrong config is another matter: it would be wrong for every candidate, so it stops.
+    skipped = []
+    for path in candidates:
+        try:  # read (and verify) the candidate; anything wrong with it moves on to the next one
+            if os.path.isdir(path):
+                problem = verify_dcp(path, info)
+                if problem:
+                    raise ValueError(problem)
+                ckpt = None
+                saved = read_extra(path)
+            else:
+                ckpt = saved = load_state_file(path, info.device)
+                if "optimizer" not in ckpt:
+                    raise ValueError(f"a final export without optimizer state (resume from {tc.out_dir}/dcp)")
+            saved_cfg = type(mc).from_dict(saved["config"]).to_dict()  # fields added since get defaults
+        except Exception as e:  # noqa: BLE001 (truncated zip, bad DCP shard, ...): all mean "not intact"
+            skipped.append(path)
+            log(f"skipped {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            continue
+        if saved_cfg != mc.to_dict():
+            diff = [k for k in ("lm", "vision", "tokenizer") if saved_cfg[k] != mc.to_dict()[k]]
+            sys.exit(f"{path} was trained with another model config (differs in {', '.join(diff)}); "
+                     f"use the same --preset and overrides, or a new --out_dir")
+        old = saved.get("train_config") or {}
+        changed = [f"{k} {old[k]!r} -> {getattr(tc, k)!r}" for k in RESUME_KEYS if k in old and old[k] != getattr(tc, k)]
+        if changed and not tc.resume_changed:
+            sys.exit(f"{path} was trained with other options ({'; '.join(changed)}); resume with the same ones, "
+                     f"or pass --resume_changed=1 to go on with the new ones")
+        if ckpt is not None:
+            load_state(model, ckpt["model"], path)
+            opt.load_state_dict(ckpt["optimizer"])
+            step, bad = ckpt["step"], {}
+        else:
+            extra = load_dcp(path, model, opt)
+            step, bad = extra["step"], extra.get("bad", {})
+        log(f"resumed from {path} at step {step}" + (f" (skipped {len(skipped)} damaged: {', '.join(skipped)})"
+                                                     if skipped else "") + (f"; changed: {'; '.join(changed)}" if changed else ""))
+        return step, bad, path
+    sys.exit(f"no intact checkpoint in {tc.out_dir} to resume from (skipped {', '.join(skipped)}); "
+             f"start over with --overwrite=1")
+
+
+def save(tc, mc, fmt, step, model, opt, tok, bad, info) -> str:
+    """One checkpoint with everything a resume needs -> its path. pt: ckpt.pt (the previous one kept as
+    ckpt.prev.pt), written by rank 0; DCP: a collective, every rank writes its shards."""
+    # train_config travels with every checkpoint: resume() compares it with the new command line
+    if fmt == "dcp":
+        save_dcp(tc.out_dir, step, model, opt, {"step": step, "config": mc.to_dict(), "train_config": asdict(tc),
+                                                "bad": dict(bad.errors) if bad else {}}, info)
+        return os.path.join(tc.out_dir, "dcp", f"step_{step:06d}")
+    path = os.path.join(tc.out_dir, "ckpt.pt")
+    if info.main:
+        save_checkpoint(path, {"config": mc.to_dict(), "train_config": asdict(tc), "model": model.state_dict(),
+                               "optimizer": opt.state_dict(), "step": step, "tokenizer": tok.to_dict()}, keep_prev=True)
+    return path
+
+
+def export(model, out_dir: str, config: dict, info, write_pt: bool = True, extra: dict | None = None):
+    """Final export: model.safetensors (full weights) + config.json, and (write_pt) a weights-only
+    ckpt.pt, the file sample.py loads (a pt-format run has written its own, with optimizer state).
+    extra: more entries for that ckpt.pt (the toy tokenizer, the training config)."""
+    sd = full_state_dict(model)
+    if info.main:
+        save_safetensors(os.path.join(out_dir, "model.safetensors"), sd)  # with its per-tensor sha256 manifest
+        write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1))
+        if write_pt:
+            save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {"config": config, "model": sd, **(extra or {})})
+    barrier()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,6 +96,17 @@ def all_sum(values: list, info: DistInfo) -> list:
     return t.tolist()
 
 
+@contextlib.contextmanager
+def gradient_sync(fwd, parallel: str, sync: bool):
+    """Gradient accumulation: the gradients are averaged over the processes once per step, in the backward of
+    the last micro-batch (sync=True); the earlier ones only add to the local gradients. DDP skips its
+    all-reduce inside no_sync(); FSDP2 is told with set_requires_gradient_sync."""
+    if parallel == "fsdp":
+        fwd.set_requires_gradient_sync(sync)
+    with fwd.no_sync() if parallel == "ddp" and not sync else contextlib.nullcontext():
+        yield
+
+
 def resolve_parallel(mode: str, n_params: int, info: DistInfo) -> str:
     """auto: one process -> none; several -> DDP below 1B parameters (a full replica fits and DDP is
     simplest and fastest), FSDP2 above (an 8B replica with AdamW needs ~128 GB: it must be sharded)."""
@@ -272,17 +283,3 @@ def full_state_dict(model) -> dict:
     """The whole model's weights on the CPU of rank 0 (a collective under FSDP2; every rank calls it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def export(model, out_dir: str, config: dict, info: DistInfo, write_pt: bool = True, extra: dict | None = None):
-    """Final export: model.safetensors (full weights) + config.json, and (write_pt) a weights-only
-    ckpt.pt, the file sample.py loads (a pt-format run has written its own, with optimizer state).
-    extra: more entries for that ckpt.pt (the toy tokenizer, the training config)."""
-    from checkpoint import save_checkpoint, save_safetensors
-    sd = full_state_dict(model)
-    if info.main:
-        save_safetensors(os.path.join(out_dir, "model.safetensors"), sd)  # with its per-tensor sha256 manifest
-        write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1))
-        if write_pt:
-            save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {"config": config, "model": sd, **(extra or {})})
-    barrier()

@@ -44,25 +44,21 @@ A resume falls back past a damaged newest checkpoint (every file carries sha256 
 to the one before it, and says so; temporary files of saves killed half-way are removed at the start.
 A NaN or Inf loss stops the run before the update, naming the step and the last good checkpoint.
 """
-import contextlib
 import json
 import math
 import os
-import shutil
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from checkpoint import load_state, load_state_file, prev_path, save_checkpoint
+from checkpoint import export, load_state, load_state_file, resume, save
 from cli import (autocast, claim_out_dir, device_peak, model_config, opt, parse_config, peak_memory, pick_device,
                  release_lock, run_cli, write_text)
 from data import default_system
 from diffusion import diffusion_loss, forward_process
-from distributed import (all_sum, barrier, dcp_checkpoints, export, load_dcp, read_extra, resolve_parallel, save_dcp,
-                         setup, verify_dcp, wrap)
+from distributed import all_sum, barrier, gradient_sync, resolve_parallel, setup, teardown, wrap
 from model import PRESETS, LLaDAV, count_params, step_flops
 from sample import evaluate, format_eval
 from synthetic import SyntheticVQA, parse_kind_weights, toy_tokenizer
@@ -164,8 +160,8 @@ class TrainConfig:
     init_from: str = opt("", path="any")  # start from these weights (a ckpt.pt, model.safetensors or a Hugging Face
                                            # directory such as the official LLaDA-V), e.g. stage 1's
     init_parts: str = opt("all", each=("all", "llm", "vision", "projector"))  # which of them: all, or a comma list
-    jsonl: str = opt("", out="file")  # append one JSON line per logged step here (and draw loss.png beside it)
-    final_eval: bool = True           # held-out report at the end (synthetic data, one process or DDP)
+    jsonl: str = opt("", out="file")  # append one JSON line per logged step here (python -m tools.draw
+                                      # --curve=<it> draws the loss curve)
     head_chunk: int = opt(0, min=0)   # > 0: output head + loss on this many masked rows at a time, recomputed in
                                       # backward (model.chunked_head_ce): the loss's memory no longer grows with N x V
 
@@ -440,126 +436,51 @@ def llava_inputs(b, mc, pad_id: int, device, key_pad_mask: bool, need_image: boo
 
 
 # ----------------------------------------------------------------------------------------------
-# Resume: the newest intact checkpoint, of the same run
-
-# The options that shape the trajectory: a resumed run with any of them changed is another experiment
-# (another seed, batch or lr schedule, other data), so --resume=1 refuses it unless --resume_changed=1.
-RESUME_KEYS = ("seed", "optimizer", "batch_size", "lr", "min_lr", "decay_frac", "warmup_steps", "max_steps",
-               "weight_decay", "beta2", "grad_clip", "llm_lr_scale", "vision_lr_scale", "projector_lr_scale",
-               "stratified_t", "exact_count", "weighting", "loss_mode", "single_object_steps", "kind_weights_from",
-               "kind_weights", "gen_length", "stage", "data", "image_root", "data_format", "max_len",
-               "unignore_special", "pad_labels")
-
-
-def resume(tc: TrainConfig, mc, model, opt, fmt, info, log):
-    """Load the newest intact checkpoint of out_dir into model and optimizer -> (step, bad-sample counts,
-    its path). Candidates, newest first: the DCP folders (two are kept), else ckpt.pt then ckpt.prev.pt.
-    One that is truncated or fails its checksums is skipped, and said; a changed model config stops the
-    run, and so does a changed training config (RESUME_KEYS) unless --resume_changed=1."""
-    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
-    candidates = dcp_checkpoints(tc.out_dir) or [p for p in (ckpt_path, prev_path(ckpt_path)) if os.path.exists(p)]
-    if not candidates:
-        sys.exit(f"--resume=1 but {ckpt_path} does not exist (nor {tc.out_dir}/dcp/step_*); drop --resume "
-                 f"or point --out_dir at a run")
-    # Why fall back rather than stop: a save killed before its fsync reached the disk, a full disk, or a
-    # bad copy between machines damages the newest file only; the one before it is intact and costs a
-    # few steps. A wrong config is another matter: it would be wrong for every candidate, so it stops.
-    skipped = []
-    for path in candidates:
-        try:  # read (and verify) the candidate; anything wrong with it moves on to the next one
-            if os.path.isdir(path):
-                problem = verify_dcp(path, info)
-                if problem:
-                    raise ValueError(problem)
-                ckpt = None
-                saved = read_extra(path)
-            else:
-                ckpt = saved = load_state_file(path, info.device)
-                if "optimizer" not in ckpt:
-                    raise ValueError(f"a final export without optimizer state (resume from {tc.out_dir}/dcp)")
-            saved_cfg = type(mc).from_dict(saved["config"]).to_dict()  # fields added since get defaults
-        except Exception as e:  # noqa: BLE001 (truncated zip, bad DCP shard, ...): all mean "not intact"
-            skipped.append(path)
-            log(f"skipped {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            continue
-        if saved_cfg != mc.to_dict():
-            diff = [k for k in ("lm", "vision", "tokenizer") if saved_cfg[k] != mc.to_dict()[k]]
-            sys.exit(f"{path} was trained with another model config (differs in {', '.join(diff)}); "
-                     f"use the same --preset and overrides, or a new --out_dir")
-        old = saved.get("train_config") or {}
-        changed = [f"{k} {old[k]!r} -> {getattr(tc, k)!r}" for k in RESUME_KEYS if k in old and old[k] != getattr(tc, k)]
-        if changed and not tc.resume_changed:
-            sys.exit(f"{path} was trained with other options ({'; '.join(changed)}); resume with the same ones, "
-                     f"or pass --resume_changed=1 to go on with the new ones")
-        if ckpt is not None:
-            load_state(model, ckpt["model"], path)
-            opt.load_state_dict(ckpt["optimizer"])
-            step, bad = ckpt["step"], {}
-        else:
-            extra = load_dcp(path, model, opt)
-            step, bad = extra["step"], extra.get("bad", {})
-        log(f"resumed from {path} at step {step}" + (f" (skipped {len(skipped)} damaged: {', '.join(skipped)})"
-                                                     if skipped else "") + (f"; changed: {'; '.join(changed)}" if changed else ""))
-        return step, bad, path
-    sys.exit(f"no intact checkpoint in {tc.out_dir} to resume from (skipped {', '.join(skipped)}); "
-             f"start over with --overwrite=1")
-
-
-def save(tc: TrainConfig, mc, fmt, step, model, opt, tok, bad, info) -> str:
-    """One checkpoint with everything a resume needs -> its path. pt: ckpt.pt (the previous one kept as
-    ckpt.prev.pt), written by rank 0; DCP: a collective, every rank writes its shards."""
-    # train_config travels with every checkpoint: resume() compares it with the new command line
-    if fmt == "dcp":
-        save_dcp(tc.out_dir, step, model, opt, {"step": step, "config": mc.to_dict(), "train_config": asdict(tc),
-                                                "bad": dict(bad.errors) if bad else {}}, info)
-        return os.path.join(tc.out_dir, "dcp", f"step_{step:06d}")
-    path = os.path.join(tc.out_dir, "ckpt.pt")
-    if info.main:
-        save_checkpoint(path, {"config": mc.to_dict(), "train_config": asdict(tc), "model": model.state_dict(),
-                               "optimizer": opt.state_dict(), "step": step, "tokenizer": tok.to_dict()}, keep_prev=True)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
 # Batches
 
-class StepBatches:
-    """step -> this process's `accum` micro-batches, each already through the forward process:
-    (ids, labels, attn, kw, x_t, masked, p_mask, n_samples), kw being the model's other inputs (pixels,
-    image_layout, attention_mask: see llava_inputs). Masks come from generators seeded by
-    (seed, step[, micro-batch, rank]), never from the global RNG, so a resumed run redraws them exactly."""
+@dataclass
+class MicroBatch:
+    """One forward and backward's worth of this process's rows, before the forward process. The noise is
+    drawn over all of x0 with `rng` (seeded by seed and step, never the global RNG, so a resumed run redraws
+    it exactly); the model trains on x0[rows]. With the synthetic data every process draws the noise of
+    the whole global batch and keeps its rows, so any number of processes trains on exactly what one
+    process would; a LLaVA micro-batch is its own rows."""
+    x0: torch.Tensor      # (n, L) clean token ids: the prompt (with image placeholders) and the answer
+    labels: torch.Tensor  # (n, L) the tokens that may be masked and are scored, -100 elsewhere
+    rng: torch.Generator  # the forward process's randomness
+    rows: slice           # the rows of x0 this micro-batch trains on (b of the n)
+    attn: torch.Tensor    # (b, L) 1 at real tokens of those rows (for counting tokens)
+    inputs: dict          # the model's other inputs for those rows: pixels, image_layout, attention_mask
+    share: float          # b x processes / batch_size: its part of the global batch's loss
 
-    def __init__(self, tc, mc, tok, info, accum, micro, synthetic, stream, bad, trains, newline_trains):
+
+class StepBatches:
+    """step -> this process's list of `accum` MicroBatches. Synthetic data: a function of (seed, step).
+    LLaVA data (--data): the next micro-batches of this rank's DataLoader stream."""
+
+    def __init__(self, tc, mc, tok, info, accum, micro, synthetic, stream, bad, needs_image):
         # synthetic: SyntheticVQA (drawn per step); stream: the LLaVA DataLoader iterator, or None;
-        # bad: the BadSampleCounter of skipped records; trains: which components get gradients
+        # bad: the BadSampleCounter of skipped records; needs_image: see llava_inputs
         self.tc, self.mc, self.tok, self.info, self.dev = tc, mc, tok, info, info.device
         self.accum, self.micro, self.synthetic, self.stream, self.bad = accum, micro, synthetic, stream, bad
         self.key_mask = key_mask_on(tc)  # hide the padding from attention (the toy) or not (LLaDA-V's collator)
-        self.needs_image = info.on and (trains["vision"] or trains["projector"] or newline_trains)
+        self.needs_image = needs_image
 
-    def noise(self, ids, labels, g):
-        """x0 -> (x_t, masked, p_mask): t ~ U(0,1) per row, answer tokens masked with prob. p_mask."""
-        return forward_process(ids, labels, self.tok.mask_id, generator=g, stratified=self.tc.stratified_t,
-                               exact_count=self.tc.exact_count)
-
-    def __call__(self, step):
-        """-> the list of this process's micro-batches for global step `step`."""
+    def __call__(self, step) -> list:
         tc, info, dev = self.tc, self.info, self.dev
         if self.stream is None:
-            # Synthetic data: the batch and masks depend only on (seed, step). Every process draws the
-            # whole global batch and its masks, then keeps its rows, so any number of processes trains on
-            # exactly what one process would.
             batch = self.synthetic.train_batch(step, tc.batch_size, lambda im: preprocess(im, self.mc.vision.image_size))
             ids, labels, attn, pixels = (t.to(dev) for t in batch)  # (B, L) x 3, (B, 3, S, S)
-            xt, masked, p_mask = self.noise(ids, labels, torch.Generator(device=dev).manual_seed(tc.seed * 1_000_003 + step))
-            kw = lambda r: dict(pixels=pixels[r], attention_mask=attn[r] if self.key_mask else None)
+            seed = tc.seed * 1_000_003 + step
             if self.accum == 1 and not info.on:
-                return [(ids, labels, attn, kw(slice(None)), xt, masked, p_mask, tc.batch_size)]
-            out = []
-            for a in range(self.accum):  # micro-batch a of rank r: rows (a W + r) m ... (a W + r + 1) m
-                r = slice((a * info.world + info.rank) * self.micro, (a * info.world + info.rank + 1) * self.micro)
-                out.append((ids[r], labels[r], attn[r], kw(r), xt[r], masked[r], p_mask[r], self.micro))
-            return out
+                rows = [slice(None)]
+            else:  # micro-batch a of rank r: rows (a W + r) m ... (a W + r + 1) m of the global batch
+                m, W, r = self.micro, info.world, info.rank
+                rows = [slice((a * W + r) * m, (a * W + r + 1) * m) for a in range(self.accum)]
+            return [MicroBatch(ids, labels, torch.Generator(device=dev).manual_seed(seed), r, attn[r],
+                               dict(pixels=pixels[r], attention_mask=attn[r] if self.key_mask else None),
+                               1.0 if r == slice(None) else self.micro * info.world / tc.batch_size)
+                    for r in rows]
         out = []
         while len(out) < self.accum:  # LLaVA data: this rank's next micro-batches from the DataLoader
             b = next(self.stream)
@@ -569,9 +490,8 @@ class StepBatches:
                 continue
             ids, labels, attn, kw = llava_inputs(b, self.mc, self.tok.pad_id, dev, self.key_mask, self.needs_image)
             g = torch.Generator(device=dev).manual_seed(((tc.seed * 1_000_003 + step) * 64 + len(out)) * 4096 + info.rank)
-            out.append((ids, labels, attn, kw, *self.noise(ids, labels, g), b["n_samples"]))
+            out.append(MicroBatch(ids, labels, g, slice(None), attn, kw, b["n_samples"] * info.world / tc.batch_size))
         return out
-
 
 # ----------------------------------------------------------------------------------------------
 # Setup
@@ -626,13 +546,23 @@ class Meter:
         self.peak, _ = device_peak(info.device)
         self.t_start = self.t_log = time.time()
         self.tokens, self.flops = 0, 0.0
+        self.step = [0, 0, 0, 0]  # this step so far: real tokens, masked positions, crops, longest row
 
-    def add(self, n_tok, seq, n_masked, n_img):
-        """Count one step: its tokens and its FLOPs (model.step_flops: 6 N per trained token, plus the
+    def count(self, mb: MicroBatch, masked):
+        """Add one micro-batch to this step's counts."""
+        pixels = mb.inputs["pixels"]
+        for i, n in enumerate((int(mb.attn.sum()), int(masked.sum()), 0 if pixels is None else pixels.shape[0])):
+            self.step[i] += n
+        self.step[3] = max(self.step[3], mb.attn.shape[1])
+
+    def step_done(self):
+        """Close one step: its tokens and its FLOPs (model.step_flops: 6 N per trained token, plus the
         attention and the head on the masked rows only)."""
+        n_tok, n_masked, n_img, seq = self.step
         self.tokens += n_tok
         self.flops += step_flops(self.mc, n_tok, seq, n_masked, n_img, self.trains["llm"], self.trains["vision"],
                                  self.trains["projector"])
+        self.step = [0, 0, 0, 0]
 
     def record(self, step, loss_sum, lr) -> dict:
         """-> the log record of this step (collective: every process calls it).
@@ -652,6 +582,7 @@ class Meter:
         return rec
 
 
+
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -666,9 +597,8 @@ def nonfinite_stop(step, norm, last_ckpt):
 
 def train(tc: TrainConfig, mc, quiet=False):
     """One training run: setup, resume, then the loop. Returns (model, report)."""
-    # --- setup: processes and device, the output folder, tokenizer, data, model, optimizer ---
-    # Under torchrun each process runs this same function; rank 0 alone checks and locks out_dir, the
-    # others wait at the barrier (if rank 0 refuses, torchrun ends them with it).
+    # Under torchrun each process runs this same function; rank 0 alone checks and locks out_dir (cli.py),
+    # the others wait at the barrier (if rank 0 refuses, torchrun ends them with it).
     info = setup(pick_device(tc.device))
     log = (lambda *a: None) if quiet or not info.main else (lambda *a: print(*a, flush=True))
     lock = claim_out_dir(tc, log) if info.main else None
@@ -679,8 +609,24 @@ def train(tc: TrainConfig, mc, quiet=False):
         release_lock(lock)
 
 
-def _train(tc: TrainConfig, mc, info, log):
-    """train()'s body, run while this process holds out_dir's lock."""
+@dataclass
+class Run:
+    """What setup() builds, for the loop and the end of the run."""
+    tok: object            # tokenizer.Tokenizer
+    synthetic: object      # synthetic.SyntheticVQA: the toy's training draws and its held-out questions
+    model: LLaDAV          # the model; its state is what checkpoints hold
+    fwd: object            # what the loop calls: the model, wrapped by DDP / FSDP2 (and torch.compile)
+    opt: torch.optim.Optimizer
+    parallel: str          # none | ddp | fsdp
+    fmt: str               # checkpoint format: pt | dcp
+    llava: object          # --data: data.MicroBatches, else None
+    bad: object            # --data: data.BadSampleCounter, else None
+    micro: int             # sequences per process per forward
+    accum: int             # micro-batches per step
+
+
+def build(tc: TrainConfig, mc, info, log) -> Run:
+    """Tokenizer, data, model, optimizer and checkpoint format."""
     device = info.device
     torch.manual_seed(tc.seed)  # the model's initial weights; every later random draw has its own seed
     tok = load_tokenizer(tc, mc)
@@ -700,8 +646,7 @@ def _train(tc: TrainConfig, mc, info, log):
     model.to(device)
     model.llm.checkpointing, model.llm.head_chunk = tc.checkpointing, tc.head_chunk
     freeze(model, tc)  # before wrapping: DDP and FSDP2 must see which parameters train
-    n = count_params(model)
-    parallel = resolve_parallel(tc.parallel, n["total"], info)
+    parallel = resolve_parallel(tc.parallel, count_params(model)["total"], info)
     fwd = wrap(model, parallel, info, bf16=device.type == "cuda")  # call fwd; `model` holds the state
     if tc.optimizer == "muon":
         if parallel == "fsdp":
@@ -714,75 +659,65 @@ def _train(tc: TrainConfig, mc, info, log):
     # pt: one file, simple, fine for one process; dcp: sharded, written by every process in parallel and
     # loadable on any other number of processes, the only option under FSDP2
     fmt = tc.ckpt_format if tc.ckpt_format != "auto" else "dcp" if (info.on or tc.data) else "pt"
-    if fmt not in ("pt", "dcp") or (fmt == "pt" and parallel == "fsdp"):
-        sys.exit(f"--ckpt_format={tc.ckpt_format}: use pt, dcp or auto (FSDP2 needs dcp)")
+    if fmt == "pt" and parallel == "fsdp":
+        sys.exit(f"--ckpt_format={tc.ckpt_format}: FSDP2 needs dcp; use --ckpt_format=dcp or auto")
     # --data: LLaVA records read by DataLoader workers, and the counter of records skipped as bad
     llava, bad = open_llava(tc, mc, tok, info, micro) if tc.data else (None, None)
     if tc.warmup_ratio > 0:
         tc.warmup_steps = max(1, round(tc.warmup_ratio * tc.max_steps))
+    return Run(tok, synthetic, model, fwd, opt, parallel, fmt, llava, bad, micro, accum)
 
-    # --- resume: the newest intact checkpoint of this run ---
-    # weights, optimizer moments and the step; the data order and the masks are functions of (seed, step), so
-    # nothing else needs saving for the run to continue bit for bit (tests/kill_resume.py checks it)
+
+def _train(tc: TrainConfig, mc, info, log):
+    """train()'s body, run while this process holds out_dir's lock."""
+    run = build(tc, mc, info, log)
+    model, fwd, opt, device = run.model, run.fwd, run.opt, info.device
+    # resume: weights, optimizer moments and the step; the data order and the masks are functions of
+    # (seed, step), so nothing else needs saving for the run to continue bit for bit (tests/kill_resume.py)
     step, bad_prev, last_ckpt = 0, {}, None
     if tc.resume:
-        step, bad_prev, path = resume(tc, mc, model, opt, fmt, info, log)
+        step, bad_prev, path = resume(tc, mc, model, opt, info, log)
         last_ckpt = (path, step)
     if tc.compile:
         fwd = torch.compile(fwd)
-    log(f"preset {tc.preset}: {n['total'] / 1e6:.2f}M parameters (language model {n['language model'] / 1e6:.2f}M, "
-        f"vision {n['vision tower'] / 1e6:.2f}M, projector {n['projector'] / 1e6:.3f}M) on {device}")
-    if info.on or accum > 1 or tc.stage:
-        log(f"stage {tc.stage} | {info.world} process(es), {parallel} | global batch {tc.batch_size} = {micro} x "
-            f"{info.world} x {accum} accumulation | checkpoints: {fmt} | activation checkpointing {tc.checkpointing}")
-
-    # --- batches, evaluation and logging ---
-    # heldout: questions never drawn for training (synthetic.py keeps the two seed ranges apart); the
-    # quick checks and the final report sample them with the same settings as sample.py
-    heldout = synthetic.heldout(max(tc.eval_quick, tc.eval_final)) if not tc.data else []
-    gen = dict(gen_length=tc.gen_length, steps=tc.sample_steps, block_length=tc.block_length)
+    describe(tc, run, info, log)
+    heldout = run.synthetic.heldout(max(tc.eval_quick, tc.eval_final)) if not tc.data else []
     trains = {k: any(p.requires_grad for p in getattr(model, k).parameters()) for k in ("llm", "vision", "projector")}
-    jlog = JsonlLog(tc.jsonl if info.main else None)
-    can_eval = not tc.data and parallel != "fsdp"  # evaluate() needs the whole model in one process
-    stream = iter(llava.iterate(step)) if tc.data else None  # the data order continues from `step`
     if tc.data:
-        bad.errors.update(bad_prev)
+        run.bad.errors.update(bad_prev)
     newline_trains = hasattr(model, "image_newline") and model.image_newline.requires_grad
-    batches = StepBatches(tc, mc, tok, info, accum, micro, synthetic, stream, bad, trains, newline_trains)
-    meter = Meter(tc, mc, info, step, trains)
+    needs_image = info.on and (trains["vision"] or trains["projector"] or newline_trains)
+    stream = iter(run.llava.iterate(step)) if tc.data else None  # the data order continues from `step`
+    batches = StepBatches(tc, mc, run.tok, info, run.accum, run.micro, run.synthetic, stream, run.bad, needs_image)
+    meter, jlog = Meter(tc, mc, info, step, trains), JsonlLog(tc.jsonl if info.main else None)
 
-    # --- the loop: x0 -> forward_process -> model -> loss -> backward, then one optimizer step ---
+    # --- the loop: a batch -> forward_process -> model -> loss -> backward, then one optimizer step ---
     model.train()
     while step < tc.max_steps:
-        # the schedule is a pure function of the step, so a resumed run picks it up where it was
-        lr = lr_at(step, tc)
+        lr = lr_at(step, tc)  # a pure function of the step, so a resumed run picks it up where it was
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]  # per component: LLM x1, ViT and projector x their scales
         opt.zero_grad(set_to_none=True)
         logging = (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps
-        step_loss, n_tok, n_masked, n_img, seq = 0.0, 0, 0, 0, 0
-        # ids, labels, attn: (b, L); kw: the model's image and mask inputs; xt: (b, L) with answer tokens
-        # masked; masked: (b, L) bool; p_mask: (b,) each row's masking probability; n_samples: rows kept
-        for a, (ids, labels, attn, kw, xt, masked, p_mask, n_samples) in enumerate(batches(step)):
-            # gradients are averaged over processes once per step, after the last micro-batch
-            sync = a == accum - 1
-            if parallel == "fsdp":
-                fwd.set_requires_gradient_sync(sync)
-            with fwd.no_sync() if parallel == "ddp" and not sync else contextlib.nullcontext():
-                with autocast(device):
-                    if tc.head_chunk:  # per-row CE (N_masked,): the head runs in chunks inside the model
-                        ce, logits = fwd(xt, output_positions=masked, targets=labels[masked], **kw), None
-                    else:              # (N_masked, V): the head runs on the masked rows only
-                        ce, logits = None, fwd(xt, output_positions=masked, **kw)
-                loss = diffusion_loss(logits, labels, masked, p_mask, mode=tc.loss_mode, weighting=tc.weighting, ce=ce)
-                if n_samples * info.world != tc.batch_size:  # scale so the sum over micro-batches and the
-                    loss = loss * (n_samples * info.world / tc.batch_size)  # mean over processes = batch loss
+        step_loss, micro_batches = 0.0, batches(step)
+        for a, mb in enumerate(micro_batches):
+            # the forward process q(x_t | x0): t ~ U(0,1) per sequence, each answer token -> [MASK] with
+            # probability p_mask = (1 - eps) t + eps; x_t (n, L), masked (n, L) bool, p_mask (n,)
+            xt, masked, p_mask = forward_process(mb.x0, mb.labels, run.tok.mask_id, generator=mb.rng,
+                                                 stratified=tc.stratified_t, exact_count=tc.exact_count)
+            xt, masked, p_mask, labels = xt[mb.rows], masked[mb.rows], p_mask[mb.rows], mb.labels[mb.rows]
+            with gradient_sync(fwd, run.parallel, a == len(micro_batches) - 1):  # once, after the last one
+                with autocast(device):  # the model predicts every masked token at once; the output head
+                    # runs at the masked rows only: logits (N_masked, V), or per-row CE with --head_chunk
+                    out = fwd(xt, output_positions=masked, targets=labels[masked] if tc.head_chunk else None,
+                              **mb.inputs)
+                # the likelihood bound: CE on the masked tokens / p_mask, normalised per sequence (SFT form)
+                loss = diffusion_loss(None if tc.head_chunk else out, labels, masked, p_mask, mode=tc.loss_mode,
+                                      weighting=tc.weighting, ce=out if tc.head_chunk else None)
+                loss = loss * mb.share  # summed over micro-batches, averaged over processes = the batch's loss
                 loss.backward()
             step_loss += loss.item() if logging else 0.0  # .item() waits for the GPU: only when logging
-            n_tok += int(attn.sum())
-            n_masked += int(masked.sum())
-            n_img += 0 if kw["pixels"] is None else kw["pixels"].shape[0]  # crops through the tower
-            seq = max(seq, ids.shape[1])
+            meter.count(mb, masked)
         # clip ||g|| to grad_clip. The norm is of the whole gradient (all processes, all shards: the same
         # number everywhere), so the finiteness check below stops every process at the same step.
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -790,58 +725,99 @@ def _train(tc: TrainConfig, mc, info, log):
             nonfinite_stop(step + 1, float(norm), last_ckpt)
         opt.step()  # MuonAdamW or AdamW: bias-corrected moments, decoupled weight decay (0 in LLaDA-V)
         step += 1
-        meter.add(n_tok, seq, n_masked, n_img)
+        meter.step_done()
         # --- bookkeeping, after the step: log line (and JSON line), quick held-out check, checkpoint ---
         if logging:
-            rec = meter.record(step, step_loss, lr)
-            log(f"step {step:5d}/{tc.max_steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | {rec['tok_per_s']:,.0f} tok/s"
-                f" | {rec['ms_per_step']:.0f} ms/step | ETA {rec['eta_s']:.0f}s | MFU {100 * rec['mfu']:.1f}% | "
-                f"peak mem {rec['peak_mem_gib']:.2f} GiB")
-            jlog.write({k: v for k, v in rec.items() if k != "ms_per_step"})
-            if tc.data:
-                n_bad, n_seen = all_sum([bad.bad, bad.seen], info)
-                bad.check(n_bad, n_seen)
-                if n_bad:
-                    log(f"  skipped {n_bad:.0f} of {n_seen:.0f} samples so far (this process: {bad.summary()})")
-        if tc.eval_every and tc.eval_quick and step % tc.eval_every == 0 and step < tc.max_steps and can_eval and info.main:
-            log(f"  held-out ({tc.eval_quick}): " + format_eval(evaluate(model, tok, heldout[:tc.eval_quick], **gen)))
+            log_step(tc, run, info, meter.record(step, step_loss, lr), lr, log, jlog)
+        if tc.eval_every and tc.eval_quick and step % tc.eval_every == 0 and step < tc.max_steps \
+                and can_evaluate(tc, run, info):
+            log(f"  held-out ({tc.eval_quick}): " + format_eval(evaluate(model, run.tok, heldout[:tc.eval_quick],
+                                                                          **gen_options(tc))))
         if step % tc.ckpt_every == 0 or step == tc.max_steps:  # a resume restarts from the newest of these
-            last_ckpt = (save(tc, mc, fmt, step, model, opt, tok, bad, info), step)
+            last_ckpt = (save(tc, mc, run.fmt, step, model, opt, run.tok, run.bad, info), step)
+    return finish(tc, mc, run, info, log, step, time.time() - meter.t_start, step - meter.first, heldout)
 
-    # --- the end: export, loss curve, held-out report ---
-    # model.safetensors + config.json (+ a weights-only ckpt.pt for a DCP run) is what sample.py, bench and
-    # the next stage's --init_from read; report.json is written last, so its presence means "finished".
-    train_time = time.time() - meter.t_start
-    log(f"trained {step - meter.first} steps in {train_time:.0f}s; checkpoint "
-        f"{os.path.join(tc.out_dir, 'ckpt.pt') if fmt == 'pt' else os.path.join(tc.out_dir, 'dcp')}")
-    export(model, tc.out_dir, mc.to_dict(), info, write_pt=fmt == "dcp",
-           extra={"tokenizer": tok.to_dict(), "train_config": asdict(tc)})
-    if tc.jsonl and info.main:
-        from tools.draw import plot_curve, read_curve
-        plot_curve(read_curve(tc.jsonl), os.path.join(os.path.dirname(tc.jsonl) or ".", "loss.png"))
+
+def describe(tc, run: Run, info, log):
+    n = count_params(run.model)
+    log(f"preset {tc.preset}: {n['total'] / 1e6:.2f}M parameters (language model {n['language model'] / 1e6:.2f}M, "
+        f"vision {n['vision tower'] / 1e6:.2f}M, projector {n['projector'] / 1e6:.3f}M) on {info.device}")
+    if info.on or run.accum > 1 or tc.stage:
+        log(f"stage {tc.stage} | {info.world} process(es), {run.parallel} | global batch {tc.batch_size} = "
+            f"{run.micro} x {info.world} x {run.accum} accumulation | checkpoints: {run.fmt} | activation "
+            f"checkpointing {tc.checkpointing}")
+
+
+def gen_options(tc) -> dict:
+    """The sampler settings of the quick checks and the final report (sample.py's, from the same options)."""
+    return dict(gen_length=tc.gen_length, steps=tc.sample_steps, block_length=tc.block_length)
+
+
+def can_evaluate(tc, run: Run, info) -> bool:
+    """The held-out questions are the synthetic data's, and evaluate() needs the whole model in one process."""
+    return not tc.data and run.parallel != "fsdp" and info.main
+
+
+def log_step(tc, run: Run, info, rec: dict, lr: float, log, jlog):
+    log(f"step {rec['step']:5d}/{tc.max_steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | {rec['tok_per_s']:,.0f} tok/s"
+        f" | {rec['ms_per_step']:.0f} ms/step | ETA {rec['eta_s']:.0f}s | MFU {100 * rec['mfu']:.1f}% | "
+        f"peak mem {rec['peak_mem_gib']:.2f} GiB")
+    jlog.write({k: v for k, v in rec.items() if k != "ms_per_step"})
+    if tc.data:
+        n_bad, n_seen = all_sum([run.bad.bad, run.bad.seen], info)
+        run.bad.check(n_bad, n_seen)
+        if n_bad:
+            log(f"  skipped {n_bad:.0f} of {n_seen:.0f} samples so far (this process: {run.bad.summary()})")
+
+
+def unreached_kinds(tc, step: int) -> str:
+    """The toy's curriculum, said when a run stops before it is through: which question kinds it never
+    trained (the report then shows them near 0%) and whether the kind weights ever applied."""
+    if tc.data:
+        return ""
+    from synthetic import KINDS, SINGLE_KINDS
+    notes = []
+    if step <= tc.single_object_steps:
+        later = [k for k in KINDS if k not in SINGLE_KINDS]
+        notes.append(f"{', '.join(later)} questions start at step {tc.single_object_steps} (--single_object_steps): "
+                     f"never trained, expect ~0% on them")
+    elif step <= tc.kind_weights_from:
+        notes.append(f"the relation-heavy mix (--kind_weights) starts at step {tc.kind_weights_from}: not reached")
+    return f"this run stopped at step {step}; " + "; ".join(notes) if notes else ""
+
+
+def finish(tc, mc, run: Run, info, log, step, train_time, steps_run, heldout):
+    """The end: export (model.safetensors + config.json, and a weights-only ckpt.pt for a DCP run: what
+    sample.py, the bench and the next stage's --init_from read), then the held-out report. report.json is
+    written last, so its presence means "finished"."""
+    log(f"trained {steps_run} steps in {train_time:.0f}s; checkpoint "
+        f"{os.path.join(tc.out_dir, 'ckpt.pt') if run.fmt == 'pt' else os.path.join(tc.out_dir, 'dcp')}")
+    export(run.model, tc.out_dir, mc.to_dict(), info, write_pt=run.fmt == "dcp",
+           extra={"tokenizer": run.tok.to_dict(), "train_config": asdict(tc)})
     report = {"train_seconds": train_time, "steps": step}
     if tc.data:
-        report["bad_samples"] = dict(bad.errors)
-        log(f"bad samples skipped: {bad.summary()}")
-    if tc.final_eval and tc.eval_final and can_eval and info.main:
+        report["bad_samples"] = dict(run.bad.errors)
+        log(f"bad samples skipped: {run.bad.summary()}")
+    if tc.eval_final and can_evaluate(tc, run, info):
         t0 = time.time()
-        final = evaluate(model, tok, heldout[:tc.eval_final], **gen)
-        blank = evaluate(model, tok, heldout[:tc.eval_final], blank=True, **gen)
+        final = evaluate(run.model, run.tok, heldout[:tc.eval_final], **gen_options(tc))
+        blank = evaluate(run.model, run.tok, heldout[:tc.eval_final], blank=True, **gen_options(tc))
         log(f"held-out report ({time.time() - t0:.0f}s of sampling):")
         log(f"  images:       {format_eval(final)}")
         log(f"  blank images: {format_eval(blank)}   <- near chance: the answers come from the image")
-        report = {"heldout": final, "blank_images": blank, "train_seconds": train_time, "steps": step}
+        if unreached_kinds(tc, step):
+            log(f"  note: {unreached_kinds(tc, step)}")
+        report.update(heldout=final, blank_images=blank)
     if info.main:
         write_text(os.path.join(tc.out_dir, "report.json"), json.dumps(report, indent=1))
     barrier()
-    return model, report
+    return run.model, report
 
 
 def main(argv):
     tc, mc = parse_args(argv)
     t = time.time()
     train(tc, mc)
-    from distributed import teardown
     teardown()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per process
         print(f"total wall time {time.time() - t:.0f}s")

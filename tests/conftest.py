@@ -143,7 +143,7 @@ TINY_TRAIN = TINY_WIDTHS + ["--batch_size=8", "--log_every=1000", "--eval_every=
 
 # test_distributed.py and kill_resume.py: a loss curve to compare step by step (every step logged, no held-out
 # report, a learning rate high enough that the curve moves); each adds its --max_steps / --ckpt_every.
-TINY_CURVE = TINY_MODEL + ["--batch_size=8", "--log_every=1", "--eval_every=0", "--final_eval=0", "--gen_length=12",
+TINY_CURVE = TINY_MODEL + ["--batch_size=8", "--log_every=1", "--eval_every=0", "--eval_final=0", "--gen_length=12",
                            "--block_length=12", "--sample_steps=12", "--warmup_steps=2", "--lr=3e-3"]
 
 # test_stages.py and test_llava.py (which adds --batch_size=4): LLaVA-format data, every step logged.

@@ -218,8 +218,7 @@ def load_state_file(path, device="cpu") -> dict:
 
 def load_checkpoint(path, device="cpu"):
     """-> (model, tokenizer, checkpoint dict). The model is rebuilt from the config stored in the
-    checkpoint, the tokenizer from the one stored beside it (toy checkpoints written before tokenizers
-    travelled with them get the toy tokenizer, which is learnt deterministically)."""
+    checkpoint, the tokenizer from the one stored beside it (or the file its config names)."""
     ckpt = load_state_file(path, device)
     try:
         cfg = LLaDAVConfig.from_dict(ckpt["config"])
@@ -229,11 +228,10 @@ def load_checkpoint(path, device="cpu"):
     load_state(model, ckpt["model"], path)
     if "tokenizer" in ckpt:
         tok = Tokenizer.from_dict(ckpt["tokenizer"])
-    elif cfg.tokenizer == "toy":
-        from synthetic import toy_tokenizer
-        tok = toy_tokenizer()
-    else:
+    elif cfg.tokenizer != "toy":
         tok = get_tokenizer(cfg.tokenizer, config_mask_id(cfg.lm.mask_id))
+    else:  # a toy checkpoint of the first editions, before the tokenizer travelled with the weights
+        raise ValueError(f"{path} carries no tokenizer (an early train.py wrote it); train it again with this one")
     return model, tok, ckpt
 
 

@@ -176,12 +176,18 @@ def answer_text(tok: Tokenizer, ids) -> str:
 
 
 
-def prompt_batch(tok: Tokenizer, questions, n_image_tokens: int, system: str | None = None):
+def prompt_batch(tok: Tokenizer, questions, n_image_tokens, system: str | None = None, think=None, history=(),
+                 keep_after_image: bool = True):
     """Left-padded prompts for batched sampling (as the official generate.py does): ids (B, L), attention
     mask (B, L). Left padding keeps every answer canvas at the same columns. Positions still run 0..L-1,
     so a left-padded prompt is shifted; with the padding masked out that changes nothing, because RoPE
-    attention scores depend only on relative positions."""
-    ps = [tok.encode_with_image(chat_template(llada_v_messages(q, system)), n_image_tokens) for q in questions]
+    attention scores depend only on relative positions.
+    n_image_tokens: every question's visual-token count, or one count per question (0: no image).
+    keep_after_image: the training form, "\n" after <image> kept (the toy is trained and sampled so);
+    False: the official inference form (tokenizer_image_token drops it). think, history: llada_v_messages."""
+    counts = [n_image_tokens] * len(questions) if isinstance(n_image_tokens, int) else list(n_image_tokens)
+    ps = [tokenizer_image_token(tok, chat_template(llada_v_messages(q, system, int(n > 0), think, history)), n,
+                                keep_after_image) for q, n in zip(questions, counts)]
     L = max(map(len, ps))
     ids = torch.full((len(ps), L), tok.pad_id, dtype=torch.long)
     attn = torch.zeros(len(ps), L, dtype=torch.bool)

@@ -35,8 +35,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import sys
 import warnings
 from dataclasses import dataclass
 

@@ -25,6 +25,7 @@ The official model (a Hugging Face directory, e.g. GSAI-ML/LLaDA-V; see docs/off
 This file also holds `answer()` and `evaluate()` (held-out accuracy per question kind), which
 train.py uses for its reports.
 """
+import contextlib
 import math
 import os
 import sys
@@ -34,46 +35,99 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_checkpoint
-from data import (SYSTEM_PROMPT, answer_text, chat_template, default_system, llada_v_messages, prompt_batch,
-                  sft_example, tokenizer_image_token)
-from diffusion import MODES, choose, generate, mode_kwargs
 from cli import autocast, opt, parse_config, pick_device, run_cli
+from data import answer_text, default_system, prompt_batch, sft_example
+from diffusion import MODES, choose, generate, mode_kwargs
 from model import LLaDAV
-from synthetic import CHOICES, DEMO_OFFSET, KINDS, SyntheticVQA, candidates, draw, make_sample, score, toy_tokenizer
+from synthetic import (CHOICES, DEMO_OFFSET, GRID, KINDS, SyntheticVQA, candidates, draw, make_sample, score,
+                       toy_tokenizer)
+from tokenizer import config_mask_id, get_tokenizer
 from vision import load_image, preprocess, process_image
 
 
+# Each family's official sampler settings, used where an option is left unset (the toy: its training run's).
+OFFICIAL = {
+    # LLaDA-V: generate_demo.py's steps = gen_length = block_length = 128, float16 on CUDA (builder.py's
+    # load_pretrained_model), stop at <|eot_id|> (ML-GSAI/LLaDA-V train/generate_demo.py)
+    "llada_v": dict(gen_length=128, steps=128, block_length=128, cuda_dtype=torch.float16),
+    # text LLaDA-8B-Instruct: blocks of 32 in bfloat16 (ML-GSAI/LLaDA chat.py, generate.py's main, app.py);
+    # LLaDA's EVAL.md: without blocks the Instruct model fills the canvas with too many EOS tokens
+    "llada": dict(gen_length=128, steps=128, block_length=32, cuda_dtype=torch.bfloat16),
+}
+
+
+def image_tokens(model, images):
+    """PIL images (None: a question without one) -> (visual tokens (sum N_i, d) in prompt order, or None;
+    [N_i] per question). Each image is packed the way the model was trained (its image_aspect_ratio: one
+    square crop for the toy and stage 1, base + crops with image_newline from stage 2 on; vision.py)."""
+    counts = [0] * len(images)
+    if not isinstance(model, LLaDAV) or all(im is None for im in images):
+        return None, counts
+    device, S = next(model.parameters()).device, model.cfg.vision.image_size
+    crops = {i: process_image(im, model.cfg.image_aspect_ratio, S) for i, im in enumerate(images) if im is not None}
+    if all(c.shape[0] == 1 for c, _ in crops.values()) and not hasattr(model, "image_newline"):
+        # one square crop each: one tower call over the batch, (n, N, d)
+        feats = list(model.encode_images(torch.cat([c for c, _ in crops.values()]).to(device)))
+    else:
+        feats = [model.encode_image_crops(c.to(device), size) for c, size in crops.values()]  # each (N_i, d)
+    for i, f in zip(crops, feats):
+        counts[i] = f.shape[0]
+    return torch.cat(feats), counts
+
+
 @torch.no_grad()
-def answer(model, tok, images, questions, gen_length=16, steps=16, block_length=16, temperature=0.0,
-           cfg_scale=0.0, remasking="low_confidence", callback=None, return_canvas=False,
-           mode="exact", threshold=0.9, refresh_every=0, stats=None):
-    """Answer a batch of (image, question) pairs with our toy model. Returns the answer strings (and the
-    raw canvases). The sampler is diffusion.generate with its official defaults (left-padded batch,
-    EOS/EoT not banned: the toy model pads its answers with EOS, and each one is cut at its first
-    <|eot_id|> / EOS). mode: a decoding mode of diffusion.MODES ('exact' = the official schedule);
-    threshold / refresh_every: see diffusion.generate. stats: a dict into which model calls (nfe,
-    full_nfe) are added up."""
+def answer(model, tok, images, questions, official=False, history=(), think=None, stop=("<|eot_id|>",),
+           lmms_eval=False, gen_length=16, steps=16, block_length=16, temperature=0.0, cfg_scale=0.0,
+           remasking="low_confidence", mode="exact", threshold=0.9, refresh_every=0, callback=None, stats=None,
+           return_canvas=False):
+    """The one answer path: a batch of questions (each with its PIL image, or None) -> the answer strings,
+    through the one sampler, diffusion.generate, in any decoding mode (diffusion.MODES; threshold and
+    refresh_every as there). Prompts are left-padded (data.prompt_batch), the images packed as trained.
+    official=False, the toy: the prompt in its training form, no banned ids, each answer cut at its first
+    <|eot_id|> / EOS (the toy pads its answers with EOS), under autocast.
+    official=True, LLaDA-V as its demo and lmms-eval answer (llava_llada.py::generate, generate_with_embeds):
+    the inference prompt form (data.tokenizer_image_token), EOS / BOS / header ids banned, the `stop`
+    strings (an empty one is dropped), float64 confidence, weights in the inference dtype, no autocast.
+    A text-only LLaDA (no vision tower): the plain generate.py sampler, cut at the first EoT / EOS.
+    history: earlier (question, answer) turns, re-rendered through the template; think: LLaDA-V's
+    " /think" switch; lmms_eval: decode as lmms-eval read the benchmark answers (decode_answer).
+    stats: a dict into which model calls (nfe, full_nfe) are added up. return_canvas: also the (B, G) canvases."""
     device = next(model.parameters()).device
-    size = model.cfg.vision.image_size
-    pixels = torch.stack([preprocess(im, size) for im in images]).to(device)
-    with autocast(device):
-        feats = model.encode_images(pixels)                       # (B, N, d): once, not per step
-    ids, attn = prompt_batch(tok, questions, feats.shape[1], default_system(model.cfg.tokenizer))
-    P = ids.shape[1]
-    if P + gen_length > model.cfg.lm.max_seq_len:
+    is_v = isinstance(model, LLaDAV)  # a text-only LLaDA has no vision tower and takes embeddings
+    if images is None:
+        images = [None] * len(questions)
+    if any(im is not None for im in images) and not is_v:
+        raise ValueError("this checkpoint is a text-only LLaDA; drop --image or use a LLaDA-V model")
+    ctx = contextlib.nullcontext() if official else autocast(device)
+    with ctx:
+        feats, counts = image_tokens(model, images)       # encoded once, not per step
+    system = default_system(model.cfg.tokenizer) if is_v else None
+    ids, attn = prompt_batch(tok, questions, counts, system, think, history, keep_after_image=not official)
+    P, context = ids.shape[1], (model.cfg.lm if is_v else model.cfg).max_seq_len
+    if P + gen_length > context:
         raise ValueError(f"prompt ({P} tokens) + gen_length ({gen_length}) exceeds the model's context "
-                         f"max_seq_len={model.cfg.lm.max_seq_len}; shorten the question or lower --gen_length")
-    st = {}
-    with autocast(device):
-        out = generate(model, ids.to(device), attn.to(device), steps=steps, gen_length=gen_length,
-                       block_length=block_length, temperature=temperature, cfg_scale=cfg_scale, remasking=remasking,
-                       mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.eot_id, refresh_every=refresh_every,
-                       callback=callback, stats=st, image_features=feats, **mode_kwargs(mode, threshold))
+                         f"max_seq_len={context}; shorten the question or lower --gen_length")
+    gen = dict(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
+               cfg_scale=cfg_scale, remasking=remasking, mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.eot_id,
+               refresh_every=refresh_every, callback=callback, stats=(st := {}), **mode_kwargs(mode, threshold))
+    # the official batch-1 code sends no attention mask; a padded batch needs one
+    mask = attn.to(device) if not official or not attn.all() else None
+    fn = model if is_v else lambda x, attention_mask=None, **k: model(model.embed_tokens(x), attention_mask, **k)
+    if official and is_v:  # LLaDA-V's rules: the answers come back cut before their stop (generate_with_embeds)
+        gen.update(banned_ids=(tok.eos_id, tok.bos_id, tok.start_header_id, tok.end_header_id),
+                   stop_sequences=[tok.encode(s) for s in stop if s])
+    with ctx:
+        out = generate(fn, ids.to(device), attention_mask=mask, **gen, **({"image_features": feats} if is_v else {}))
     if stats is not None:
         for k in ("nfe", "full_nfe"):
             stats[k] = stats.get(k, 0) + st[k]
-    texts = [answer_text(tok, row[P:]) for row in out.tolist()]
+    if official and is_v:  # out: the B answers, each cut before its stop (a list of ids)
+        return [decode_answer(tok, row, lmms_eval) for row in out]
+    rows = [row[P:] for row in out.tolist()]  # out (B, P + G): the canvases follow the prompts
+    if official:  # text LLaDA: up to the first EoT / EOS
+        return [decode_answer(tok, row[:next((i for i, t in enumerate(row) if t in (tok.eot_id, tok.eos_id)),
+                                             len(row))], lmms_eval) for row in rows]
+    texts = [answer_text(tok, row) for row in rows]
     return (texts, out[:, P:]) if return_canvas else texts
 
 
@@ -114,13 +168,12 @@ def format_eval(res) -> str:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def inference_dtype(name: str, device: torch.device):
-    """--dtype for the official weights -> a torch dtype, or None for the checkpoint's own. 'auto' is
-    float16 on CUDA, the official inference precision (REFERENCE 11.3: weights loaded in float16, images
-    cast to it, generation under autocast); on a CPU, where float16 matmuls are slow, the checkpoint's
-    dtype (bf16 for the released weights). Raises ValueError for an unknown name."""
+def inference_dtype(name: str, device: torch.device, family: str = "llada_v"):
+    """--dtype -> a torch dtype, or None for the checkpoint's own. 'auto' is the family's official inference
+    precision on CUDA (OFFICIAL: LLaDA-V float16, images cast to it; text LLaDA bfloat16); on a CPU, where
+    half-precision matmuls are slow, the checkpoint's dtype. Raises ValueError for an unknown name."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else None
+        return OFFICIAL[family]["cuda_dtype"] if device.type == "cuda" else None
     if name not in DTYPES:
         raise ValueError(f"--dtype={name}: use auto or one of {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -135,103 +188,6 @@ def decode_answer(tok, ids, lmms_eval=False) -> str:
     special = set(tok.special.values())
     text = tok.decode([i for i in ids if i not in special])
     return (text[:-1] if text.endswith(".") else text).strip()
-
-
-@torch.no_grad()
-def answer_pretrained(model, tok, image, question, history=(), think=None, gen_length=128, steps=128,
-                      block_length=128, temperature=0.0, cfg_scale=0.0, remasking="low_confidence",
-                      stop=("<|eot_id|>",), callback=None, mode="exact", threshold=0.9, refresh_every=0,
-                      stats=None, lmms_eval=False):
-    """One turn with an official model: LLaDAV (image optional) or a text-only LLaDA, through the one
-    sampler (diffusion.generate) in any decoding mode (mode / threshold / refresh_every as in answer()).
-    LLaDA-V: its template (system prompt, image first, think suffix), its image mode, and its sampler's
-    options: EOS / BOS / header ids banned, the `stop` strings in the official order (REFERENCE 11.5; an
-    empty string is dropped), float64 confidence. A text-only LLaDA: the plain generate.py sampler (as
-    LLaDA's chat.py), cut at the first EoT / EOS. lmms_eval: decode as lmms-eval does (decode_answer).
-    Earlier turns are re-rendered through the template (the official chat loops append to the previous
-    output instead: the same tokens, up to re-tokenisation of the answers). stats: filled as generate's."""
-    device = next(model.parameters()).device
-    is_v = isinstance(model, LLaDAV)
-    kw, n_img = {}, []
-    if image is not None:
-        if not is_v:
-            raise ValueError("this checkpoint is a text-only LLaDA; drop --image or use GSAI-ML/LLaDA-V")
-        crops, size = process_image(image, model.cfg.image_aspect_ratio, model.cfg.vision.image_size)
-        kw["image_features"] = model.encode_image_crops(crops.to(device), size)  # (N, d), once
-        n_img = [kw["image_features"].shape[0]]
-    msgs = llada_v_messages(question, SYSTEM_PROMPT if is_v else None, len(n_img), think, history)
-    ids = torch.tensor([tokenizer_image_token(tok, chat_template(msgs), n_img)], device=device)  # official form: drops "\n" after <image>
-    cfg = model.cfg.lm if is_v else model.cfg
-    if ids.shape[1] + gen_length > cfg.max_seq_len:
-        raise ValueError(f"prompt ({ids.shape[1]} tokens) + gen_length ({gen_length}) exceeds the context "
-                         f"{cfg.max_seq_len}; shorten the conversation or lower --gen_length")
-    gen = dict(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
-               cfg_scale=cfg_scale, remasking=remasking, mask_id=tok.mask_id, eos_id=tok.eos_id, eot_id=tok.eot_id,
-               refresh_every=refresh_every, callback=callback, stats=stats, **mode_kwargs(mode, threshold))
-    if not is_v:  # LLaDA-8B-Instruct: a bare LLaDA takes embeddings; the sampler hands it token ids
-        out = generate(lambda x, attention_mask=None, **k: model(model.embed_tokens(x), attention_mask, **k), ids, **gen)
-        ids_out = out[0, ids.shape[1]:].tolist()
-        cut = next((i for i, t in enumerate(ids_out) if t in (tok.eot_id, tok.eos_id)), len(ids_out))
-        return decode_answer(tok, ids_out[:cut], lmms_eval)
-    (out,) = generate(model, ids, banned_ids=(tok.eos_id, tok.bos_id, tok.start_header_id, tok.end_header_id),
-                      stop_sequences=[tok.encode(s) for s in stop if s], **gen, **kw)
-    return decode_answer(tok, out, lmms_eval)
-
-
-def main_pretrained(sc, device):
-    """sample.py --checkpoint=<Hugging Face dir>: the official LLaDA-V (or LLaDA) weights, one question or
-    a --chat, through answer_pretrained and so the one sampler, in any --mode (fast decoding included).
-    Defaults are the official demo's: steps = gen_length = block_length = 128, T = 0, <|eot_id|> stop,
-    float16 on CUDA (inference_dtype). Prints each answer with its decoding mode, model calls and time."""
-    from checkpoint import from_pretrained
-    from tokenizer import get_tokenizer as load_tokenizer
-    try:
-        dtype = inference_dtype(sc.dtype, device)
-    except ValueError as e:
-        sys.exit(str(e))
-    t0 = time.time()
-    try:
-        model = from_pretrained(sc.checkpoint, dtype=dtype, device=device)
-        tok = toy_tokenizer() if sc.tokenizer == "toy" else load_tokenizer(sc.tokenizer or sc.checkpoint)
-        img = load_image(sc.image) if sc.image else None
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(str(e))
-    print(f"loaded {sc.checkpoint} ({type(model).__name__}, {next(model.parameters()).dtype}) on {device} "
-          f"in {time.time() - t0:.1f}s")
-    # sampling options: unset lengths default to the official demo's (128 / 128 / 128, one block)
-    G = int(sc.gen_length or 128)
-    gen = dict(gen_length=G, steps=int(sc.steps or G), block_length=int(sc.block_length or G),
-               temperature=float(sc.temperature), cfg_scale=float(sc.cfg_scale),
-               remasking=sc.remasking, think=sc.think or None, mode=sc.mode,
-               threshold=float(sc.threshold), refresh_every=int(sc.refresh_every),
-               stop=tuple(x.replace("\\n", "\n").replace("\\t", "\t") for x in sc.stop.split(",")))  # typed \n, \t: newline, tab
-    if sc.show_steps:  # the first row's canvas after every step: "_" for a mask, else the token
-        gen["callback"] = lambda x, step, block: print(f"step {step + 1:3d} (block {block}): " + " ".join(
-            "_" if t == tok.mask_id else repr(tok.decode([t]))[1:-1] for t in x[0, -G:].tolist()))
-    torch.manual_seed(int(sc.seed))  # T > 0 or random remasking: a reproducible draw
-    # history: the earlier (question, answer) turns of a --chat, re-rendered through the template each turn
-    history, question = [], sc.question or (None if sc.chat else "Describe the image." if img else "")
-    if question == "":
-        sys.exit("no --image and no --question: pass --question=\"...\" (or --chat to type questions)")
-    while True:
-        if question is None:  # --chat: read the next question
-            try:
-                question = input("you> ").strip()
-            except EOFError:
-                return
-            if question in ("", "exit", "quit"):
-                return
-        t0, stats = time.time(), {}
-        try:
-            text = answer_pretrained(model, tok, img, question, history, stats=stats, **gen)  # image: turn 1 only
-        except ValueError as e:
-            sys.exit(str(e))
-        print(f"question: {question}\nanswer:   {text}\n({gen['mode']} decoding: {stats['nfe']} model calls "
-              f"({stats['full_nfe']} full), gen_length {G}, block_length {gen['block_length']}, {time.time() - t0:.2f}s)")
-        if not sc.chat:
-            return
-        history.append((question, text))  # the next turn's prompt carries this answer
-        question = None
 
 
 def eval_modes(model, tok, samples, modes, batch_size=1, **gen):
@@ -317,7 +273,6 @@ class SampleConfig:
     mode: str = opt("exact", choices=tuple(MODES))  # decoding mode (diffusion.py): exact, KV caches, threshold
     threshold: float = opt(0.9, min=0)           # confidence threshold of the threshold modes (above 1: one token a step)
     refresh_every: int = opt(0, min=0)           # cached modes: refresh the cache every N steps (0: at block starts)
-    gif: str = opt("", out="file", suffix=".gif")  # write an animation of the denoising here
     eval: bool = False                           # held-out accuracy, model calls and time for each of --modes
     n: int = opt(500, min=1)                     # held-out questions for --eval / --eval_choice
     batch_size: int = opt(1, min=1)              # questions decoded together in --eval
@@ -341,110 +296,161 @@ class SampleConfig:
                              f"--block_length); every block gets the same number of steps")
 
 
+def load(sc, device):
+    """--checkpoint -> (model, tokenizer, official, defaults). Three kinds of checkpoint, one answer path:
+      a Hugging Face folder (the official LLaDA-V or LLaDA, or a train.py export): answered the official way;
+      a train.py run folder, or its ckpt.pt: a model trained on LLaVA data (--data, any --stage) is answered
+          as LLaDA-V is (it was trained in its format); the toy, trained on synthetic scenes, its own way.
+    defaults: the sampler lengths where an option is unset: the family's official ones (OFFICIAL), or
+    for the toy its training run's (sampling as trained reproduces what its report measured)."""
+    from checkpoint import from_pretrained, is_llada_v, load_checkpoint, read_config
+    from cli import MARKER
+    path = sc.checkpoint
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, MARKER)):  # a train.py run folder
+        path = os.path.join(path, "ckpt.pt")
+    if os.path.isdir(path):
+        family = "llada_v" if is_llada_v(read_config(path)) else "llada"
+        model = from_pretrained(path, dtype=inference_dtype(sc.dtype, device, family), device=device)
+        tok_path = sc.tokenizer or path
+        official, trained = True, {}
+    else:
+        model, tok, ckpt = load_checkpoint(path, device)
+        trained = ckpt.get("train_config", {})
+        official, family, tok_path = bool(trained.get("data")), "llada_v", sc.tokenizer
+        if official:
+            model = model.to(dtype=inference_dtype(sc.dtype, device, "llada_v") or next(model.parameters()).dtype)
+    if tok_path:  # --tokenizer, or the folder's own; the model config's [MASK] id wins over the file's
+        lm = model.cfg.lm if isinstance(model, LLaDAV) else model.cfg
+        tok = toy_tokenizer() if tok_path == "toy" else get_tokenizer(tok_path, config_mask_id(lm.mask_id))
+    if official:
+        G = OFFICIAL[family]["gen_length"]
+        defaults = {k: OFFICIAL[family][k] for k in ("gen_length", "steps", "block_length")}
+    else:
+        G = trained.get("gen_length", 16)
+        defaults = dict(gen_length=G, steps=trained.get("sample_steps", G), block_length=trained.get("block_length", G))
+    defaults["seed"] = int(trained.get("seed", 0))  # the training run's: its held-out split (--eval)
+    return model.eval(), tok, official, defaults
+
+
+def step_printer(tok, G: int):
+    """--show_steps: the sampler's callback(x, step, block) printing row 0's canvas ("_" for a mask)."""
+    def show(x, step, block):
+        canvas = x[0, -G:].tolist()
+        print(f"step {step + 1:3d} (block {block}): " + " ".join(
+            "_" if t == tok.mask_id else repr(tok.decode([t]))[1:-1] or "''" for t in canvas))
+    return show
+
+
+def gen_options(sc, defaults: dict, official: bool) -> dict:
+    """The sampler options of answer(): the ones given, the defaults for the rest."""
+    gen = {k: getattr(sc, k) or defaults[k] for k in ("gen_length", "steps", "block_length")}
+    gen.update(temperature=sc.temperature, cfg_scale=sc.cfg_scale, remasking=sc.remasking, mode=sc.mode,
+               threshold=sc.threshold, refresh_every=sc.refresh_every)
+    if official:  # typed \n, \t in --stop: newline, tab
+        gen.update(official=True, think=sc.think or None,
+                   stop=tuple(x.replace("\\n", "\n").replace("\\t", "\t") for x in sc.stop.split(",")))
+    return gen
+
+
 def main(argv):
     """python sample.py --key=value ...: every option is checked first (SampleConfig; --help lists them)."""
     sc = parse_config(SampleConfig, argv, __doc__)
     device = pick_device(sc.device)
-    # Two kinds of checkpoint share this one entry point: a folder is a Hugging Face model (the official
-    # LLaDA-V or LLaDA, its own template, sampler options and image mode); a file is our ckpt.pt, which
-    # carries its config, its tokenizer and the training options the sampler defaults come from.
-    if os.path.isdir(sc.checkpoint):  # a Hugging Face directory: the official weights
-        return main_pretrained(sc, device)
+    t0 = time.time()
     try:
-        model, tok, ckpt = load_checkpoint(sc.checkpoint, device)
+        model, tok, official, defaults = load(sc, device)
+        img = load_image(sc.image) if sc.image else None
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
-    model.eval()
-    # The toy was trained on a fixed answer canvas of gen_length tokens (answer, <|eot_id|>, EOS padding):
-    # sampling with the same canvas, steps and blocks reproduces what the training run's report measured.
-    tc = ckpt.get("train_config", {})
-    G = sc.gen_length or tc.get("gen_length", 16)  # unset sampler options: the training run's
-    gen = dict(gen_length=G, steps=sc.steps or tc.get("sample_steps", G),
-               block_length=sc.block_length or tc.get("block_length", G), temperature=sc.temperature,
-               cfg_scale=sc.cfg_scale, remasking=sc.remasking, threshold=sc.threshold, refresh_every=sc.refresh_every)
+    gen = gen_options(sc, defaults, official)
+    if official:
+        print(f"loaded {sc.checkpoint} ({type(model).__name__}, {next(model.parameters()).dtype}) on {device} "
+              f"in {time.time() - t0:.1f}s")
     if sc.eval or sc.eval_choice:
-        # the held-out split train.py reports on
-        samples = SyntheticVQA(tok, model.cfg.vision.image_size, model.cfg.vision.n_patches, G,
-                               seed=int(tc.get("seed", 0))).heldout(sc.n)
-    if sc.eval_choice:
-        # Multiple choice scores each candidate answer by the likelihood bound instead of generating:
-        # no sampler is involved, so --mode and the sampler options do not apply.
-        t0 = time.time()
-        res = evaluate_choice(model, tok, samples, G, mc_num=sc.mc_num, cfg_scale=gen["cfg_scale"])
-        kinds = " ".join(f"{k} {100 * res[k]:.1f}%" for k in CHOICES if k in res)
-        print(f"multiple choice by likelihood (mc_num {sc.mc_num}): {100 * res['all']:.1f}% over "
-              f"{res['n']} closed questions | {kinds} | {time.time() - t0:.1f}s")
-        return
-    if sc.eval:
-        # python sample.py --eval: once per decoding mode
-        print(f"held-out evaluation: {len(samples)} questions, batch {sc.batch_size}, {gen}")
-        try:
-            rows = eval_modes(model, tok, samples, sc.modes.split(","), sc.batch_size, **gen)
-        except ValueError as e:
-            sys.exit(str(e))
-        print(format_modes_table(rows))
-        return
-    gen["mode"] = sc.mode
-    # One question about one image: the user's own file, or a fresh synthetic scene from a seed range that
-    # training never draws from (synthetic.DEMO_OFFSET), whose true answer is then printed beside the model's.
+        if official:
+            sys.exit("--eval / --eval_choice score the toy's held-out questions; for a model trained on LLaVA data "
+                     "or the official weights use the benchmarks: python -m tools.eval (docs/eval.md)")
+        return main_eval(sc, model, tok, gen, defaults["seed"])
+    if not official and (sc.chat or sc.think):
+        sys.exit(f"--{'chat' if sc.chat else 'think'}: {sc.checkpoint} is the toy, trained on one question about "
+                 f"one synthetic scene (no conversations, no reasoning); ask it with --question=...")
+    if sc.show_steps:
+        gen["callback"] = step_printer(tok, gen["gen_length"])
+    torch.manual_seed(sc.seed)  # T > 0 or random remasking: a reproducible draw
+    if official:
+        return chat(sc, model, tok, img, gen)
+    # The toy: the user's own image, or a fresh synthetic scene from a seed range training never draws from
+    # (synthetic.DEMO_OFFSET), whose true answer is then printed beside the model's.
     truth = None
-    if sc.image:
-        try:
-            img = load_image(sc.image)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(str(e))
+    if img is not None:
+        print(f"(the toy knows only its own world: {model.cfg.vision.image_size}-pixel scenes of up to four "
+              f"coloured circles, squares and triangles on a {GRID}x{GRID} grid; a photo gets arbitrary answers)")
         question = sc.question or "Describe the image."
     else:
-        seed = sc.seed
-        img, q, truth, kind = make_sample(DEMO_OFFSET + seed, model.cfg.vision.image_size)
-        question = sc.question or q
-        if sc.question:
-            truth = None
-        print(f"(synthetic image, seed {seed}; save it with --image to reuse one of your own)")
-    torch.manual_seed(sc.seed)
-
-    # The sampler calls callback(x, step, block) after every step with the whole canvas x (B, P + G);
-    # --show_steps prints the answer part of row 0, --gif keeps a copy of it for the animation.
-    callback = None
-    if sc.show_steps:
-        def callback(x, step, block):
-            canvas = x[0, -G:].tolist()
-            shown = " ".join("_" if t == tok.mask_id else repr(tok.decode([t]))[1:-1] or "''" for t in canvas)
-            print(f"step {step + 1:3d} (block {block}): {shown}")
-    frames = []
-    if sc.gif:
-        # the animation may replace an earlier GIF, never anything else (a checkpoint, an image, a report)
-        gif = sc.gif
-        if os.path.exists(gif):
-            magic = b""
-            if os.path.isfile(gif):
-                with open(gif, "rb") as f:
-                    magic = f.read(6)
-            if magic not in (b"GIF87a", b"GIF89a"):
-                sys.exit(f"--gif={gif} exists and is not a GIF; refusing to replace it, pick another file name")
-        show = callback
-
-        def callback(x, step, block):  # keep every canvas for the animation
-            frames.append(x[0, -G:].tolist())
-            if show is not None:
-                show(x, step, block)
-    t0 = time.time()
-    stats = {}
+        img, question, truth, _ = make_sample(DEMO_OFFSET + sc.seed, model.cfg.vision.image_size)
+        question, truth = (sc.question, None) if sc.question else (question, truth)
+        print(f"(synthetic image, seed {sc.seed}; save it with --image to reuse one of your own)")
+    t0, stats = time.time(), {}
     try:
-        (text,) = answer(model, tok, [img], [question], callback=callback, stats=stats, **gen)
+        (text,) = answer(model, tok, [img], [question], stats=stats, **gen)
     except ValueError as e:
         sys.exit(str(e))
-    dt = time.time() - t0
     print(f"question: {question}")
     if truth is not None:
         print(f"truth:    {truth}")
     print(f"answer:   {text}")
-    print(f"({gen['mode']} decoding: {stats['nfe']} model calls, gen_length {G}, block_length "
-          f"{gen['block_length']}, {dt:.2f}s)")
-    if sc.gif:
-        from tools.draw import denoising_gif
-        nbytes = denoising_gif(sc.gif, img, question, frames, tok, truth=truth)
-        print(f"wrote {sc.gif} ({len(frames)} steps, {nbytes / 1024:.0f} KB)")
+    print(f"({gen['mode']} decoding: {stats['nfe']} model calls, gen_length {gen['gen_length']}, block_length "
+          f"{gen['block_length']}, {time.time() - t0:.2f}s)")
+
+
+def chat(sc, model, tok, img, gen):
+    """One question, or a --chat (questions from stdin; earlier turns re-rendered through the template, as
+    the official chat loops append to the previous output: the same tokens, up to re-tokenisation)."""
+    history, question = [], sc.question or (None if sc.chat else "Describe the image." if img else "")
+    if question == "":
+        sys.exit("no --image and no --question: pass --question=\"...\" (or --chat to type questions)")
+    while True:
+        if question is None:  # --chat: read the next question
+            try:
+                question = input("you> ").strip()
+            except EOFError:
+                return
+            if question in ("", "exit", "quit"):
+                return
+        t0, stats = time.time(), {}
+        try:  # the image sits in the first user turn of the re-rendered conversation
+            (text,) = answer(model, tok, [img], [question], history=history, stats=stats, **gen)
+        except ValueError as e:
+            sys.exit(str(e))
+        print(f"question: {question}\nanswer:   {text}\n({gen['mode']} decoding: {stats['nfe']} model calls "
+              f"({stats['full_nfe']} full), gen_length {gen['gen_length']}, block_length {gen['block_length']}, "
+              f"{time.time() - t0:.2f}s)")
+        if not sc.chat:
+            return
+        history.append((question, text))  # the next turn's prompt carries this answer
+        question = None
+
+
+def main_eval(sc, model, tok, gen, seed: int):
+    """--eval (each of --modes) or --eval_choice on the held-out split train.py reports on."""
+    samples = SyntheticVQA(tok, model.cfg.vision.image_size, model.cfg.vision.n_patches, gen["gen_length"],
+                           seed=seed).heldout(sc.n)
+    if sc.eval_choice:
+        # Multiple choice scores each candidate answer by the likelihood bound instead of generating:
+        # no sampler is involved, so --mode and the sampler options do not apply.
+        t0 = time.time()
+        res = evaluate_choice(model, tok, samples, gen["gen_length"], mc_num=sc.mc_num, cfg_scale=gen["cfg_scale"])
+        kinds = " ".join(f"{k} {100 * res[k]:.1f}%" for k in CHOICES if k in res)
+        print(f"multiple choice by likelihood (mc_num {sc.mc_num}): {100 * res['all']:.1f}% over "
+              f"{res['n']} closed questions | {kinds} | {time.time() - t0:.1f}s")
+        return
+    gen = {k: v for k, v in gen.items() if k != "mode"}
+    print(f"held-out evaluation: {len(samples)} questions, batch {sc.batch_size}, {gen}")
+    try:
+        rows = eval_modes(model, tok, samples, sc.modes.split(","), sc.batch_size, **gen)
+    except ValueError as e:
+        sys.exit(str(e))
+    print(format_modes_table(rows))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ import pytest
 import sample
 import train
 from cli import field_notes, opt, parse_config, run_cli
-from tools import bench, plan
+from tools import bench, draw, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAINS = {"train": train.main, "sample": sample.main, "bench": bench.main, "plan": plan.main}
+MAINS = {"train": train.main, "sample": sample.main, "bench": bench.main, "plan": plan.main, "draw": draw.main}
 
 # (script, arguments, a fragment of the one-line message). {tmp} is a fresh folder, {file} a file in it and
 # {ckpt} an existing file that sample.py accepts as --checkpoint (the options are refused before it is read).
@@ -119,7 +119,7 @@ BAD = [
     ("sample", ["--mc_num=0"], "--mc_num=0: out of range"),
     ("sample", ["--seed=abc"], "--seed=abc: not an integer"),
     ("sample", ["--device=tpu"], "--device=tpu: not a device"),
-    ("sample", ["--gif={ckpt}"], "--gif={ckpt}: must end in .gif"),
+    ("draw", ["--gif={ckpt}"], "--gif={ckpt}: must end in .gif"),
     ("sample", ["--gen_length=12", "--block_length=5"], "--gen_length=12 is not divisible by --block_length=5"),
     ("sample", ["--gen_length=12", "--block_length=6", "--steps=5"], "--steps=5 is not divisible by the 2 blocks"),
     ("sample", ["--colour=red"], "unknown option --colour"),

@@ -284,12 +284,12 @@ def test_sample_eval_prints_a_row_per_mode(checkpoint, capsys):
 
 
 def test_sample_gif(checkpoint, tmp_path, capsys):
-    """--gif writes an animation with one frame per step plus the all-mask start; in the last frame every
+    """python -m tools.draw --gif writes an animation with one frame per step plus the all-mask start; in the last frame every
     cell is coloured by its reveal step (no grey mask cell left), in the first every cell is grey."""
     from tools import draw as animate
     import sample
     path = tmp_path / "d.gif"
-    sample.main([f"--checkpoint={checkpoint}", f"--gif={path}", "--mode=threshold"])
+    animate.main([f"--checkpoint={checkpoint}", f"--gif={path}", "--mode=threshold"])
     assert "wrote" in capsys.readouterr().out
     from PIL import Image
     im = Image.open(path)

@@ -261,7 +261,9 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     """A crash inside torch.save leaves the previous checkpoint at `path` intact and loadable."""
     m = tiny_llada_v()
     path = tmp_path / "ckpt.pt"
-    checkpoint.save_checkpoint(path, {"model": m.state_dict(), "config": m.cfg.to_dict(), "step": 1})
+    from synthetic import toy_tokenizer
+    checkpoint.save_checkpoint(path, {"model": m.state_dict(), "config": m.cfg.to_dict(), "step": 1,
+                                      "tokenizer": toy_tokenizer().to_dict()})
     before = path.read_bytes()
 
     def broken_save(obj, f, *a, **k):

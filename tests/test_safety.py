@@ -20,6 +20,7 @@ from PIL import Image
 
 import sample
 import train
+from tools import draw
 from checkpoint import load_checkpoint, load_state_file, save_checkpoint
 from data import LlavaDataset, collate_llava
 from synthetic import toy_tokenizer
@@ -125,12 +126,12 @@ def test_lost_work_cases_are_refused(pt_run, dcp_run, tmp_path):
             train.train(tc, mc, quiet=True)
         assert __import__("re").search(message, one_line(e)), (args, str(e.value))
     with pytest.raises(SystemExit) as e:  # --gif pointed at a checkpoint: the option check refuses it
-        sample.main([f"--checkpoint={pt_run / 'ckpt.pt'}", f"--gif={pt_run / 'ckpt.pt'}"])
+        draw.main([f"--checkpoint={pt_run / 'ckpt.pt'}", f"--gif={pt_run / 'ckpt.pt'}"])
     assert "must end in .gif" in one_line(e)
     fake = tmp_path / "weights.gif"  # a file named .gif that is not one (a renamed checkpoint)
     fake.write_bytes((pt_run / "ckpt.pt").read_bytes())
     with pytest.raises(SystemExit) as e:
-        sample.main([f"--checkpoint={pt_run / 'ckpt.pt'}", f"--gif={fake}"])
+        draw.main([f"--checkpoint={pt_run / 'ckpt.pt'}", f"--gif={fake}"])
     assert "is not a GIF; refusing to replace it" in one_line(e)
     assert fake.read_bytes() == (pt_run / "ckpt.pt").read_bytes()
     assert {d: tree_hashes(d) for d in (pt_run, dcp_run)} == before and tree_hashes(hf) == hf_before

@@ -7,18 +7,24 @@ Each frame shows the image, the question and the answer canvas of gen_length cel
 step. A masked cell is grey; a revealed cell shows its token on a colour that says *when* it was
 revealed, from blue (step 1) to red (the last step):   hue(s) = 240 deg * (1 - (s - 1) / (S - 1)).
 So low-confidence remasking is visible at a glance: the EOS padding turns blue, the hard answer
-words red. Pillow only (no new dependency). Used by `python sample.py --gif=out.gif`.
+words red. Pillow only (no new dependency).
 
-The loss curve: train.py --jsonl=log.jsonl appends one JSON line per logged step; plot_curve draws
-loss.png beside it (read_curve keeps the last value of a step logged twice by a resumed run).
+The loss curve: train.py --jsonl=log.jsonl appends one JSON line per logged step; plot_curve draws it
+(read_curve keeps the last value of a step logged twice by a resumed run).
+
+    python -m tools.draw --gif=out.gif                 # the toy (out/ckpt.pt) answering a fresh synthetic scene
+    python -m tools.draw --gif=out.gif --seed=20 --mode=threshold --checkpoint=out/ckpt.pt
+    python -m tools.draw --curve=out/log.jsonl         # out/loss.png, beside the log
 """
 import colorsys
 import json
 import os
+import sys
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-from cli import atomic_write
+from cli import atomic_write, opt, parse_config, run_cli
 from data import answer_text
 
 W, H = 600, 240        # frame size, pixels
@@ -123,3 +129,52 @@ def plot_curve(curve: dict, png: str, title: str = "training loss", size=(640, 4
         d.text((left, bottom + 8), f"step {x0}", fill="black")
         d.text((right - 70, bottom + 8), f"step {x1}", fill="black")
     atomic_write(png, lambda tmp: img.save(tmp, format="PNG"))
+
+
+@dataclass
+class DrawConfig:
+    # python -m tools.draw --key=value (cli.parse_config; the comment after each field is its --help)
+    gif: str = opt("", out="file", suffix=".gif")  # write an animation of the toy answering here
+    checkpoint: str = opt("out/ckpt.pt", path="any")  # the toy checkpoint (train.py's ckpt.pt or run folder)
+    seed: int = opt(0, min=0)                      # the synthetic scene (as sample.py --seed)
+    question: str = ""                             # the question; none: the scene's own
+    mode: str = "exact"                            # decoding mode (sample.py --mode)
+    curve: str = opt("", path="file")              # draw this JSONL log's loss curve into loss.png beside it
+
+
+def gif_is_ours(path: str) -> bool:
+    """The animation may replace an earlier GIF, never anything else (a checkpoint, an image, a report)."""
+    if not os.path.exists(path):
+        return True
+    with open(path, "rb") if os.path.isfile(path) else open(os.devnull, "rb") as f:
+        return f.read(6) in (b"GIF87a", b"GIF89a")
+
+
+def main(argv):
+    dc = parse_config(DrawConfig, argv, __doc__)
+    if not dc.gif and not dc.curve:
+        sys.exit("nothing to draw: pass --gif=<file.gif> or --curve=<log.jsonl>")
+    if dc.curve:
+        png = os.path.join(os.path.dirname(dc.curve) or ".", "loss.png")
+        plot_curve(read_curve(dc.curve), png)
+        print(f"wrote {png}")
+    if dc.gif:
+        if not gif_is_ours(dc.gif):
+            sys.exit(f"--gif={dc.gif} exists and is not a GIF; refusing to replace it, pick another file name")
+        import sample
+        from synthetic import DEMO_OFFSET, make_sample
+        sc = parse_config(sample.SampleConfig, [f"--checkpoint={dc.checkpoint}", f"--mode={dc.mode}"])
+        model, tok, official, defaults = sample.load(sc, sample.pick_device("auto"))
+        if official:
+            sys.exit(f"{dc.checkpoint}: the animation is drawn for the toy's synthetic scenes")
+        img, question, truth, _ = make_sample(DEMO_OFFSET + dc.seed, model.cfg.vision.image_size)
+        question, truth = (dc.question, None) if dc.question else (question, truth)
+        gen, frames = sample.gen_options(sc, defaults, official), []
+        sample.answer(model, tok, [img], [question], callback=lambda x, s, b: frames.append(x[0, -gen["gen_length"]:].tolist()),
+                      **gen)
+        nbytes = denoising_gif(dc.gif, img, question, frames, tok, truth=truth)
+        print(f"wrote {dc.gif} ({len(frames)} steps, {nbytes / 1024:.0f} KB)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -481,8 +481,9 @@ def length_grouped_batches(lengths, batch_size: int, seed: int, epoch: int, micr
     megabatch but the last of each modality is shuffled, and the two lasts go at the end, together and in index
     order: the only global batches that may mix images and text. Only whole global batches are kept (drop_last).
     One modality alone: its megabatches in their random order, the lengths taken with their sign (so an all-text
-    epoch is sorted shortest first, as officially). The random draws come from (seed, epoch) only, so a resumed
-    run sees the same data; each megabatch holds random samples, so steps differ in length, not samples within."""
+    epoch is sorted shortest first, as officially). A step is thus a random draw of one kind of record: lengths
+    vary from step to step, the micro-batches of a step carry similar totals. The random draws come from
+    (seed, epoch) only, so a resumed run sees the same data."""
     rng = random.Random(seed * 1_000_003 + epoch)
 
     def grouped(idx, size):  # one modality -> its indices, megabatch by megabatch, each as its chunks in order

@@ -146,7 +146,8 @@ class TrainConfig:
                                      # auto = off with --data (LLaDA-V's collator sends no attention mask: every
                                      # token attends to the EOS padding, REFERENCE 11.9), on for the toy's
                                      # synthetic batches (this project's recipe)
-    group_by_length: bool = True     # --data: batches of similar length (stages 2-3) | 0: random (stage 1)
+    group_by_length: bool = True     # --data: each global batch one modality, sorted by length (LLaDA-V's stages
+                                     # 2-3: group_by_modality_length) | 0: random (stage 1)
     truncation: str = opt("official", choices=("official", "whole_images"))  # official: the max_len cut may
                                      # split an image (REFERENCE 11.12) | whole_images: never
     image_aspect_ratio: str = opt("", choices=("", "square", "pad", "anyres_max_4"))  # the model's image mode;

@@ -619,11 +619,11 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
 
 # The options that shape the trajectory: a resumed run with any of them changed is another experiment
 # (another seed, batch or lr schedule, other data), so --resume=1 refuses it unless --resume_changed=1.
-RESUME_KEYS = ("seed", "optimizer", "batch_size", "lr", "min_lr", "decay_frac", "warmup_steps", "max_steps",
-               "weight_decay", "beta2", "grad_clip", "llm_lr_scale", "vision_lr_scale", "projector_lr_scale",
-               "stratified_t", "exact_count", "weighting", "loss_mode", "single_object_steps", "kind_weights_from",
-               "kind_weights", "gen_length", "stage", "data", "image_root", "data_format", "max_len",
-               "unignore_special", "pad_labels")
+RESUME_KEYS = ("seed", "optimizer", "batch_size", "lr", "min_lr", "decay_frac", "warmup_steps", "warmup_from_zero",
+               "max_steps", "weight_decay", "beta2", "grad_clip", "llm_lr_scale", "vision_lr_scale",
+               "projector_lr_scale", "stratified_t", "exact_count", "weighting", "loss_mode", "single_object_steps",
+               "kind_weights_from", "kind_weights", "gen_length", "stage", "data", "image_root", "data_format",
+               "max_len", "unignore_special", "pad_labels")
 
 
 def resume(tc, mc, model, opt, info, log):

@@ -44,6 +44,7 @@ Two formats (REFERENCE 3.3):
       <|startoftext|>, <|start_header_id|>, <|end_header_id|>, <|eot_id|> in *any* turn is a target too.
       A turn holding exactly one "<image>" gets it moved to its front: "<image>\n" + text (official
       preprocess_multimodal; details, edge cases and the per-image token counts: the LLaVA section below).
+      In a record without images "<image>" is ordinary text, as officially.
 Images: a one-image record uses the model's image_aspect_ratio (square in stage 1: n^2 = 729 tokens;
 anyres_max_4 from stage 2 on: base + crops, n^2 + h'(w' + 1) tokens, 2929 for a 640x480 picture); each
 image of a multi-image record is padded to a square (pad mode: n^2 + 1 = 730 with the newline).
@@ -57,8 +58,9 @@ mask, so every token attends to the padding; the trainer follows that unless tol
 
 Bad samples (missing or corrupt image, malformed record, no target left) come back as {"error": reason};
 the collate function drops them and counts them per reason, and the trainer stops a run whose bad fraction
-passes a limit (BadSampleCounter). Batches are random (random_batches, stage 1's RandomSampler) or group
-samples of similar length (length_grouped_batches, as LLaVA's group_by_modality_length does in stages 2-3).
+passes a limit (BadSampleCounter). Global batches are random (random_batches, stage 1's RandomSampler) or, in
+stages 2-3, random per modality and sorted by length within (length_grouped_batches, LLaVA's
+group_by_modality_length): one global batch never mixes images and text, except the epoch's last ones.
 """
 import json
 import math
@@ -214,7 +216,9 @@ def prompt_batch(tok: Tokenizer, questions, n_image_tokens, system: str | None =
 #   4. the sequence is cut to max_len after that expansion (official: after the features are spliced in),
 #      which may cut through an image: the image keeps its first rows (`truncation="official"`), or, with
 #      "whole_images", the cut moves to just before the image and the images after it are dropped.
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# "from" -> role. preprocess_llada maps human/gpt and passes any other name through, so a later "system" turn is
+# rendered as a system message (its text ignored like a user turn's)
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 def image_crops(img, mode: str, image_size: int, patch_size: int, newline: bool):
@@ -252,25 +256,30 @@ TRUNCATIONS = ("official", "whole_images")
 def record_problem(r, fmt: str = "conv") -> str | None:
     """The one validation every LLaVA record goes through -> None, or the reason it is skipped (the bad-
     sample counter counts them by this reason). A record is an object with a non-empty "conversations"
-    list of {"from": human | gpt | user | assistant | system, "value": string} turns, at least one
-    non-empty answer, and an optional "image": one path or a list of paths (strings)."""
+    list of {"from": human | gpt | user | assistant | system, "value": string} turns and an optional "image":
+    one path or a list of paths (strings). What the official preprocessing trains is kept (LLaDA-V train.py):
+    empty answers (their header and <|eot_id|> are still targets), a system turn after the first. Refused as
+    the official code refuses them: a conversation that opens with a system turn (preprocess_llada's
+    first-turn lookup raises, and the sample is replaced), a plain record that is not an "<image>" turn and a
+    caption (preprocess_plain's asserts)."""
     if not isinstance(r, dict):
         return "record is not an object"
     conv = r.get("conversations")
     if not isinstance(conv, list) or not conv:
         return "malformed record"  # no conversations, or not a list of turns
-    if any(isinstance(m, dict) and m.get("from") == "system" for m in conv):
-        return "system turn in the data"  # the system prompt is ours to add (preprocess_llada refuses one)
     if not all(isinstance(m, dict) and isinstance(m.get("value"), str) and m.get("from") in ROLES for m in conv):
         return "malformed turn"    # a turn that is not {"from": <known role>, "value": <string>}
     im = r.get("image")
     if im is not None and not (isinstance(im, str) and im or isinstance(im, list) and im
                                and all(isinstance(f, str) and f for f in im)):
         return "bad image field"   # "image": 5, [5], [null], "", [] ...: not paths
-    answers = [m["value"] for m in conv if ROLES[m["from"]] == "assistant"]
-    if not answers or not all(a.strip() for a in answers):
-        return "empty answer"
-    if im is not None and fmt == "conv" and not any(ROLES[m["from"]] == "user" for m in conv):
+    if fmt == "plain":
+        if im is None or len(conv) != 2 or "<image>" not in conv[0]["value"]:
+            return "malformed record"  # preprocess_plain: exactly [<image> turn, caption]
+        return None
+    if conv[0]["from"] == "system":
+        return "system turn first"  # preprocess_llada looks the first role up in {human, gpt}: KeyError
+    if im is not None and not any(ROLES[m["from"]] == "user" for m in conv):
         return "image without a user turn"  # nowhere to put the image tokens
     return None
 
@@ -303,11 +312,13 @@ class LlavaDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def length(self, i: int) -> int:
-        """Cheap length estimate for grouping (no image decoding, no tokenizing): words + n^2 per image."""
+        """The grouping length, cheap (no image decoding, no tokenizing), as the official modality_lengths:
+        the words of every turn, negative for a text-only record (the sampler groups the two kinds apart).
+        Never 0 (an empty record counts one word; the official code asserts instead)."""
         r = self.records[i]
         conv = r.get("conversations") if isinstance(r, dict) else None
         words = sum(len(str(m.get("value", "")).split()) for m in conv if isinstance(m, dict)) if isinstance(conv, list) else 0
-        return words + self.n_patches * len(_image_list(r))
+        return max(1, words) * (1 if _image_list(r) else -1)
 
     def __getitem__(self, i: int) -> dict:
         try:
@@ -329,16 +340,15 @@ class LlavaDataset(torch.utils.data.Dataset):
                 conv = conv[1:]  # preprocess_llada: the conversation must start with the human
             if files:            # preprocess_multimodal runs on records that have an image only
                 conv = [dict(m, value=move_image_first(m["value"])) for m in conv]
-        answers = [m["value"] for m in conv if ROLES[m["from"]] == "assistant"]
-        if not answers or not all(a.strip() for a in answers):
-            raise _BadSample("empty answer")
-        n_slots = sum(m["value"].count("<image>") for m in conv)
+        # "<image>" is an image slot only in a record with images: preprocess_llada adds the "<image>" token to
+        # the tokenizer only then (has_image), so in a text-only record it is ordinary text
+        n_slots = sum(m["value"].count("<image>") for m in conv) if files else 0
         if self.fmt == "plain":
-            if not files or len(conv) < 2:
-                raise _BadSample("malformed record")
             files, n_slots = files[:1], 1
-        elif n_slots > len(files) or 0 < n_slots < len(files):
+        elif n_slots > len(files):  # more slots than images: the official splice would borrow another sample's
             raise _BadSample("image count mismatch")
+        # fewer slots than files: slot k takes file k; the official code encodes the rest and never splices them
+        # in at one sample per GPU (stages 2-3), so they are not even loaded here
         # modes and token counts need each image's size: open the images first (at most n_slots of them)
         mode = self.image_mode if len(files) == 1 else "pad"  # _get_item: several images -> pad mode each
         images = []
@@ -348,11 +358,10 @@ class LlavaDataset(torch.utils.data.Dataset):
                 raise _BadSample("missing image")
             images.append(image_crops(load_image(p), mode, self.image_size, self.patch_size, self.newline))
         counts = [t for _, _, t in images]                          # T_k, one per "<image>"
-        ids, labels = self._plain(conv, counts[0]) if self.fmt == "plain" else self._conv(conv, counts)
+        ids, labels = self._plain(conv, counts[0]) if self.fmt == "plain" else self._conv(conv, counts, bool(files))
         ids, labels, keep = _truncate(ids, labels, counts, self.max_len, whole_images=self.truncation != "official")
-        if not any(l != IGNORE_INDEX for l in labels) or not any(
-                l != IGNORE_INDEX and l not in self.special for l in labels):
-            raise _BadSample("empty answer")
+        if all(l == IGNORE_INDEX for l in labels):  # nothing to learn (possible with unignore_special=False)
+            raise _BadSample("no target")
         kept = images[:len(keep)]
         pixels = torch.cat([c for c, _, _ in kept]) if kept else None      # (sum K, 3, S, S)
         layout = [(c.shape[0], size, n) for (c, size, _), n in zip(kept, keep)]
@@ -363,14 +372,16 @@ class LlavaDataset(torch.utils.data.Dataset):
         cap = self.tok.encode(conv[1]["value"] + "\n")
         return [IMAGE_TOKEN_INDEX] * n_img + cap, [IGNORE_INDEX] * n_img + cap
 
-    def _conv(self, conv, counts):
-        """preprocess_llada: each message rendered on its own, BOS on the first one only; counts: T_k per image."""
+    def _conv(self, conv, counts, has_image: bool):
+        """preprocess_llada: each message rendered on its own, BOS on the first one only; counts: T_k per image.
+        has_image: "<image>" marks an image slot (else it is text, as in a text-only record officially)."""
         tok, ids, labels = self.tok, [], []
         msgs = ([("system", self.system)] if self.system else []) + [(ROLES[m["from"]], m["value"]) for m in conv]
         for k, (role, text) in enumerate(msgs):
             bos = "<|startoftext|>" if k == 0 else ""
-            n = text.count("<image>")
-            t = tok.encode_with_image(f"{bos}<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>", counts[:n])
+            n = text.count("<image>") if has_image else 0
+            msg = f"{bos}<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>"
+            t = tok.encode_with_image(msg, counts[:n]) if has_image else tok.encode(msg)
             counts = counts[n:]  # the next turn's images
             ids += t
             if role == "assistant":
@@ -443,21 +454,62 @@ def random_batches(n: int, batch_size: int, seed: int, epoch: int):
     return [idx[j:j + batch_size] for j in range(0, n - batch_size + 1, batch_size)]
 
 
-def length_grouped_batches(lengths, batch_size: int, seed: int, epoch: int, mega: int = 8):
-    """A shuffled list of batches (lists of indices), each of similar lengths: shuffle with (seed, epoch),
-    cut into megabatches of mega * batch_size, sort each by length (longest first), split into batches,
-    and shuffle the batches. The order depends only on (seed, epoch), so a resumed run sees the same data."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    idx = list(range(len(lengths)))
+def _permutation(rng: random.Random, n: int) -> list:
+    idx = list(range(n))
     rng.shuffle(idx)
-    m = mega * batch_size
-    batches = []
-    for s in range(0, len(idx), m):
-        group = sorted(idx[s:s + m], key=lambda i: -lengths[i])
-        batches += [group[j:j + batch_size] for j in range(0, len(group), batch_size)]
-    batches = [b for b in batches if len(b) == batch_size]  # drop_last, as LLaDA-V's stage 2 does
-    rng.shuffle(batches)
-    return batches
+    return idx
+
+
+def _even_chunks(indices, size, n: int) -> list:
+    """split_to_even_chunks (LLaVA llava_trainer.py): deal indices (longest first) into n chunks of equal count,
+    each to the chunk with the smallest total size so far (a full chunk takes no more); a count that does not
+    divide by n is dealt round-robin instead."""
+    if len(indices) % n:
+        return [indices[k::n] for k in range(n)]
+    chunks, totals = [[] for _ in range(n)], [0] * n
+    for i in indices:
+        k = totals.index(min(totals))
+        chunks[k].append(i)
+        totals[k] += size(i)
+        if len(chunks[k]) == len(indices) // n:
+            totals[k] = math.inf
+    return chunks
+
+
+def length_grouped_batches(lengths, batch_size: int, seed: int, epoch: int, micro: int = 1):
+    """Stages 2-3: the global batches of one epoch, in order, as LLaVA's LengthGroupedSampler with
+    group_by_modality_length orders them (llava_trainer.get_modality_length_grouped_indices, which LLaDA-V's
+    stage scripts turn on). lengths: signed, > 0 for records with images, < 0 for text-only (LlavaDataset.length).
+    Per modality (get_length_grouped_indices): a random permutation is cut into megabatches of one global batch
+    (batch_size = micro x processes x accumulation), each sorted longest first and dealt into its batch_size //
+    micro micro-batches of similar total length (_even_chunks); micro-batch k of a global batch goes to process
+    k mod W at accumulation step k // W (MicroBatches), as Accelerate shards the per-device batches. Then every
+    megabatch but the last of each modality is shuffled, and the two lasts go at the end, together and in index
+    order: the only global batches that may mix images and text. Only whole global batches are kept (drop_last).
+    One modality alone: its megabatches in their random order, the lengths taken with their sign (so an all-text
+    epoch is sorted shortest first, as officially). A step is thus a random draw of one kind of record: lengths
+    vary from step to step, the micro-batches of a step carry similar totals. The random draws come from
+    (seed, epoch) only, so a resumed run sees the same data."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+
+    def grouped(idx, size):  # one modality -> its indices, megabatch by megabatch, each as its chunks in order
+        perm = [idx[p] for p in _permutation(rng, len(idx))]
+        out = []
+        for s in range(0, len(perm), batch_size):
+            mega = sorted(perm[s:s + batch_size], key=size, reverse=True)
+            out += [i for chunk in _even_chunks(mega, size, batch_size // micro) for i in chunk]
+        return out
+
+    image = [i for i, n in enumerate(lengths) if n >= 0]
+    text = [i for i, n in enumerate(lengths) if n < 0]
+    if not image or not text:
+        order = grouped(list(range(len(lengths))), lambda i: lengths[i])
+    else:
+        megas = [[m[s:s + batch_size] for s in range(0, len(m), batch_size)]
+                 for m in (grouped(image, lambda i: lengths[i]), grouped(text, lambda i: -lengths[i]))]
+        rest = megas[0][:-1] + megas[1][:-1]
+        order = [i for k in _permutation(rng, len(rest)) for i in rest[k]] + sorted(megas[0][-1] + megas[1][-1])
+    return [order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
 
 
 class BadSampleCounter:
@@ -489,8 +541,10 @@ class BadSampleCounter:
 class MicroBatches:
     """Iterates micro-batches for one rank, forever, from global step `start_step`: global batch b of
     the epoch is split into world * accum micro-batches; rank r takes micro-batches a * world + r.
-    Global batches are length-grouped or random (group_by_length). Loads with DataLoader workers; the
-    order depends only on (seed, epoch), never on the worker count."""
+    Global batches are length-grouped by modality or random (group_by_length). The micro-batches are the
+    same for any process count (only their split over processes and accumulation steps changes), so with a
+    fixed micro the padding, and so the loss, is too. Loads with DataLoader workers; the order depends only on
+    (seed, epoch), never on the worker count."""
 
     def __init__(self, ds: LlavaDataset, global_batch: int, micro: int, world: int, rank: int, seed: int,
                  workers: int, pad_labels: bool = True, group_by_length: bool = True):
@@ -506,7 +560,7 @@ class MicroBatches:
         step = start_step
         while True:
             epoch, first = divmod(step, self.steps_per_epoch)
-            gbatches = (length_grouped_batches(self.lengths, self.gb, self.seed, epoch) if self.group
+            gbatches = (length_grouped_batches(self.lengths, self.gb, self.seed, epoch, self.micro) if self.group
                         else random_batches(len(self.lengths), self.gb, self.seed, epoch))
             mine = []  # this rank's micro-batches for the remaining steps of the epoch, in order
             for b in gbatches[first:]:

@@ -95,7 +95,9 @@ class TrainConfig:
     decay_frac: float = opt(1.0, gt=0, max=1)    # the cosine takes the last decay_frac of the steps; before it
                                                  # the lr holds at its peak ("warmup-stable-decay"); 1 = the cosine
                                                  # right after warmup, as LLaDA-V
-    warmup_steps: int = opt(100, min=0)          # linear warmup from 0 to lr
+    warmup_steps: int = opt(100, min=0)          # linear warmup to lr over this many steps
+    warmup_from_zero: bool = False               # the warmup's first step at lr 0: lr s / warmup (HF's scheduler, as
+                                                 # LLaDA-V; the stage presets) | 0: lr (s + 1) / warmup (the toy)
     weight_decay: float = opt(0.0, min=0)        # LLaDA-V uses 0
     optimizer: str = opt("muon", choices=("adamw", "muon"))  # muon: Muon (orthogonalised momentum) for the
                                                  # hidden weight matrices, AdamW for the rest (MuonAdamW below; the
@@ -132,14 +134,17 @@ class TrainConfig:
     image_root: str = opt("", path="dir")      # folder the records' "image" paths are relative to
     data_format: str = opt("conv", choices=("plain", "conv"))  # plain (stage-1 "<image>caption") | conv
                                                                # (multi-turn conversations)
-    max_len: int = opt(8192, min=1)  # tokens per sequence, image tokens included (longer samples are cut)
+    max_len: int = opt(8192, min=1)  # tokens per sequence, image tokens included (longer samples are cut). A stage
+                                     # preset raises lm.max_seq_len to it (LLaDA-V's OneVision stages: 16384); other
+                                     # runs cut at the smaller of the two
     unignore_special: bool = True    # LLaDA-V: prompt BOS/header/eot tokens are targets too (REFERENCE 3.3)
     pad_labels: bool = True          # padding EOS are targets (LLaDA-V's collator); 0: ignored
     key_pad_mask: str = opt("auto", choices=("auto", "on", "off"))  # hide padding from attention: on | off |
                                      # auto = off with --data (LLaDA-V's collator sends no attention mask: every
                                      # token attends to the EOS padding, REFERENCE 11.9), on for the toy's
                                      # synthetic batches (this project's recipe)
-    group_by_length: bool = True     # --data: batches of similar length (stages 2-3) | 0: random (stage 1)
+    group_by_length: bool = True     # --data: each global batch one modality, sorted by length (LLaDA-V's stages
+                                     # 2-3: group_by_modality_length) | 0: random (stage 1)
     truncation: str = opt("official", choices=("official", "whole_images"))  # official: the max_len cut may
                                      # split an image (REFERENCE 11.12) | whole_images: never
     image_aspect_ratio: str = opt("", choices=("", "square", "pad", "anyres_max_4"))  # the model's image mode;
@@ -149,10 +154,13 @@ class TrainConfig:
     workers: int = opt(2, min=0)     # DataLoader worker processes for --data
     max_bad_frac: float = opt(0.1, min=0, max=1)  # stop when more than this fraction of samples is broken
     epochs: float = opt(0.0, min=0)               # > 0 with --data: max_steps = epochs * (records / batch_size)
-    warmup_ratio: float = opt(0.0, min=0, max=1)  # > 0: warmup_steps = warmup_ratio * max_steps (LLaDA-V: 0.03)
+    warmup_ratio: float = opt(0.0, min=0, max=1)  # > 0: warmup_steps = ceil(max_steps * warmup_ratio), as HF's
+                                                  # TrainingArguments.get_warmup_steps (LLaDA-V: 0.03)
     llm_lr_scale: float = opt(1.0, min=0)         # language model lr = lr * this (0 freezes it, as stage 1 does)
     micro_batch_size: int = opt(0, min=0)         # sequences per process per forward; 0 = batch_size / processes.
-                                                  # batch_size / (processes * micro) steps of gradient accumulation
+                                                  # batch_size / (processes * micro) steps of gradient accumulation.
+                                                  # The stage presets fix it (16 | 1, LLaDA-V's per-GPU batch), so
+                                                  # the padding and the loss do not depend on the process count
     parallel: str = opt("auto", choices=("none", "ddp", "fsdp", "auto"))  # auto: ddp under 1B parameters, else fsdp
     checkpointing: bool = False  # recompute each LLM block in backward: much less activation memory
     ckpt_format: str = opt("auto", choices=("pt", "dcp", "auto"))  # pt (out_dir/ckpt.pt) | dcp (out_dir/dcp/,
@@ -191,20 +199,25 @@ class TrainConfig:
             raise ValueError(f"--kind_weights: {e}") from None
 
 
-# LLaDA-V's recipe (REFERENCE 7): AdamW (0.9, 0.999), weight decay 0, 3% warmup, cosine to 0, clip 1.0,
-# one epoch; the global batch is reached with gradient accumulation. Stage 1 trains the projector only.
+# LLaDA-V's recipe (REFERENCE 7): AdamW (0.9, 0.999), weight decay 0, HF's cosine schedule (warmup from 0 over
+# ceil(3%) of the steps, cosine to 0), clip 1.0, one epoch; the per-GPU batch is fixed and gradient accumulation
+# makes up the global batch. Stage 1 trains the projector only.
 _COMMON = dict(optimizer="adamw", beta2=0.999, weight_decay=0.0, min_lr=0.0, decay_frac=1.0, warmup_ratio=0.03,
-               grad_clip=1.0, epochs=1.0, stratified_t=False, exact_count=False, weighting="elbo", loss_mode="sft",
-               max_len=8192, head_chunk=512)
-# Stage 1: square 384 images (729 tokens), 16 random captions per GPU. Stages 2-3: anyres_max_4 images with
-# spatial_unpad (base + crops, a trainable image_newline per row), one sample per GPU and per micro-batch
-# (never padded), batches grouped by length (REFERENCE 7, 11.8, 11.10).
+               warmup_from_zero=True, grad_clip=1.0, epochs=1.0, stratified_t=False, exact_count=False,
+               weighting="elbo", loss_mode="sft", max_len=8192, head_chunk=512)
+# Stage 1 (llada_v_pretrain.sh): square 384 images (729 tokens), 16 random captions per process and micro-batch
+# (per_device_train_batch_size 16, on 4 GPUs = 64). Stages 2-3: anyres_max_4 images with spatial_unpad (base +
+# crops, a trainable image_newline per row), one sample per process and micro-batch (never padded), global
+# batches grouped by modality and length (REFERENCE 7, 11.8, 11.10). max_len 8192 is the single-image and
+# reasoning runs (llada_v_si_10M.sh, llada_v_vw.sh); their OneVision and mixed runs (llada_v_ov_2M.sh,
+# llada_v_mix_ov_vw.sh) use 16384: add --max_len=16384 (the model's lm.max_seq_len follows, parse_args).
 _LATER = dict(_COMMON, lr=1e-5, llm_lr_scale=1.0, vision_lr_scale=0.2, projector_lr_scale=1.0, batch_size=256,
               data_format="conv", checkpointing=True, micro_batch_size=1, group_by_length=True,
               image_aspect_ratio="anyres_max_4", mm_patch_merge_type="spatial_unpad")
 STAGES = {
     1: dict(_COMMON, lr=1e-3, llm_lr_scale=0.0, vision_lr_scale=0.0, projector_lr_scale=1.0, batch_size=64,
-            data_format="plain", group_by_length=False, image_aspect_ratio="square", mm_patch_merge_type="flat"),
+            micro_batch_size=16, data_format="plain", group_by_length=False, image_aspect_ratio="square",
+            mm_patch_merge_type="flat"),
     2: _LATER,
     3: _LATER,
 }
@@ -219,20 +232,34 @@ def parse_args(argv, tc: TrainConfig | None = None):
     # the image mode belongs to the model (it is saved in its config); the stage presets set it
     mc.image_aspect_ratio = tc.image_aspect_ratio or mc.image_aspect_ratio
     mc.mm_patch_merge_type = tc.mm_patch_merge_type or mc.mm_patch_merge_type
+    # and so does the sequence length: a stage run at --max_len=16384 needs a model that takes 16384 tokens
+    if tc.stage and tc.max_len > mc.lm.max_seq_len:
+        if "lm.max_seq_len" in overrides:
+            raise SystemExit(f"--max_len={tc.max_len} is above --lm.max_seq_len={mc.lm.max_seq_len}; raise "
+                             f"--lm.max_seq_len to {tc.max_len} (or drop it) or lower --max_len")
+        mc.lm.max_seq_len = tc.max_len
     return tc, mc
+
+
+def warmup_of(tc: TrainConfig) -> int:
+    """The warmup steps: warmup_steps, or with warmup_ratio > 0 ceil(max_steps x warmup_ratio), as HF's
+    TrainingArguments.get_warmup_steps counts them for LLaDA-V's --warmup_ratio 0.03 (train() stores it)."""
+    return math.ceil(tc.max_steps * tc.warmup_ratio) if tc.warmup_ratio > 0 else tc.warmup_steps
 
 
 def lr_at(step, tc: TrainConfig):
     """Linear warmup to lr, a plateau at lr, then cosine decay to min_lr at max_steps:
-        lr(s) = lr (s + 1) / warmup                                       s < warmup
+        lr(s) = lr (s + 1) / warmup        (warmup_from_zero: lr s / warmup)   s < warmup
         lr(s) = lr                                                        warmup <= s < start
         lr(s) = min_lr + (lr - min_lr) (1 + cos(pi p)) / 2,  p = (s - start) / (max_steps - start)
     with start = max(warmup, max_steps - decay_frac * max_steps). decay_frac = 1 (the default) is the plain
     cosine after warmup (LLaDA-V: warmup_ratio 0.03, min_lr 0; STAGES); decay_frac < 1 holds the peak first
     ("warmup-stable-decay", as speedrun recipes do; the toy's runs with it: docs/notebook.md). The toy
-    recipe keeps a floor, min_lr, so the late steps still move the weights."""
+    recipe keeps a floor, min_lr, so the late steps still move the weights. With warmup_from_zero, min_lr 0
+    and decay_frac 1 this is HF's get_cosine_schedule_with_warmup, which LLaDA-V trains with (its first
+    update at lr 0)."""
     if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
+        return tc.lr * (step + int(not tc.warmup_from_zero)) / tc.warmup_steps
     start = max(tc.warmup_steps, tc.max_steps - round(tc.decay_frac * tc.max_steps))
     progress = min(1.0, max(0, step - start) / max(1, tc.max_steps - start))
     return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * progress))
@@ -663,8 +690,7 @@ def build(tc: TrainConfig, mc, info, log) -> Run:
         sys.exit(f"--ckpt_format={tc.ckpt_format}: FSDP2 needs dcp; use --ckpt_format=dcp or auto")
     # --data: LLaVA records read by DataLoader workers, and the counter of records skipped as bad
     llava, bad = open_llava(tc, mc, tok, info, micro) if tc.data else (None, None)
-    if tc.warmup_ratio > 0:
-        tc.warmup_steps = max(1, round(tc.warmup_ratio * tc.max_steps))
+    tc.warmup_steps = warmup_of(tc)
     return Run(tok, synthetic, model, fwd, opt, parallel, fmt, llava, bad, micro, accum)
 
 

@@ -137,3 +137,79 @@ def test_chat_template_llada_instruct_and_llada_v():
     assert multi.count("<|startoftext|>") == 1
     with pytest.raises(ValueError, match="think"):
         data.llada_v_messages("Q", think="yes")
+
+
+# The stage 2-3 batch order: a transcription of LLaVA's llava_trainer.py (split_to_even_chunks,
+# get_length_grouped_indices, get_modality_length_grouped_indices), as LLaDA-V's LengthGroupedSampler calls it:
+# batch_size = the per-device batch, world_size = processes x accumulation. Written here independently; the random
+# permutations (torch.randperm there) come from `randperm`, drawn in the official order.
+
+def official_split_to_even_chunks(indices, lengths, num_chunks):
+    if len(indices) % num_chunks != 0:
+        return [indices[i::num_chunks] for i in range(num_chunks)]
+    per_chunk = len(indices) // num_chunks
+    chunks, chunk_lengths = [[] for _ in range(num_chunks)], [0] * num_chunks
+    for index in indices:
+        shortest = chunk_lengths.index(min(chunk_lengths))
+        chunks[shortest].append(index)
+        chunk_lengths[shortest] += lengths[index]
+        if len(chunks[shortest]) == per_chunk:
+            chunk_lengths[shortest] = float("inf")
+    return chunks
+
+
+def official_length_grouped(lengths, batch_size, world_size, randperm):
+    indices = randperm(len(lengths))
+    mega = world_size * batch_size
+    megabatches = [indices[i:i + mega] for i in range(0, len(lengths), mega)]
+    megabatches = [sorted(m, key=lambda i: lengths[i], reverse=True) for m in megabatches]
+    megabatches = [official_split_to_even_chunks(m, lengths, world_size) for m in megabatches]
+    return [i for m in megabatches for batch in m for i in batch]
+
+
+def official_modality_grouped(lengths, batch_size, world_size, randperm):
+    if all(l > 0 for l in lengths) or all(l < 0 for l in lengths):
+        return official_length_grouped(lengths, batch_size, world_size, randperm)
+    mm_indices, mm_lengths = zip(*[(i, l) for i, l in enumerate(lengths) if l > 0])
+    lang_indices, lang_lengths = zip(*[(i, -l) for i, l in enumerate(lengths) if l < 0])
+    mm_shuffle = [mm_indices[i] for i in official_length_grouped(mm_lengths, batch_size, world_size, randperm)]
+    lang_shuffle = [lang_indices[i] for i in official_length_grouped(lang_lengths, batch_size, world_size, randperm)]
+    mega = world_size * batch_size
+    mm_megabatches = [mm_shuffle[i:i + mega] for i in range(0, len(mm_shuffle), mega)]
+    lang_megabatches = [lang_shuffle[i:i + mega] for i in range(0, len(lang_shuffle), mega)]
+    additional_batch = mm_megabatches[-1] + lang_megabatches[-1]
+    megabatches = mm_megabatches[:-1] + lang_megabatches[:-1]
+    megabatches = [megabatches[i] for i in randperm(len(megabatches))]
+    if additional_batch:
+        megabatches.append(sorted(additional_batch))
+    return [i for m in megabatches for i in m]
+
+
+@pytest.mark.parametrize("n_image,n_text,micro,chunks", [(40, 25, 1, 8), (37, 0, 2, 4), (0, 30, 1, 4),
+                                                          (17, 9, 2, 2), (64, 64, 4, 2), (5, 3, 1, 4)])
+def test_length_grouped_batches_follow_the_official_sampler(n_image, n_text, micro, chunks):
+    """data.length_grouped_batches == the official index stream cut into global batches of micro x chunks
+    (chunks = processes x accumulation; HF's dataloader hands out consecutive per-device batches), whole ones
+    only, for mixed, image-only and text-only data, given the same random permutations."""
+    import random
+    rng = random.Random(7 * 1_000_003 + 2)  # what length_grouped_batches(seed=7, epoch=2) draws from
+    lengths = [1 + (i * 37) % 23 for i in range(n_image)] + [-(1 + (i * 11) % 17) for i in range(n_text)]
+    random.Random(n_image).shuffle(lengths)  # the two kinds interleaved in the file
+
+    def randperm(n):
+        idx = list(range(n))
+        rng.shuffle(idx)
+        return idx
+    stream = official_modality_grouped(lengths, micro, chunks, randperm)
+    G = micro * chunks
+    want = [stream[s:s + G] for s in range(0, len(stream) - G + 1, G)]
+    got = data.length_grouped_batches(lengths, G, seed=7, epoch=2, micro=micro)
+    assert got == want and len(got) == len(lengths) // G
+    # what it means: every global batch but the epoch's last ones holds one kind of record, and with one
+    # sample per micro-batch it runs longest first (micro-batch k goes to process k mod W, step k // W); data of
+    # one kind keeps the sign, so an all-text epoch runs shortest first (the official quirk, kept)
+    mixed = [b for b in got if len({l > 0 for l in map(lengths.__getitem__, b)}) > 1]
+    assert all(b in got[-2:] for b in mixed) and (not mixed or n_image and n_text)
+    size = (lambda i: abs(lengths[i])) if n_image and n_text else lengths.__getitem__
+    if micro == 1:
+        assert all(list(map(size, b)) == sorted(map(size, b), reverse=True) for b in got if b not in mixed)

@@ -92,7 +92,9 @@ def test_text_only_multi_image_and_bad_records(data_dir):
     assert two["pixels"].shape[0] == 2 and two["ids"].count(IMAGE_TOKEN_INDEX) == 2 * N
     assert ds[recs["bad1"]]["error"].startswith("unreadable image")
     assert ds[recs["bad2"]] == {"error": "malformed record"}
-    assert ds[recs["bad3"]] == {"error": "empty answer"}
+    empty = ds[recs["bad3"]]  # an empty answer is trained, as officially: its header and <|eot_id|> are targets
+    assert TOK.decode([t for t, l in zip(empty["ids"], empty["labels"]) if l != IGNORE_INDEX]).endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n<|eot_id|>")
     batch = collate_llava([ds[recs["text"]], ds[recs["bad2"]], ds[0]], TOK.pad_id)
     assert batch["n_samples"] == 2 and batch["errors"] == {"malformed record": 1}
     assert batch["pixels"].shape[0] == 1
@@ -114,13 +116,11 @@ def test_truncation_official_cuts_through_an_image_and_switch_keeps_whole_images
     assert out == ids[:12] and keep == [4, 4]
 
 
-def test_length_grouped_batches_are_deterministic_and_grouped():
-    lengths = [(i * 37) % 100 for i in range(64)]
+def test_length_grouped_batches_are_deterministic():
+    lengths = [1 + (i * 37) % 100 for i in range(64)]  # (against the official sampler: tests/test_data.py)
     a = length_grouped_batches(lengths, 4, seed=0, epoch=0)
     assert a == length_grouped_batches(lengths, 4, seed=0, epoch=0) != length_grouped_batches(lengths, 4, 0, 1)
     assert sorted(i for b in a for i in b) == list(range(64))
-    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a) / len(a)
-    assert spread < 20  # random batches of 4 from 0..99 spread ~60
 
 
 TINY = TINY_DATA + ["--batch_size=4"]
@@ -158,7 +158,7 @@ def test_stage1_then_stage2(data_dir, tmp_path):
     assert max((w1[k] - w0[k]).abs().max().item() for k in proj) > 5e-4
     assert all(not torch.equal(w2[k], w1[k]) for k in w0 if k.endswith("q_proj.weight"))  # LLM and ViT train
     assert sum(rep2["bad_samples"].values()) >= 1
-    assert all(r.startswith("unreadable image") or r in ("malformed record", "empty answer") for r in rep2["bad_samples"])
+    assert all(r.startswith("unreadable image") or r == "malformed record" for r in rep2["bad_samples"])
     # the exported ckpt.pt is what sample.py loads
     assert torch.load(tmp_path / "s2" / "ckpt.pt", weights_only=True)["config"]["lm"]["d_model"] == 64
 
@@ -168,4 +168,5 @@ def test_mostly_broken_data_stops_with_a_clear_message(tmp_path):
                                                                   {"from": "gpt", "value": "x"}]} for i in range(8)]
     (tmp_path / "d.json").write_text(json.dumps(recs))
     with pytest.raises(SystemExit, match="8 of 8 samples were bad.*missing image: 8.*--max_bad_frac"):
-        run(tmp_path / "out", "--stage=1", f"--data={tmp_path / 'd.json'}", f"--image_root={tmp_path}", "--workers=0")
+        run(tmp_path / "out", "--stage=1", f"--data={tmp_path / 'd.json'}", f"--image_root={tmp_path}", "--workers=0",
+            "--micro_batch_size=4")

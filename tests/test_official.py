@@ -221,6 +221,85 @@ def test_training_form_keeps_the_newline(llada_tok, tmp_path):
     assert sft[sft.index(IMAGE_TOKEN_INDEX) + 3] == 198
 
 
+# Training sequences: a transcription of LLaDA-V's train/llava/train/train.py (preprocess_multimodal,
+# preprocess_llada, preprocess_plain) and of llava_arch.py's splice, written here independently
+
+def official_conv_sequence(record, tok, counts, system):
+    """-> (ids, labels) the official preprocessing gives a conversation record, tag k spliced as counts[k]
+    feature rows (prepare_inputs_labels_for_multimodal takes the images in order). Raises KeyError where the
+    official code does (then __getitem__ retries and replaces the sample)."""
+    source = [dict(m) for m in record["conversations"]]
+    has_image = "image" in record
+    if has_image:  # preprocess_multimodal: exactly one tag, not first -> "<image>\n" + the stripped rest
+        for m in source:
+            if m["value"].count("<image>") == 1 and not m["value"].startswith("<image>"):
+                m["value"] = ("<image>\n" + m["value"].replace("<image>", "").strip()).strip()
+    roles = {"human": "user", "gpt": "assistant"}
+    if roles[source[0]["from"]] != roles["human"]:
+        source = source[1:]
+
+    def template(role, content):  # one message through the chat template; "<image>" is a token only with images
+        text = f"<|startoftext|><|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>"
+        if not has_image:
+            return tok.encode(text)
+        parts = [tok.encode(p) for p in text.split("<image>")]
+        return [t for k, p in enumerate(parts) for t in ([IMAGE_TOKEN_INDEX] if k else []) + p]
+
+    ids = template("system", system)
+    labels = [-100] * len(ids)
+    for m in source:
+        role = roles.get(m["from"], m["from"])
+        enc = template(role, m["value"])[1:]  # its BOS dropped
+        ids += enc
+        labels += [-100] * len(enc) if role in ("user", "system") else enc
+    # the unmasked specials ("\n\n" names no token of a byte-level vocabulary, so it adds nothing)
+    unmask = {tok.bos_id, tok.start_header_id, tok.end_header_id, tok.eot_id}
+    labels = [t if t in unmask else l for t, l in zip(ids, labels)]
+    out_ids, out_labels, k = [], [], 0
+    for t, l in zip(ids, labels):  # the splice: features in, -100 under them
+        n = counts[k] if t == IMAGE_TOKEN_INDEX else 1
+        k += t == IMAGE_TOKEN_INDEX
+        out_ids += [t] * n
+        out_labels += [-100 if t == IMAGE_TOKEN_INDEX else l] * n
+    return out_ids, out_labels
+
+
+def test_records_the_official_code_trains(llada_tok, tmp_path):
+    """Empty answers, a literal "<image>" in a text-only record, a system turn after the first, fewer tags than
+    image files: each gives the official sequence and labels (official_conv_sequence); a plain caption that is
+    empty is the "\n" target. A conversation opening with a system turn is refused, as officially."""
+    tok, T = llada_tok, 4  # 16 px images, 8 px patches: 4 tokens each, in square and in pad mode
+    for c in "abc":
+        Image.new("RGB", (16, 16), (40 * "abc".index(c), 90, 200)).save(tmp_path / f"{c}.png")
+    conv = lambda *turns: [{"from": f, "value": v} for f, v in turns]
+    recs = [{"image": "a.png", "conversations": conv(("human", "What? <image>"), ("gpt", ""))},
+            {"conversations": conv(("human", "What does <image> stand for?"), ("gpt", "An image."))},
+            {"image": "a.png", "conversations": conv(("human", "<image>\nHi"), ("gpt", "Hello."),
+                                                      ("system", "Be brief."), ("human", "Colour?"), ("gpt", "Blue."))},
+            {"image": ["a.png", "b.png", "c.png"], "conversations": conv(("human", "<image> or <image>?"), ("gpt", "Same."))},
+            {"image": ["a.png", "b.png"], "conversations": conv(("human", "Which one, <image>"), ("gpt", " "))},
+            {"conversations": conv(("system", "Be brief."), ("human", "Hi"), ("gpt", "Hello."))}]
+    (tmp_path / "c.json").write_text(json.dumps(recs))
+    ds = data.LlavaDataset(str(tmp_path / "c.json"), str(tmp_path), tok, 16, T, fmt="conv")
+    for i, rec in enumerate(recs[:-1]):
+        n_tags = sum(m["value"].count("<image>") for m in rec["conversations"]) if "image" in rec else 0
+        want = official_conv_sequence(rec, tok, [T] * n_tags, data.SYSTEM_PROMPT)
+        got = ds[i]
+        assert "error" not in got, (i, got)
+        assert (got["ids"], got["labels"]) == want, i
+        assert (0 if got["pixels"] is None else got["pixels"].shape[0]) == n_tags  # the untagged files are not read
+    assert IMAGE_TOKEN_INDEX not in ds[1]["ids"] and "<image>" in tok.decode(ds[1]["ids"])
+    with pytest.raises(KeyError):
+        official_conv_sequence(recs[-1], tok, [], data.SYSTEM_PROMPT)
+    assert ds[len(recs) - 1] == {"error": "system turn first"}
+    # preprocess_plain: "<image>" + caption + "\n", tokenized as tokenizer_image_token does; only the image ignored
+    (tmp_path / "p.json").write_text(json.dumps([{"image": "a.png", "conversations": conv(("human", "<image>\n"),
+                                                                                         ("gpt", ""))}]))
+    plain = data.LlavaDataset(str(tmp_path / "p.json"), str(tmp_path), tok, 16, T, fmt="plain")[0]
+    want = expand(official_tokenizer_image_token("<image>" + "" + "\n", tok), T)
+    assert plain["ids"] == want and plain["labels"] == [-100] * T + want[T:]
+
+
 # ----------------------------------------------------------------------------------------------
 # The LLaDA family: grouped-query attention, tied embeddings, RoPE precision
 

@@ -6,6 +6,8 @@ anyres counts. Tiny CPU configs: 64 px images cut into 16 px patches (n = 4, n^2
     python -m pytest -q tests/test_stages.py
 """
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -118,7 +120,8 @@ def test_stage2_run_keeps_and_trains_image_newline(data_dir, tmp_path):
         out = tmp_path / f"run_{src.name}"
         tc, mc = train.parse_args([f"--out_dir={out}"] + TINY_DATA + [
             "--stage=2", f"--data={data_dir / 'conv.json'}", f"--image_root={data_dir}", "--workers=0",
-            "--batch_size=4", "--lr=1e-3", "--warmup_ratio=0", f"--init_from={src}"], train.TrainConfig())
+            "--batch_size=4", "--lr=1e-3", "--warmup_ratio=0", "--warmup_steps=0", f"--init_from={src}"],
+            train.TrainConfig())
         assert tc.micro_batch_size == 1 and mc.image_aspect_ratio == "anyres_max_4"
         _, rep = train.train(tc, mc, quiet=True)
         assert rep["steps"] == 1 and rep["bad_samples"] == {}
@@ -180,7 +183,7 @@ def test_padding_follows_the_official_collator_by_default(tmp_path):
 def test_stage_presets_and_switches():
     tc, mc = train.parse_args(["--stage=1"], train.TrainConfig())
     assert not tc.group_by_length and mc.image_aspect_ratio == "square" and mc.mm_patch_merge_type == "flat"
-    assert tc.micro_batch_size == 0  # 16 random captions per GPU: batch / processes
+    assert (tc.batch_size, tc.micro_batch_size) == (64, 16)  # 16 random captions per process, accumulation derived
     for stage in (2, 3):
         tc, mc = train.parse_args([f"--stage={stage}"], train.TrainConfig())
         assert tc.micro_batch_size == 1 and tc.group_by_length
@@ -214,30 +217,103 @@ class _Numbers(torch.utils.data.Dataset):
         return {"ids": [i], "labels": [i], "pixels": None, "layout": []}
 
 
-def test_stage1_batches_are_random_and_grouping_is_a_switch():
-    lengths = [(i * 37) % 100 for i in range(64)]
-    r = random_batches(64, 8, seed=0, epoch=0)
-    assert sorted(i for b in r for i in b) == list(range(64)) and r == random_batches(64, 8, 0, 0) != random_batches(64, 8, 0, 1)
-    spread = lambda bs: sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in bs) / len(bs)
-    assert spread(r) > 50 > 20 > spread(length_grouped_batches(lengths, 8, 0, 0))
-    for group, want in ((False, r), (True, length_grouped_batches(lengths, 8, 0, 0))):
-        mb = MicroBatches(_Numbers(lengths), 8, 4, 1, 0, seed=0, workers=0, group_by_length=group)
-        it = mb.iterate(0)
-        got = [next(it)["ids"][:, 0].tolist() for _ in range(4)]
-        assert got == [want[0][:4], want[0][4:], want[1][:4], want[1][4:]]
+def official_step_micro_batches(index_stream, per_device, world, accum, step, rank):
+    """HF Trainer + Accelerate, transcribed: the dataloader cuts the sampler's index stream into per-device
+    batches; BatchSamplerShard gives batch k to process k mod world; a process's step is its next `accum`
+    batches. -> the micro-batches of process `rank` at optimizer step `step`."""
+    batches = [index_stream[j:j + per_device] for j in range(0, len(index_stream), per_device)]
+    mine = batches[rank::world]
+    return mine[step * accum:(step + 1) * accum]
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_stage1_micro_batch_is_fixed_and_accumulation_derived(monkeypatch, group):
+    """Stage 1 at 1, 2 and 4 processes: 16 sequences per micro-batch (LLaDA-V's per_device_train_batch_size),
+    accumulation 4, 2, 1, and each process's micro-batches are the official ones; so the micro-batches, hence
+    their padding and the loss, are the same for every process count."""
+    lengths = [1 + (i * 37) % 100 for i in range(200)]
+    seen = {}
+    for world in (1, 2, 4):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        tc, mc = train.parse_args(["--stage=1", f"--group_by_length={int(group)}"] + TINY_MODEL, train.TrainConfig())
+        micro, accum = train.check_options(tc, mc, TOK, SimpleNamespace(world=world, rank=0))
+        assert (micro, accum) == (16, 4 // world)
+        order = length_grouped_batches(lengths, 64, 0, 0, micro) if group else random_batches(200, 64, 0, 0)
+        stream = [i for b in order for i in b]  # the sampler's indices, whole global batches
+        for rank in range(world):
+            it = MicroBatches(_Numbers(lengths), 64, micro, world, rank, seed=0, workers=0,
+                              group_by_length=group).iterate(0)
+            for step in range(2):
+                got = [next(it)["ids"][:, 0].tolist() for _ in range(accum)]
+                assert got == official_step_micro_batches(stream, micro, world, accum, step, rank)
+                seen.setdefault(world, set()).update((step, tuple(b)) for b in got)
+    assert seen[1] == seen[2] == seen[4]
+    monkeypatch.setenv("WORLD_SIZE", "8")  # 64 = 16 x 8 x 0.5: refused in one line, naming the two options
+    with pytest.raises(SystemExit, match="--batch_size=64 must be a multiple of --micro_batch_size=16 x 8"):
+        train.parse_args(["--stage=1"], train.TrainConfig())
+
+
+def hf_cosine_lr(step, lr, total, warmup_ratio):
+    """transformers' TrainingArguments.get_warmup_steps + get_cosine_schedule_with_warmup, transcribed (the
+    scheduler LLaDA-V's stage scripts pick with --lr_scheduler_type cosine --warmup_ratio 0.03)."""
+    warmup = math.ceil(total * warmup_ratio)
+    if step < warmup:
+        return lr * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_schedule_is_hf_cosine_with_warmup(stage):
+    """The stage presets' lr at every step == HF's schedule: warmup from 0 over ceil(3%) of the steps (the old
+    round gave 70 warmup steps at 2,345 steps, ceil 71, and began at lr / warmup), then the cosine to 0. The toy
+    keeps its own warmup (its first step at lr / warmup)."""
+    tc, _ = train.parse_args([f"--stage={stage}"], train.TrainConfig())
+    for total in (1, 7, 34, 1000, 2345):
+        tc.max_steps = total
+        tc.warmup_steps = train.warmup_of(tc)
+        got = [train.lr_at(s, tc) for s in range(total)]
+        want = [hf_cosine_lr(s, tc.lr, total, 0.03) for s in range(total)]
+        assert got == pytest.approx(want, abs=1e-12 * tc.lr), total
+        assert got[0] == 0.0
+    toy, _ = train.parse_args([], train.TrainConfig())
+    assert train.warmup_of(toy) == toy.warmup_steps == 100 and train.lr_at(0, toy) == toy.lr / 100
+
+
+def test_stage_max_len_raises_max_seq_len(tmp_path):
+    """--stage=N --max_len above the model's lm.max_seq_len raises it, so LLaDA-V's 16384-token runs are reached
+    (it was capped to 8192 without a word); an explicit lower --lm.max_seq_len is refused in one line; the toy
+    keeps its 256. The official cut: at model_max_length, after the image features are in."""
+    _, mc = train.parse_args(["--stage=3", "--preset=llada_v_8b", "--max_len=16384"], train.TrainConfig())
+    assert mc.lm.max_seq_len == 16384
+    _, mc = train.parse_args(["--stage=2", "--preset=llada_v_8b"], train.TrainConfig())
+    assert mc.lm.max_seq_len == 8192
+    with pytest.raises(SystemExit, match="--max_len=16384 is above --lm.max_seq_len=8192"):
+        train.parse_args(["--stage=3", "--preset=llada_v_8b", "--max_len=16384", "--lm.max_seq_len=8192"],
+                         train.TrainConfig())
+    assert train.parse_args([], train.TrainConfig())[1].lm.max_seq_len == 256
+    words = " ".join(["red"] * 400)  # about 400 tokens of the toy's vocabulary, more than the toy's 256
+    (tmp_path / "long.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "Say red."},
+                                                                       {"from": "gpt", "value": words}]}] * 2))
+    tc, mc = train.parse_args([f"--data={tmp_path / 'long.json'}", "--stage=2", "--max_len=300", "--batch_size=2"]
+                              + TINY_MODEL, train.TrainConfig())
+    ds = train.open_llava(tc, mc, TOK, SimpleNamespace(world=1, rank=0), 1)[0].ds
+    full = LlavaDataset(str(tmp_path / "long.json"), "", TOK, S, n * n, max_len=10 ** 6)[0]["ids"]
+    assert len(full) > 300 and ds[0]["ids"] == full[:300]  # official: x[:model_max_length]
 
 
 def test_conversation_edge_cases(tmp_path):
     """REFERENCE 11.11: one "<image>" in a turn moves to its front as "<image>\\n" + the stripped rest (unless the
     turn already starts with it); other text is kept as is; a leading gpt turn is dropped; an image whose record
-    has no tag gives no features; a system turn is a bad sample."""
+    has no tag gives no features; a later system turn is a system message; a first one is a bad sample."""
     Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
     conv = lambda *turns: [{"from": f, "value": v} for f, v in turns]
     recs = [{"id": "move", "image": "a.png", "conversations": conv(("gpt", "Hello."), ("human", "What is this?  <image> "),
                                                                    ("gpt", "red "), ("human", "Sure? "), ("gpt", "yes"))},
             {"id": "first", "image": "a.png", "conversations": conv(("human", "<image>What?"), ("gpt", "red"))},
             {"id": "untagged", "image": "a.png", "conversations": conv(("human", "What?"), ("gpt", "red"))},
-            {"id": "system", "conversations": conv(("system", "Be brief."), ("human", "Hi"), ("gpt", "hi"))}]
+            {"id": "system", "conversations": conv(("system", "Be brief."), ("human", "Hi"), ("gpt", "hi"))},
+            {"id": "later", "conversations": conv(("human", "Hi"), ("system", "Be brief."), ("gpt", "hi"))}]
     (tmp_path / "e.json").write_text(json.dumps(recs))
     ds = LlavaDataset(str(tmp_path / "e.json"), str(tmp_path), TOK, S, n * n, fmt="conv", system=None,
                       unignore_special=False)
@@ -256,7 +332,9 @@ def test_conversation_edge_cases(tmp_path):
     assert text(ds[1]) == "<|startoftext|>" + H("user") + "<image>What?<|eot_id|>" + H("assistant") + "red<|eot_id|>"
     untagged = ds[2]
     assert IMAGE_TOKEN_INDEX not in untagged["ids"] and untagged["pixels"] is None and untagged["layout"] == []
-    assert ds[3] == {"error": "system turn in the data"}
+    assert ds[3] == {"error": "system turn first"}
+    assert text(ds[4]) == ("<|startoftext|>" + H("user") + "Hi<|eot_id|>" + H("system") + "Be brief.<|eot_id|>"
+                           + H("assistant") + "hi<|eot_id|>")
 
 
 def test_official_truncation_cuts_through_an_anyres_image(tmp_path):

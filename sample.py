@@ -183,7 +183,7 @@ def main_pretrained(sc, device):
     a --chat, through answer_pretrained and so the one sampler, in any --mode (fast decoding included).
     Defaults are the official demo's: steps = gen_length = block_length = 128, T = 0, <|eot_id|> stop,
     float16 on CUDA (inference_dtype). Prints each answer with its decoding mode, model calls and time."""
-    from checkpoint import from_pretrained
+    from checkpoint import check_tokenizer_fits, from_pretrained
     from tokenizer import get_tokenizer as load_tokenizer
     try:
         dtype = inference_dtype(sc.dtype, device)
@@ -193,6 +193,7 @@ def main_pretrained(sc, device):
     try:
         model = from_pretrained(sc.checkpoint, dtype=dtype, device=device)
         tok = toy_tokenizer() if sc.tokenizer == "toy" else load_tokenizer(sc.tokenizer or sc.checkpoint)
+        check_tokenizer_fits(tok, model, sc.tokenizer or sc.checkpoint)
         img = load_image(sc.image) if sc.image else None
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))

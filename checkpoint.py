@@ -24,6 +24,9 @@ then stops with one line. Model weights holding NaN or Inf are refused on load t
 A Hugging Face directory holds config.json and either one model.safetensors or shards
 model-0000k-of-0000n.safetensors with model.safetensors.index.json = {"weight_map": {key: shard file}}.
 A safetensors file is  [8-byte header length][JSON header: key -> dtype, shape, byte range][raw bytes].
+Before any module is built, from_pretrained reads config.json (its sizes within LIMITS) and every header alone,
+and checks them against each other (layer count, widths, vocabulary): a damaged or mismatched folder costs
+nothing but one line naming the file. save_pretrained's shards carry the sha256 manifest as our own files do.
 
 Key names (REFERENCE 1.3, 2.2-2.4). Ours on the left; three official namings on the right:
     LLaDA          original (GSAI-ML/LLaDA-8B-*)          LLaMA-style (LLaDA-V's renaming)
@@ -388,9 +391,11 @@ def _size(c, key, limit, default=_REQUIRED, lo=1):
             raise ValueError(f"config.json lacks {key}, which the model's shape needs")
         return default
     hi = LIMITS[limit]
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"config.json has {key}={v!r}: not an integer in {lo}..{hi:,} (the sane range for a "
-                         f"model of this kind); fix the file")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"config.json has {key}={v!r}, not an integer; fix the file")
+    if not lo <= v <= hi:
+        raise ValueError(f"config.json has {key}={v:,}, outside {lo}..{hi:,} (the sane range for a model of this "
+                         f"kind); fix the file")
     return v
 
 
@@ -664,55 +669,43 @@ def read_headers(path) -> tuple[dict, dict, dict]:
     return index, info, meta
 
 
-def _pattern(name_of, template: str):
-    """A regex matching name_of(template.format(i)) for any layer i, capturing i."""
-    probe = name_of(template.format(987654321))
-    return re.compile(re.escape(probe).replace("987654321", r"(\d+)"))
-
-
 def check_config_against_weights(cfg, info: dict, path, layout: str = "llama", vision_prefix: str = "vision_model."):
-    """Before a model is built: the sizes that config.json gives against the tensor shapes in the safetensors
-    headers (info: {key: (dtype, shape)}) -> one ValueError naming every disagreement. Checked: the number of
-    layers, and for the first layer and the embeddings the shapes that vocab_size, the width, the key/value
-    heads and the MLP size imply. (Keys that are absent are left to load_weights, which lists them all.)"""
+    """Before a model is built: the sizes in config.json against the tensor shapes in the safetensors headers
+    (info: {key: (dtype, shape)}) -> one ValueError naming every disagreement: the number of layers, and the
+    shapes that vocab_size, the width, the key/value heads and the MLP size imply for the embeddings and the
+    first layer. (Absent keys are left to load_weights, which lists them all.)"""
     problems = []
 
-    def lm(c, name_of, what):
-        hd = c.d_model // c.n_heads
+    def compare(name_of, want, layer_key, counts, what):
+        """name_of: our parameter name -> official key; want: {our name: shape}; counts: allowed layer counts."""
+        rx = re.compile(re.escape(name_of(layer_key.format(987654321))).replace("987654321", r"(\d+)"))
+        held = {int(m[1]) for m in map(rx.fullmatch, info) if m}  # the layer numbers in the files
+        if held and not any(held == set(range(n)) for n in counts):
+            problems.append(f"config.json gives the {what} {counts[0]} layers, the weights hold {len(held)} "
+                            f"(numbered {min(held)}..{max(held)})")
+        problems.extend(f"{name_of(k)} is {info[name_of(k)][1]} in the weights, config.json implies {shape}"
+                        for k, shape in want.items() if name_of(k) in info and info[name_of(k)][1] != shape)
+
+    def lm(c, name_of):
         want = {"embed_tokens.weight": (c.vocab_size, c.d_model), "layers.0.q_proj.weight": (c.d_model, c.d_model),
-                "layers.0.k_proj.weight": (c.kv_heads * hd, c.d_model),
+                "layers.0.k_proj.weight": (c.kv_heads * c.head_dim, c.d_model),
                 "layers.0.gate_proj.weight": (c.mlp_hidden, c.d_model)}
-        layers(name_of, "layers.{}.q_proj.weight", (c.n_layers,), what)
-        shapes(name_of, want)
+        compare(name_of, want, "layers.{}.q_proj.weight", (c.n_layers,), "language model")
 
     def vision(c, name_of):
-        n = c.image_size // c.patch_size
         want = {"patch_embedding.weight": (c.d_model, 3, c.patch_size, c.patch_size),
-                "position_embedding.weight": (n * n, c.d_model), "layers.0.mlp.fc1.weight": (c.mlp_hidden, c.d_model)}
-        layers(name_of, "layers.{}.self_attn.q_proj.weight", (c.n_layers, c.n_layers - 1), "vision tower")  # last one may be deleted
-        shapes(name_of, want)
-
-    def layers(name_of, template, ok, what):
-        rx = _pattern(name_of, template)
-        held = {int(m[1]) for m in map(rx.fullmatch, info) if m}
-        if held and not any(held == set(range(n)) for n in ok):
-            problems.append(f"config.json gives the {what} {ok[0]} layers, the weights hold "
-                            f"{len(held)} (numbered {min(held)}..{max(held)})")
-
-    def shapes(name_of, want):
-        for ours, shape in want.items():
-            k = name_of(ours)
-            if k in info and info[k][1] != shape:
-                problems.append(f"{k} is {info[k][1]} in the weights, config.json implies {shape}")
+                "position_embedding.weight": (c.n_patches, c.d_model), "layers.0.mlp.fc1.weight": (c.mlp_hidden, c.d_model)}
+        # a checkpoint holds all n_layers, or n_layers - 1 when the unused last one was deleted
+        compare(name_of, want, "layers.{}.self_attn.q_proj.weight", (c.n_layers, c.n_layers - 1), "vision tower")
 
     if isinstance(cfg, LLaDAVConfig):
-        lm(cfg.lm, lambda n: llada_key(n, "llama"), "language model")
+        lm(cfg.lm, lambda n: llada_key(n, "llama"))
         vision(cfg.vision, lambda n: LLADA_V_VISION + vision_key(n))
     elif isinstance(cfg, VisionConfig):
         strip = len("vision_model.") - len(vision_prefix)  # a SiglipVisionModel saved without the prefix
         vision(cfg, lambda n: vision_key(n)[strip:])
     else:
-        lm(cfg, lambda n: llada_key(n, layout), "language model")
+        lm(cfg, lambda n: llada_key(n, layout))
     if problems:
         raise ValueError(f"{os.fspath(path)}: config.json does not match the safetensors weights: "
                          f"{'; '.join(problems)}; is config.json the one that came with these weights?")

@@ -24,6 +24,9 @@ then stops with one line. Model weights holding NaN or Inf are refused on load t
 A Hugging Face directory holds config.json and either one model.safetensors or shards
 model-0000k-of-0000n.safetensors with model.safetensors.index.json = {"weight_map": {key: shard file}}.
 A safetensors file is  [8-byte header length][JSON header: key -> dtype, shape, byte range][raw bytes].
+Before any module is built, from_pretrained reads config.json (its sizes within LIMITS) and every header alone,
+and checks them against each other (layer count, widths, vocabulary): a damaged or mismatched folder costs
+nothing but one line naming the file. save_pretrained's shards carry the sha256 manifest as our own files do.
 
 Key names (REFERENCE 1.3, 2.2-2.4). Ours on the left; three official namings on the right:
     LLaDA          original (GSAI-ML/LLaDA-8B-*)          LLaMA-style (LLaDA-V's renaming)
@@ -56,6 +59,7 @@ memory-mapped file, so peak memory is the checkpoint's size (see --selftest_memo
 """
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -70,7 +74,7 @@ from cli import atomic_write, write_text
 from distributed import (barrier, dcp_checkpoints, full_state_dict, load_dcp, read_extra, save_dcp,
                          verify_dcp)
 from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
-from tokenizer import LLADA_MASK_ID, Tokenizer, config_mask_id, get_tokenizer
+from tokenizer import LLADA_MASK_ID, MAX_VOCAB, Tokenizer, config_mask_id, get_tokenizer
 from vision import MODES, VisionConfig, VisionTower, grid_pinpoints
 
 INDEX = "model.safetensors.index.json"
@@ -97,7 +101,8 @@ _SIGLIP_UNUSED = re.compile(r"(text_model\.|logit_scale|logit_bias|(vision_model
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of a tensor's raw bytes (any dtype, bf16 included: viewed as uint8, nothing converted)."""
     t = t.detach().contiguous().cpu().reshape(-1)
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+    # hashlib reads the array's buffer in place: no copy (a loader that verifies must not hold two)
+    return hashlib.sha256(t.view(torch.uint8).numpy() if t.numel() else b"").hexdigest()
 
 
 def _tensors(obj, prefix=""):
@@ -178,7 +183,24 @@ def save_safetensors(path, tensors: dict):
     """Atomic safetensors write whose header metadata carries {key: sha256} of every tensor (the manifest)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"format": "pt", "sha256": json.dumps(tensor_manifest(tensors))}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata=meta)
+        _fix_metadata_order(tmp)
+    atomic_write(path, write)
+
+
+def _fix_metadata_order(file):
+    """The safetensors library writes __metadata__ from a Rust HashMap, whose order changes from call to call:
+    rewrite it sorted, in place (same content, so the same length), so that one model saves to the same bytes."""
+    with open(file, "rb+") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        h = json.loads(fh.read(n))
+        h["__metadata__"] = dict(sorted(h["__metadata__"].items()))
+        text = json.dumps(h, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # serde_json and json.dumps agree on these ASCII keys and values
+            fh.seek(8)
+            fh.write(text + b" " * (n - len(text)))  # safetensors pads its header with spaces too
 
 
 def load_state_file(path, device="cpu") -> dict:
@@ -232,7 +254,23 @@ def load_checkpoint(path, device="cpu"):
         tok = get_tokenizer(cfg.tokenizer, config_mask_id(cfg.lm.mask_id))
     else:  # a toy checkpoint of the first editions, before the tokenizer travelled with the weights
         raise ValueError(f"{path} carries no tokenizer (an early train.py wrote it); train it again with this one")
+    check_tokenizer_fits(tok, model, f"{path} (its tokenizer)")
     return model, tok, ckpt
+
+
+def check_tokenizer_fits(tok: Tokenizer, model: nn.Module, source: str):
+    """Refuse a tokenizer whose ids reach past the model's vocabulary (a two-million-id tokenizer.json for a
+    512-id model): the embedding lookup would fail on the first such id, or, on a GPU, read out of bounds.
+    A smaller tokenizer is fine (LLaDA's embedding is padded to 126,464 rows for 126,349 ids). A model
+    without a language model (a bare ViT) has nothing to check."""
+    lm = model.llm if isinstance(model, LLaDAV) else model
+    if not isinstance(lm, LLaDA):
+        return
+    top = max(tok.vocab_size, tok.mask_id + 1)  # ids 0..top-1 can reach the embedding
+    if top > lm.cfg.vocab_size:
+        raise ValueError(f"{source}: the tokenizer has ids up to {top - 1:,}, but the model's vocabulary has "
+                         f"{lm.cfg.vocab_size:,} ids (0..{lm.cfg.vocab_size - 1:,}); pass the tokenizer that came "
+                         f"with the model (--tokenizer=<its tokenizer.json or folder>)")
 
 
 def load_state(model: nn.Module, state: dict, source="checkpoint"):
@@ -308,6 +346,31 @@ def _require(c, key, ok, what):
         raise ValueError(f"config.json has {key}={c[key]!r}, but this code implements only {what}")
 
 
+# Bounds on a config.json's sizes, checked before any module is built: a typo such as num_hidden_layers=100000
+# would otherwise spend minutes building layers on the meta device before anything else is looked at.
+# Generous: LLaDA-8B is 32 layers x 4096 wide (32 heads, MLP 12,288, 126,464 ids), SigLIP so400m 27 x 1152
+# (MLP 4304) at 384 px; each bound is 16x or more above the largest released model of its kind.
+LIMITS = {"layers": 1024, "heads": 1024, "width": 1 << 16, "mlp": 1 << 18, "vocab": MAX_VOCAB, "context": 1 << 24,
+          "image": 1 << 13}
+_REQUIRED = object()
+
+
+def _size(c, key, limit, default=_REQUIRED, lo=1):
+    """c[key] as an integer in lo..LIMITS[limit]; absent (or null) gives `default`, or an error naming the key."""
+    v = c.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            raise ValueError(f"config.json lacks {key}, which the model's shape needs")
+        return default
+    hi = LIMITS[limit]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"config.json has {key}={v!r}, not an integer; fix the file")
+    if not lo <= v <= hi:
+        raise ValueError(f"config.json has {key}={v:,}, outside {lo}..{hi:,} (the sane range for a model of this "
+                         f"kind); fix the file")
+    return v
+
+
 def llada_config_from_hf(c: dict) -> LLaDAConfig:
     """Either LLaDA config.json: the original OLMo-style one (d_model, n_layers, ...) or the LLaMA-style one.
     Also read: key/value heads (n_kv_heads / num_key_value_heads; absent or null = n_heads), tied embeddings
@@ -324,19 +387,21 @@ def llada_config_from_hf(c: dict) -> LLaDAConfig:
     theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
     shared = dict(rope_theta=theta, norm_eps=c.get("rms_norm_eps", 1e-5), mask_id=c.get("mask_token_id", LLADA_MASK_ID))
     if "d_model" in c:  # original
-        cfg = LLaDAConfig(vocab_size=c.get("embedding_size") or c["vocab_size"], d_model=c["d_model"],
-                          n_layers=c["n_layers"], n_heads=c["n_heads"], n_kv_heads=c.get("n_kv_heads") or 0,
-                          mlp_hidden=c["mlp_hidden_size"], max_seq_len=c.get("max_sequence_length", 4096),
-                          tie_embeddings=bool(c.get("weight_tying", False)),
-                          rope_fp32=bool(c.get("rope_full_precision", True)), **shared)
+        names = ("embedding_size" if c.get("embedding_size") else "vocab_size", "d_model", "n_layers", "n_heads",
+                 "n_kv_heads", "mlp_hidden_size", "max_sequence_length", "weight_tying", True)
     elif "hidden_size" in c:  # LLaMA-style
-        cfg = LLaDAConfig(vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
-                          n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or 0,
-                          mlp_hidden=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 4096),
-                          tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-                          rope_fp32=bool(c.get("rope_full_precision", False)), **shared)
+        names = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "max_position_embeddings", "tie_word_embeddings", False)
     else:
         raise ValueError("config.json is not a LLaDA config (no d_model or hidden_size); point at the model's directory")
+    V, D, L, H, KV, M, ctx, tie, fp32 = names  # the field names in this config's naming; fp32: RoPE's default
+    cfg = LLaDAConfig(vocab_size=_size(c, V, "vocab"), d_model=_size(c, D, "width"), n_layers=_size(c, L, "layers"),
+                      n_heads=_size(c, H, "heads"), n_kv_heads=_size(c, KV, "heads", 0, lo=0),
+                      mlp_hidden=_size(c, M, "mlp"), max_seq_len=_size(c, ctx, "context", 4096),
+                      tie_embeddings=bool(c.get(tie, False)), rope_fp32=bool(c.get("rope_full_precision", fp32)),
+                      **shared)
+    if cfg.d_model % cfg.n_heads or cfg.head_dim % 2:
+        raise ValueError(f"config.json: {D}={cfg.d_model} does not split into {H}={cfg.n_heads} heads of even size")
     if cfg.n_heads % cfg.kv_heads:
         raise ValueError(f"config.json: num_key_value_heads / n_kv_heads = {cfg.n_kv_heads} does not divide the "
                          f"{cfg.n_heads} attention heads (grouped-query attention needs a divisor)")
@@ -370,10 +435,19 @@ def vision_config_from_hf(c: dict) -> VisionConfig:
     c = c.get("vision_config", c)
     _require(c, "hidden_act", ("gelu_pytorch_tanh",), "SigLIP's gelu_pytorch_tanh")
     d = VisionConfig()  # SigLIP's class defaults are the so400m/14-384 shapes, which HF configs omit
-    return VisionConfig(image_size=c.get("image_size", d.image_size), patch_size=c.get("patch_size", d.patch_size),
-                        d_model=c.get("hidden_size", d.d_model), n_layers=c.get("num_hidden_layers", d.n_layers),
-                        n_heads=c.get("num_attention_heads", d.n_heads),
-                        mlp_hidden=c.get("intermediate_size", d.mlp_hidden), ln_eps=c.get("layer_norm_eps", d.ln_eps))
+    cfg = VisionConfig(image_size=_size(c, "image_size", "image", d.image_size),
+                       patch_size=_size(c, "patch_size", "image", d.patch_size),
+                       d_model=_size(c, "hidden_size", "width", d.d_model),
+                       n_layers=_size(c, "num_hidden_layers", "layers", d.n_layers, lo=2),  # the last is dropped
+                       n_heads=_size(c, "num_attention_heads", "heads", d.n_heads),
+                       mlp_hidden=_size(c, "intermediate_size", "mlp", d.mlp_hidden),
+                       ln_eps=c.get("layer_norm_eps", d.ln_eps))
+    if cfg.patch_size > cfg.image_size:
+        raise ValueError(f"config.json: the vision tower's patch_size={cfg.patch_size} exceeds its image_size={cfg.image_size}")
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"config.json: the vision tower's hidden_size={cfg.d_model} does not split into "
+                         f"num_attention_heads={cfg.n_heads} heads")
+    return cfg
 
 
 def vision_config_to_hf(cfg: VisionConfig) -> dict:
@@ -421,20 +495,130 @@ def llada_v_config_to_hf(cfg: LLaDAVConfig) -> dict:
 # Reading
 
 def read_config(path) -> dict:
+    """path/config.json as a dict; one error naming the file when it is absent, not JSON or not an object."""
     f = os.path.join(os.fspath(path), "config.json")
     if not os.path.isfile(f):
         raise FileNotFoundError(f"{f} does not exist; pass a Hugging Face model directory (config.json + "
                                 f"*.safetensors), e.g. a download of GSAI-ML/LLaDA-V")
-    with open(f) as fh:
-        return json.load(fh)
+    try:
+        with open(f, encoding="utf-8") as fh:
+            c = json.load(fh)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{f} is not valid JSON ({type(e).__name__}: {e}); download it again") from None
+    if not isinstance(c, dict):
+        raise ValueError(f"{f} holds a JSON {type(c).__name__}, not an object of model settings; download it again")
+    return c
+
+
+def hf_config(path):
+    """path/config.json -> (config, model class, ViT layers in the checkpoint), the model kind chosen from the
+    fields: LLaDA-V (mm_* fields), SigLIP (vision_config, or model_type siglip*), else LLaDA. Every problem
+    with the file is one ValueError that names it."""
+    path = os.fspath(path)
+    c, f = read_config(path), os.path.join(path, "config.json")
+    if isinstance(c.get("lm"), dict) and isinstance(c.get("vision"), dict):  # train.py's LLaDAVConfig.to_dict()
+        pt = os.path.join(path, "ckpt.pt")
+        raise ValueError(f"{path} is a train.py run folder in this project's own format (its config.json holds "
+                         f"our LLaDAVConfig), not a Hugging Face model folder; pass "
+                         f"{pt if os.path.exists(pt) else os.path.join(path, SINGLE)} instead")
+    try:
+        if is_llada_v(c):
+            cfg = llada_v_config_from_hf(c)
+            return cfg, LLaDAV, cfg.vision.n_layers
+        if "vision_config" in c or str(c.get("model_type", "")).startswith("siglip"):
+            cfg = vision_config_from_hf(c)
+            return cfg, VisionTower, cfg.n_layers
+        return llada_config_from_hf(c), LLaDA, 0
+    except ValueError as e:  # the readers' messages start "config.json ...": name the file instead
+        msg = str(e)
+        raise ValueError(f + msg[len("config.json"):] if msg.startswith("config.json") else f"{f}: {msg}") from None
+    except (KeyError, TypeError, AttributeError) as e:  # a field of the wrong kind (a list for an object, ...)
+        raise ValueError(f"{f} is malformed ({type(e).__name__}: {e}); download it again") from None
+
+
+# safetensors dtypes -> bytes per element. A file is [8-byte little-endian header length n][n bytes of JSON:
+# key -> {"dtype", "shape", "data_offsets": [begin, end) within the data}][the data].
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # what a weight may be stored as here
+MAX_HEADER = 100_000_000  # the safetensors library's own limit on n
+
+
+def read_header(file) -> tuple[dict, dict]:
+    """The header of one safetensors file, read without touching its data: -> ({key: (dtype, shape)}, metadata).
+    Checked as the safetensors library checks on open, but as one ValueError naming the file: a header length
+    beyond the file (truncated, garbage), a header that is not a JSON object, an entry whose byte range does not
+    hold its dtype x shape, ranges that overlap or leave gaps, a data section longer or shorter than they cover."""
+    file = os.fspath(file)
+
+    def bad(what):
+        raise ValueError(f"{file} is not a readable safetensors file: {what}; download it again")
+
+    size = os.path.getsize(file)
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            bad(f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, MAX_HEADER):
+            bad(f"its header length {n:,} exceeds the file's {size:,} bytes (a truncated or non-safetensors file)")
+        try:
+            h = json.loads(fh.read(n))
+        except ValueError:
+            h = None
+    if not isinstance(h, dict):
+        bad("its header is not a JSON object")
+    meta = h.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        bad("its __metadata__ is not an object")
+    info, spans = {}, []
+    for k, v in h.items():
+        try:
+            dtype, shape, (a, b) = v["dtype"], v["shape"], v["data_offsets"]
+            ok = dtype in DTYPE_BYTES and all(type(x) is int and x >= 0 for x in [*shape, a, b])
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            bad(f"the header entry of {k!r} is malformed ({v!r:.100})")
+        if b - a != math.prod(shape) * DTYPE_BYTES[dtype]:
+            bad(f"{k!r} spans bytes {a}..{b} of the data, but {dtype} x {tuple(shape)} needs "
+                f"{math.prod(shape) * DTYPE_BYTES[dtype]:,}")
+        info[k] = (dtype, tuple(shape))
+        spans.append((a, b, k))
+    end = 0
+    for a, b, k in sorted(spans):  # the tensors tile the data section exactly, in offset order
+        if a != end:
+            bad(f"{k!r} starts at byte {a:,} of the data where the previous tensor ends at {end:,} "
+                f"({'overlapping' if a < end else 'gapped'} offsets)")
+        end = b
+    if end != size - 8 - n:
+        bad(f"the header describes {end:,} bytes of data, the file holds {size - 8 - n:,} (a truncated or padded file)")
+    return info, meta
+
+
+def _within(name: str) -> bool:
+    """name is a relative path that stays inside folder, by its text: no absolute path, no "..". (Lexical on
+    purpose: a Hugging Face cache folder holds symlinks into ../../blobs, which resolving them would refuse.)"""
+    return name != "" and not os.path.isabs(name) and os.path.normpath(name).split(os.sep)[0] != ".."
 
 
 def checkpoint_index(path) -> dict:
-    """{official key: safetensors file path} from the index, or from the one model.safetensors."""
+    """{official key: safetensors file path} from the index, or from the one model.safetensors (its header)."""
     path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, INDEX)):
-        with open(os.path.join(path, INDEX)) as fh:
-            weight_map = json.load(fh)["weight_map"]
+    idx = os.path.join(path, INDEX)
+    if os.path.isfile(idx):
+        try:
+            with open(idx, encoding="utf-8") as fh:
+                weight_map = json.load(fh)["weight_map"]
+            ok = isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())
+        except (ValueError, KeyError, TypeError):  # not JSON, no weight_map, not an object
+            ok = False
+        if not ok:
+            raise ValueError(f"{idx} is not a shard index ({{\"weight_map\": {{key: shard file}}}}); download it again")
+        outside = sorted({f for f in weight_map.values() if not _within(f)})
+        if outside:  # an index must not make us read (or hash) files elsewhere on the disk
+            raise ValueError(f"{idx} names shards outside the model folder: {outside[:3]}; a shard is a file "
+                             f"inside {path} (a relative path without ..); download the index again")
         files = sorted(set(weight_map.values()))
         absent = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if absent:
@@ -442,9 +626,61 @@ def checkpoint_index(path) -> dict:
         return {k: os.path.join(path, f) for k, f in weight_map.items()}
     single = os.path.join(path, SINGLE)
     if os.path.isfile(single):
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
+        return {k: single for k in read_header(single)[0]}
     raise FileNotFoundError(f"{path} has neither {INDEX} nor {SINGLE}; download the repo's *.safetensors files")
+
+
+def read_headers(path) -> tuple[dict, dict, dict]:
+    """-> (index {key: file}, {key: (dtype, shape)} of the keys the index places in that file, {file: metadata}),
+    from the headers alone: every shard's header is read and checked, no tensor data is."""
+    index = checkpoint_index(path)
+    info, meta = {}, {}
+    for file in sorted(set(index.values())):
+        got, meta[file] = read_header(file)
+        info.update({k: v for k, v in got.items() if index.get(k) == file})
+    return index, info, meta
+
+
+def check_config_against_weights(cfg, info: dict, path, layout: str = "llama", vision_prefix: str = "vision_model."):
+    """Before a model is built: the sizes in config.json against the tensor shapes in the safetensors headers
+    (info: {key: (dtype, shape)}) -> one ValueError naming every disagreement: the number of layers, and the
+    shapes that vocab_size, the width, the key/value heads and the MLP size imply for the embeddings and the
+    first layer. (Absent keys are left to load_weights, which lists them all.)"""
+    problems = []
+
+    def compare(name_of, want, layer_key, counts, what):
+        """name_of: our parameter name -> official key; want: {our name: shape}; counts: allowed layer counts."""
+        rx = re.compile(re.escape(name_of(layer_key.format(987654321))).replace("987654321", r"(\d+)"))
+        held = {int(m[1]) for m in map(rx.fullmatch, info) if m}  # the layer numbers in the files
+        if held and not any(held == set(range(n)) for n in counts):
+            problems.append(f"config.json gives the {what} {counts[0]} layers, the weights hold {len(held)} "
+                            f"(numbered {min(held)}..{max(held)})")
+        problems.extend(f"{name_of(k)} is {info[name_of(k)][1]} in the weights, config.json implies {shape}"
+                        for k, shape in want.items() if name_of(k) in info and info[name_of(k)][1] != shape)
+
+    def lm(c, name_of):
+        want = {"embed_tokens.weight": (c.vocab_size, c.d_model), "layers.0.q_proj.weight": (c.d_model, c.d_model),
+                "layers.0.k_proj.weight": (c.kv_heads * c.head_dim, c.d_model),
+                "layers.0.gate_proj.weight": (c.mlp_hidden, c.d_model)}
+        compare(name_of, want, "layers.{}.q_proj.weight", (c.n_layers,), "language model")
+
+    def vision(c, name_of):
+        want = {"patch_embedding.weight": (c.d_model, 3, c.patch_size, c.patch_size),
+                "position_embedding.weight": (c.n_patches, c.d_model), "layers.0.mlp.fc1.weight": (c.mlp_hidden, c.d_model)}
+        # a checkpoint holds all n_layers, or n_layers - 1 when the unused last one was deleted
+        compare(name_of, want, "layers.{}.self_attn.q_proj.weight", (c.n_layers, c.n_layers - 1), "vision tower")
+
+    if isinstance(cfg, LLaDAVConfig):
+        lm(cfg.lm, lambda n: llada_key(n, "llama"))
+        vision(cfg.vision, lambda n: LLADA_V_VISION + vision_key(n))
+    elif isinstance(cfg, VisionConfig):
+        strip = len("vision_model.") - len(vision_prefix)  # a SiglipVisionModel saved without the prefix
+        vision(cfg, lambda n: vision_key(n)[strip:])
+    else:
+        lm(cfg, lambda n: llada_key(n, layout))
+    if problems:
+        raise ValueError(f"{os.fspath(path)}: config.json does not match the safetensors weights: "
+                         f"{'; '.join(problems)}; is config.json the one that came with these weights?")
 
 
 def tied_head_key(model: nn.Module, layout: str = "llama") -> dict:
@@ -461,28 +697,38 @@ def load_weights(model: nn.Module, path, names: dict, n_vision_layers: int = 0, 
                  tied: dict | None = None):
     """Fill `model` (built on the meta device) from the safetensors files of `path`. names: {ours: official}.
     tied: {head key: embedding key} (tied_head_key) may be present in the files, equal to the embedding.
-    Checks every key first (from the headers only) and raises one error listing every problem."""
+    Checks every key, shape and dtype first (from the headers only) and raises one error listing every problem;
+    then, shard by shard, the sha256 of each tensor where the file carries them (save_pretrained's files do;
+    official ones do not), and NaN / Inf."""
     tied = tied or {}
-    index = checkpoint_index(path)
+    path = os.fspath(path)
+    index, info, meta = read_headers(path)
     own = model.state_dict()
     by_official = {off: ours for ours, off in names.items()}
-    shapes = {}
-    for file in sorted(set(index.values())):
-        with safe_open(file, framework="pt") as f:
-            for k in f.keys():
-                if index.get(k) == file:
-                    shapes[k] = tuple(f.get_slice(k).get_shape())
+    shapes = {k: shape for k, (_, shape) in info.items()}
     missing = sorted(k for k in by_official if k not in shapes)
     unexpected = sorted(k for k in shapes if k not in by_official and k not in tied and not _skipped(k, n_vision_layers))
     bad = [f"{k}: checkpoint {shapes[k]} vs model {tuple(own[by_official[k]].shape)}"
            for k in sorted(shapes) if k in by_official and shapes[k] != tuple(own[by_official[k]].shape)]
     if missing or unexpected or bad:
-        raise ValueError(f"{os.fspath(path)} does not match the model built from its config.json: "
+        raise ValueError(f"{path} does not match the model built from its config.json: "
                          f"{len(missing)} missing {missing}, {len(unexpected)} unexpected {unexpected}, "
                          f"{len(bad)} mis-shaped {bad}")
+    not_float = [f"{k} ({info[k][0]})" for k in sorted(info) if (k in by_official or k in tied)
+                 and info[k][0] not in FLOAT_DTYPES]
+    if not_float:
+        raise ValueError(f"{path}: {len(not_float)} weight(s) are not floating point: {', '.join(not_float[:3])}"
+                         f"{' ...' if len(not_float) > 3 else ''}; a weight is stored as one of {', '.join(FLOAT_DTYPES)}")
     nonfinite = []
     for file in sorted(set(index.values())):  # shard by shard
-        with safe_open(file, framework="pt") as f:
+        with _open(file) as f:
+            if "sha256" in meta[file]:  # written by save_pretrained: verify before anything is used
+                try:
+                    manifest = json.loads(meta[file]["sha256"])
+                except ValueError:
+                    raise ValueError(f"{file}: the sha256 checksums in its metadata are not JSON; download it again") from None
+                # views of the memory-mapped file, hashed one at a time: nothing is held twice
+                check_manifest({k: f.get_tensor(k) for k in f.keys()}, manifest, file)
             for k in f.keys():
                 if k in by_official and index[k] == file:
                     t = f.get_tensor(k)  # a view of the memory-mapped file: nothing is read yet
@@ -494,18 +740,27 @@ def load_weights(model: nn.Module, path, names: dict, n_vision_layers: int = 0, 
                         nonfinite.append(k)  # NaN / Inf weights: refused below, all named at once
                     _assign(model, by_official[k], t)
     if nonfinite:
-        raise ValueError(f"{os.fspath(path)} holds non-finite weights (NaN or Inf) in {len(nonfinite)} tensor(s): "
+        raise ValueError(f"{path} holds non-finite weights (NaN or Inf) in {len(nonfinite)} tensor(s): "
                          f"{', '.join(nonfinite[:3])}{' ...' if len(nonfinite) > 3 else ''}; download it again")
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"parameters/buffers not filled by the checkpoint: {left}")
     for head, emb in tied.items():  # a tied model has one matrix: a stored head must be that same matrix
         if head in index:
-            with safe_open(index[head], framework="pt") as f, safe_open(index[emb], framework="pt") as g:
+            with _open(index[head]) as f, _open(index[emb]) as g:
                 if not torch.equal(f.get_tensor(head), g.get_tensor(emb)):
-                    raise ValueError(f"{os.fspath(path)}: config.json ties the embeddings, but {head} differs from "
+                    raise ValueError(f"{path}: config.json ties the embeddings, but {head} differs from "
                                      f"{emb}; set tie_word_embeddings/weight_tying to false to load them apart")
     return model
+
+
+def _open(file):
+    """safe_open, whose errors (SafetensorError, OSError) become one line naming the file. read_header has
+    already checked what the library checks on open, so this is the guard for what is left (a read error)."""
+    try:
+        return safe_open(file, framework="pt")
+    except Exception as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); download it again") from None
 
 
 def _assign(model, name, t):
@@ -521,7 +776,6 @@ def from_pretrained(path, dtype=None, device="cpu", vision_path=None):
     key layout) or VisionTower (a SigLIP checkpoint), chosen from config.json. dtype None keeps the
     checkpoint's. With vision_path (a SigLIP dir), path is a LLaDA LM and the result is a LLaDAV whose
     projector is freshly initialised: the start of LLaDA-V's stage-1 training."""
-    c = read_config(path)
     if vision_path is not None:
         lm = from_pretrained(path, dtype, device)
         vt = from_pretrained(vision_path, dtype, device)
@@ -535,20 +789,17 @@ def from_pretrained(path, dtype=None, device="cpu", vision_path=None):
         for lin in (m.projector.linear_1, m.projector.linear_2):
             lin.reset_parameters()
         return m.to(lm.embed_tokens.weight.dtype)
-    if is_llada_v(c):
-        cfg = llada_v_config_from_hf(c)
-        cls, nv = LLaDAV, cfg.vision.n_layers  # nv: layers of the ViT in the checkpoint's config
-    elif "vision_config" in c or str(c.get("model_type", "")).startswith("siglip"):
-        cfg = vision_config_from_hf(c)
-        cls, nv = VisionTower, cfg.n_layers
-    else:
-        cfg, cls, nv = llada_config_from_hf(c), LLaDA, 0
+    # Everything is checked before any module is built: config.json (fields, kinds, sane sizes), every
+    # safetensors header, and the sizes in config.json against the tensor shapes in those headers.
+    cfg, cls, nv = hf_config(path)  # nv: layers of the ViT in the checkpoint's config
+    index, info, _ = read_headers(path)
+    layout = "original" if any(k.startswith("model.transformer.") for k in index) else "llama"
+    prefix = "" if cls is VisionTower and not any(k.startswith("vision_model.") for k in index) else "vision_model."
+    check_config_against_weights(cfg, info, path, layout, prefix)
     with torch.device("meta"):  # shapes only: no memory, no init
         model = cls(cfg)
-    index = checkpoint_index(path)
-    layout = "original" if any(k.startswith("model.transformer.") for k in index) else "llama"
     names = official_names(model, layout)
-    if isinstance(model, VisionTower) and not any(k.startswith("vision_model.") for k in index):
+    if not prefix:
         # a SiglipVisionModel saved by recent transformers versions has no "vision_model." prefix
         names = {ours: off[len("vision_model."):] for ours, off in names.items()}
     return load_weights(model, path, names, nv, dtype, device, tied_head_key(model, layout)).eval()
@@ -564,7 +815,8 @@ def _write_json(path, obj):
 def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_size: int = 5 * 10**9, dtype=None):
     """Write `model` as a Hugging Face directory: config.json and safetensors (sharded with an index when
     over max_shard_size bytes), in the official key names (`layout` picks LLaDA's naming; LLaDA-V is
-    always LLaMA-style). Files are written aside and renamed into place; stale shards are removed last."""
+    always LLaMA-style). Each shard's metadata carries the sha256 of its tensors (save_safetensors), which
+    from_pretrained checks. Files are written aside and renamed into place; stale shards are removed last."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: use one of {LAYOUTS}")
     path = os.fspath(path)
@@ -599,7 +851,7 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
     weight_map = {}
     for file, keys in zip(files, shards):
         part = {k: tensors[k].detach().contiguous().cpu() for k in keys}
-        atomic_write(os.path.join(path, file), lambda tmp, part=part: save_file(part, tmp, metadata={"format": "pt"}))
+        save_safetensors(os.path.join(path, file), part)  # its metadata: sha256 per tensor, which loading checks
         weight_map.update({k: file for k in keys})
         del part
     if n > 1:

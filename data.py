@@ -353,6 +353,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         mode = self.image_mode if len(files) == 1 else "pad"  # _get_item: several images -> pad mode each
         images = []
         for f in files[:n_slots]:
+            # a record names files under --image_root; an absolute path or a ".." would read anywhere on the disk
+            if os.path.isabs(f) or os.path.normpath(f).split(os.sep)[0] == "..":
+                raise _BadSample("image path outside --image_root")
             p = os.path.join(self.image_root, f)
             if not os.path.exists(p):
                 raise _BadSample("missing image")

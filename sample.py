@@ -303,7 +303,7 @@ def load(sc, device):
           as LLaDA-V is (it was trained in its format); the toy, trained on synthetic scenes, its own way.
     defaults: the sampler lengths where an option is unset: the family's official ones (OFFICIAL), or
     for the toy its training run's (sampling as trained reproduces what its report measured)."""
-    from checkpoint import from_pretrained, is_llada_v, load_checkpoint, read_config
+    from checkpoint import check_tokenizer_fits, from_pretrained, is_llada_v, load_checkpoint, read_config
     from cli import MARKER
     path = sc.checkpoint
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, MARKER)):  # a train.py run folder
@@ -322,6 +322,7 @@ def load(sc, device):
     if tok_path:  # --tokenizer, or the folder's own; the model config's [MASK] id wins over the file's
         lm = model.cfg.lm if isinstance(model, LLaDAV) else model.cfg
         tok = toy_tokenizer() if tok_path == "toy" else get_tokenizer(tok_path, config_mask_id(lm.mask_id))
+        check_tokenizer_fits(tok, model, tok_path)
     if official:
         G = OFFICIAL[family]["gen_length"]
         defaults = {k: OFFICIAL[family][k] for k in ("gen_length", "steps", "block_length")}

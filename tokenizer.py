@@ -178,6 +178,9 @@ def _needs_nfc(norm) -> bool:
     return bool(steps)
 
 
+MAX_VOCAB = 1 << 22  # ids a tokenizer.json may use: 33x LLaDA's 126,349, and the model-side bound (checkpoint.LIMITS)
+
+
 def tokenizer_from_json(path, mask_id: int | None = None) -> Tokenizer:
     """Convert a Hugging Face byte-level BPE tokenizer.json into a Tokenizer (tiktoken ranks, NFC flag).
     ranks: each vocabulary piece mapped back through GPT-2's byte table to raw bytes, rank = its id;
@@ -191,6 +194,14 @@ def tokenizer_from_json(path, mask_id: int | None = None) -> Tokenizer:
         raise ValueError(f"{path}: not a byte-level BPE tokenizer.json (model type {model.get('type')!r})")
     added = {t["content"]: t["id"] for t in j.get("added_tokens", [])}
     added_ids = set(added.values())
+    ids = list(model["vocab"].values()) + list(added.values())
+    wrong = [i for i in ids if type(i) is not int or not 0 <= i < MAX_VOCAB]
+    if wrong:  # an id is a row of the embedding: a huge one would make tiktoken and the model tables that large
+        raise ValueError(f"{path}: token ids {wrong[:5]} are not integers in 0..{MAX_VOCAB - 1:,}; this is not a "
+                         f"usable tokenizer.json")
+    base = [i for i in model["vocab"].values() if i not in added_ids]
+    if len(set(base)) != len(base):
+        raise ValueError(f"{path}: two vocabulary pieces share one id; every piece needs its own")
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     ranks = {}
     for piece, i in model["vocab"].items():

@@ -143,7 +143,7 @@ def test_index_that_is_not_an_index_is_one_line(tmp_path):
 def test_cli_prints_one_line_and_exit_1(lm_dir, capsys):
     """sample.py --checkpoint=<damaged folder>: one line on stderr naming the file, exit status 1."""
     import sample
-    from model import run_cli
+    from cli import run_cli
     _half(lm_dir / "model.safetensors")
     with pytest.raises(SystemExit) as e:
         run_cli(sample.main, [f"--checkpoint={lm_dir}", "--tokenizer=toy", "--question=hi"])

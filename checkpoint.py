@@ -54,6 +54,7 @@ is read shard by shard and assigned in place of its meta parameter, converted to
 device on the way. On the CPU, with no dtype change, the tensor stays a copy-on-write view of the
 memory-mapped file, so peak memory is the checkpoint's size (see --selftest_memory=1).
 """
+import errno
 import hashlib
 import json
 import os
@@ -92,7 +93,10 @@ _SIGLIP_UNUSED = re.compile(r"(text_model\.|logit_scale|logit_bias|(vision_model
 
 def atomic_write(path, write):
     """write(tmp_path), fsync, then rename over path: a crash leaves the old file or the new one.
-    The temporary file is removed if anything fails (an 8B checkpoint's is ~100 GB)."""
+    The temporary file is removed if anything fails (an 8B checkpoint's is ~100 GB). Two failures a user
+    causes end in one line naming the file instead of a traceback from inside torch.save: a full disk
+    (SystemExit) and Ctrl-C (the line on stderr, then SystemExit(130), the status of an interrupted
+    program; like KeyboardInterrupt it runs every `finally`, so train.py's lock is released)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -104,10 +108,17 @@ def atomic_write(path, write):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (safetensors creates files 0600)
         os.replace(tmp, path)          # atomic on POSIX and Windows
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if os.path.lexists(tmp):
             os.remove(tmp)
-        raise
+        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was left behind"
+        if isinstance(e, KeyboardInterrupt):
+            print(f"{path}: interrupted (Ctrl-C) while writing it; not written, {kept}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SystemExit(f"{path} was not written: disk full ({e.strerror}); its temporary is removed and "
+                             f"{kept}; free some space (or pick another folder) and run again") from None
+        raise  # anything else (a bug, a permission error) keeps its type: callers handle OSError
 
 
 def write_text(path, text: str):

@@ -30,9 +30,11 @@ Workers and their launcher: under torchrun each worker asks Linux to be sent SIG
 dies (prctl PR_SET_PDEATHSIG, in setup), so a kill -9 of torchrun does not leave orphans training.
 """
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -299,8 +301,156 @@ def _one_process_ok():
         yield
 
 
+# What a DCP checkpoint holds here, and why no pickle is ever loaded from it
+#
+# DCP writes two kinds of thing: its metadata (.metadata, a pickle of torch's Metadata dataclasses: names,
+# shapes, dtypes and byte ranges) and the items. A tensor item is a torch.save of one tensor, which DCP's
+# FileSystemReader reads back with torch.load(weights_only=True) (torch's own restricted unpickler: tensors,
+# storages and plain containers only). Any other value (a string, a float, an optimizer's betas) is a
+# "BYTE_IO" item, which DCP's DefaultLoadPlanner.load_bytes reads with torch.load(weights_only=False): a
+# plain unpickle, which runs whatever it is told. And .metadata itself is read with pickle.load.
+# So here:
+#   - only tensors are saved: the optimizer's non-tensor entries (param_groups, AdamW's step count) and the
+#     caller's `extra` dict travel as one JSON document stored as a uint8 tensor "json" (its bytes are tensor
+#     data like any other, so manifest.json's sha256 of the .distcp files covers them);
+#   - .metadata is read by _MetadataUnpickler, which builds only DCP's metadata dataclasses and the few torch
+#     types they hold (_METADATA_GLOBALS); anything else in the pickle is refused before it is built, and
+#     what was built is checked to be tensors only, each in one of this folder's __<rank>_<n>.distcp files;
+#   - the loads go through _SafeReader (that metadata reader) and _TensorsOnlyPlanner (whose load_bytes
+#     refuses), so no route reaches torch.load(weights_only=False).
+# Checkpoints written before this stored `extra` and the optimizer's scalars as pickles: they are refused
+# (docs/errors.md).
+
+_METADATA_GLOBALS = {  # (module, name) that torch 2.13's DCP puts in .metadata, and nothing more
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "BytesStorageMetadata",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # file, offset and length of one item
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),                      # "torch.strided" -> torch.strided, a lookup
+    *((m, n) for m in ("pathlib", "pathlib._local") for n in ("Path", "PosixPath", "WindowsPath"))}  # checkpoint_id
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that builds only _METADATA_GLOBALS and torch dtypes: every class or function a pickle
+    names goes through find_class, so a payload (os.system, eval, a class with a __reduce__) is refused
+    here, before anything is called."""
+
+    def find_class(self, module, name):
+        if (module, name) in _METADATA_GLOBALS or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which is not DCP metadata")
+
+
+def read_metadata(folder: str):
+    """A DCP checkpoint's .metadata, read by _MetadataUnpickler and checked to describe tensors only, each in
+    one of the folder's own shard files -> torch's Metadata. ValueError (one line, naming the folder) else."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+    path = os.path.join(folder, ".metadata")
+    try:
+        with open(path, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except Exception as e:  # noqa: BLE001 (UnpicklingError, EOFError, a bad REDUCE argument, ...)
+        raise ValueError(f"{path} is not DCP metadata written by this project (refused unread: loading it "
+                         f"could run code); {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    items = getattr(md, "state_dict_metadata", None) if type(md) is Metadata else None
+    if not isinstance(items, dict) or not isinstance(md.storage_data, dict):
+        raise ValueError(f"{path} is not DCP metadata written by this project (it holds a {type(md).__name__})")
+    pickled = [k for k, v in items.items() if isinstance(v, BytesStorageMetadata)]
+    if pickled:
+        raise ValueError(f"{folder} stores {len(pickled)} non-tensor item(s) as pickles ({', '.join(pickled[:2])} ...): "
+                         f"written before DCP checkpoints held tensors only, and refused (loading them could run "
+                         f"code); start over with --overwrite=1 (docs/errors.md)")
+    if "json" not in items or not all(isinstance(v, TensorStorageMetadata) for v in items.values()):
+        raise ValueError(f"{path} is not DCP metadata written by this project (no tensor 'json' beside the tensors)")
+    bad = [i for i in md.storage_data.values() if not isinstance(i, _StorageInfo) or i.transform_descriptors
+           or not re.fullmatch(r"__\d+_\d+\.distcp", str(i.relative_path))]
+    if bad:
+        raise ValueError(f"{path} points outside this folder's __<rank>_<n>.distcp files ({bad[0]!r}); refused")
+    return md
+
+
+def _dcp_reader(folder: str):
+    """DCP's FileSystemReader whose read_metadata is read_metadata() above (DCP's own calls pickle.load)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            md = read_metadata(str(self.path))
+            md.storage_meta = md.storage_meta or StorageMeta()
+            md.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
+            return md
+    return _SafeReader(folder)
+
+
+def _load_tensors(folder: str, state: dict):
+    """dcp.load of `state` (tensors only) from folder, by _SafeReader; no item is ever unpickled freely:
+    DefaultLoadPlanner.load_bytes (torch.load(weights_only=False)) is replaced by a refusal."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class _TensorsOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):  # unreachable after read_metadata's check; kept as the guarantee
+            raise ValueError(f"{folder}: item {read_item.dest_index.fqn} is a pickle; refused")
+    with _one_process_ok():
+        dcp.load(state, storage_reader=_dcp_reader(folder), planner=_TensorsOnlyPlanner())
+
+
+def _split(tree):
+    """A nested dict -> (the same nesting with only its tensors, the same with only the rest), None for an
+    empty side. Lists, tuples, numbers and strings are 'the rest' whole (an optimizer's param_groups)."""
+    if isinstance(tree, torch.Tensor):
+        return tree, None
+    if not isinstance(tree, dict) or not tree:
+        return None, tree
+    parts = {k: _split(v) for k, v in tree.items()}
+    tensors = {k: t for k, (t, _) in parts.items() if t is not None}
+    rest = {k: r for k, (_, r) in parts.items() if r is not None}
+    return tensors or None, rest or None
+
+
+def _merge(tensors, rest):
+    """_split's inverse."""
+    if tensors is None or rest is None:
+        return rest if tensors is None else tensors
+    return {**rest, **{k: _merge(v, rest.get(k)) for k, v in tensors.items()}}
+
+
+def _to_json(x):
+    """JSON keeps lists but not tuples (AdamW's betas): a tuple is written {"__tuple__": [...]}."""
+    if isinstance(x, tuple):
+        return {"__tuple__": [_to_json(v) for v in x]}
+    if isinstance(x, list):
+        return [_to_json(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _to_json(v) for k, v in x.items()}
+    return x
+
+
+def _from_json(d: dict):
+    return tuple(d["__tuple__"]) if set(d) == {"__tuple__"} else d
+
+
+def _write_failure(where: str, e: BaseException):
+    """A failed DCP save -> the one-line SystemExit that checkpoint.atomic_write gives for the same causes
+    (a full disk; Ctrl-C, with status 130), or None for anything else. DCP wraps what each rank raised in
+    a CheckpointException whose `failures` = {rank: (exception, traceback)}."""
+    causes = [e] + [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    if any(isinstance(c, KeyboardInterrupt) for c in causes):
+        print(f"{where}: interrupted (Ctrl-C) while writing it; not written, the folder removed", file=sys.stderr, flush=True)
+        return SystemExit(130)
+    if any(isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT) for c in causes):
+        return SystemExit(f"{where} was not written: disk full; the folder is removed and the checkpoints "
+                          f"before it are unchanged; free some space (or pick another --out_dir) and resume")
+    return None
+
+
 def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, keep: int = 2):
-    """Every rank writes its shards; rank 0 publishes the checkpoint atomically and prunes old ones."""
+    """Every rank writes its shards; rank 0 publishes the checkpoint atomically and prunes old ones.
+    Tensors only (see above): {"model": ..., "optim": ..., their tensors, "json": the uint8 bytes of
+    {"extra": extra, "state": every non-tensor entry of the model's and optimizer's state dicts}}."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     root = os.path.join(out_dir, "dcp")
@@ -312,10 +462,20 @@ def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, k
         os.makedirs(tmp)
     barrier()
     msd, osd = get_state_dict(model, opt)
-    # `extra` (step, config, counters) travels as one JSON string: DCP flattens nested dicts into keys
-    with _one_process_ok():
-        dcp.save({"model": msd, "optim": osd, "extra": json.dumps(extra)}, checkpoint_id=tmp)  # collective
-    write_dcp_manifest(tmp, info)        # checksums of every file, inside the folder
+    tensors, rest = _split({"model": msd, "optim": osd})  # rest: param_groups, AdamW's step counts
+    doc = json.dumps({"extra": extra, "state": _to_json(rest)}).encode()
+    state = {**tensors, "json": torch.frombuffer(bytearray(doc), dtype=torch.uint8)}
+    try:
+        with _one_process_ok():
+            dcp.save(state, checkpoint_id=tmp)  # collective
+        write_dcp_manifest(tmp, info)        # checksums of every file, inside the folder
+    except BaseException as e:  # DCP's CheckpointException is a BaseException; its causes are per rank
+        if info.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        stop = _write_failure(tmp, e)
+        if stop is None:
+            raise
+        raise stop from None
     if info.main:
         _fsync_tree(tmp)
         final = os.path.join(root, name)
@@ -328,26 +488,38 @@ def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, k
     barrier()
 
 
+def _read_json(path: str, md) -> dict:
+    """The checkpoint's "json" tensor (read as tensor data, by _SafeReader) -> {"extra": ..., "state": ...}."""
+    spec = md.state_dict_metadata["json"]
+    if spec.properties.dtype != torch.uint8 or len(spec.size) != 1:
+        raise ValueError(f"{path}: its 'json' item is not a byte tensor ({spec.properties.dtype}, {tuple(spec.size)})")
+    state = {"json": torch.empty(spec.size, dtype=torch.uint8)}
+    _load_tensors(path, state)
+    try:
+        doc = json.loads(state["json"].numpy().tobytes().decode(), object_hook=_from_json)
+        assert isinstance(doc, dict) and isinstance(doc.get("extra"), dict)
+    except (ValueError, AssertionError):
+        raise ValueError(f"{path}: its 'json' item is not the JSON this project writes") from None
+    return doc
+
+
 def read_extra(path: str) -> dict:
-    """The `extra` dict (step, config, counters) of a DCP checkpoint, without touching any tensor."""
-    import torch.distributed.checkpoint as dcp
-    state = {"extra": ""}
-    with _one_process_ok():
-        dcp.load(state, checkpoint_id=path)
-    return json.loads(state["extra"])
+    """The `extra` dict (step, config, counters) of a DCP checkpoint, without touching any other tensor.
+    ValueError (one line) for a folder whose metadata or items are not what this project writes."""
+    return _read_json(path, read_metadata(path))["extra"]
 
 
 def load_dcp(path: str, model, opt) -> dict:
     """Load a DCP checkpoint written by any number of processes into this run's (sharded) model and
     optimizer. -> the `extra` dict saved with it."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    doc = _read_json(path, read_metadata(path))
     msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd, "extra": ""}
-    with _one_process_ok():
-        dcp.load(state, checkpoint_id=path)
+    state = _split({"model": msd, "optim": osd})[0]  # the tensors to fill: their shapes and shards
+    _load_tensors(path, state)
+    state = _merge(state, doc["state"])              # with the saved non-tensor entries
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return json.loads(state["extra"])
+    return doc["extra"]
 
 
 def full_state_dict(model) -> dict:

@@ -24,7 +24,9 @@ into the folder's manifest.json (sha256 per file); then rank 0 fsyncs, renames t
 (an atomic rename) and atomically rewrites <out_dir>/dcp/latest. A SIGKILL at any moment leaves `latest`
 pointing at a complete checkpoint; the two newest are kept, so a resume whose newest fails its checksums
 falls back to the one before. DCP stores tensors by their full names and shapes, so a checkpoint written
-by W processes loads on any other number (resharding).
+by W processes loads on any other number (resharding). Nothing is unpickled freely on load: only tensors
+are stored (the non-tensor state travels as a JSON byte tensor) and DCP's pickled .metadata is read by a
+restricted unpickler that builds DCP's metadata classes only (docs/errors.md, "What a DCP resume trusts").
 
 Workers and their launcher: under torchrun each worker asks Linux to be sent SIGTERM when its parent
 dies (prctl PR_SET_PDEATHSIG, in setup), so a kill -9 of torchrun does not leave orphans training.

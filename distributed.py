@@ -339,7 +339,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     here, before anything is called."""
 
     def find_class(self, module, name):
-        if (module, name) in _METADATA_GLOBALS or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        # vars(torch), not getattr: torch's module __getattr__ imports submodules on demand
+        if (module, name) in _METADATA_GLOBALS or module == "torch" and isinstance(vars(torch).get(name), torch.dtype):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"it names {module}.{name}, which is not DCP metadata")
 
@@ -391,13 +392,21 @@ def _load_tensors(folder: str, state: dict):
     """dcp.load of `state` (tensors only) from folder, by _SafeReader; no item is ever unpickled freely:
     DefaultLoadPlanner.load_bytes (torch.load(weights_only=False)) is replaced by a refusal."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 
     class _TensorsOnlyPlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value):  # unreachable after read_metadata's check; kept as the guarantee
             raise ValueError(f"{folder}: item {read_item.dest_index.fqn} is a pickle; refused")
-    with _one_process_ok():
-        dcp.load(state, storage_reader=_dcp_reader(folder), planner=_TensorsOnlyPlanner())
+    try:
+        with _one_process_ok():
+            dcp.load(state, storage_reader=_dcp_reader(folder), planner=_TensorsOnlyPlanner())
+    except CheckpointException as e:  # a BaseException holding what each rank raised: a truncated shard, ...
+        causes = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()] or [e]
+        if any(isinstance(c, KeyboardInterrupt) for c in causes):
+            raise KeyboardInterrupt from None  # Ctrl-C stays Ctrl-C, not "a damaged checkpoint"
+        c = causes[0]
+        raise ValueError(f"{folder} could not be read ({type(c).__name__}: "
+                         f"{str(c).splitlines()[0] if str(c) else ''})") from None
 
 
 def _split(tree):

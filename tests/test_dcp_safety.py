@@ -106,6 +106,22 @@ def test_dcp_resume_falls_back_past_a_planted_step(dcp_run, tmp_path, capsys):
     assert "skipped" in said and "refused" in said and "step_000001 at step 1" in said, said
 
 
+def test_truncated_shard_without_manifest_falls_back(dcp_run, tmp_path, capsys):
+    """No manifest to catch it (a folder from before manifests): the shard cut short fails in DCP's reader,
+    which is said in one line and skipped, not a traceback."""
+    out = tmp_path / "run"
+    shutil.copytree(dcp_run, out)
+    step = out / "dcp" / "step_000002"
+    (step / "manifest.json").unlink()
+    shard = step / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    tc, mc = train.parse_args([f"--out_dir={out}"] + TINY_TRAIN + ["--max_steps=2", "--ckpt_every=1",
+                              "--eval_final=0", "--ckpt_format=dcp", "--resume=1"], train.TrainConfig())
+    train.train(tc, mc)
+    said = capsys.readouterr().out
+    assert f"skipped {step}: {step} could not be read" in said and "step_000001 at step 1" in said, said
+
+
 def test_old_dcp_checkpoint_is_refused_in_one_line(tmp_path):
     """A checkpoint from before tensors-only (its `extra` a pickled string) is refused unread."""
     import torch.distributed.checkpoint as dcp

@@ -111,14 +111,24 @@ def atomic_write(path, write):
     except BaseException as e:
         if os.path.lexists(tmp):
             os.remove(tmp)
-        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was left behind"
-        if isinstance(e, KeyboardInterrupt):
-            print(f"{path}: interrupted (Ctrl-C) while writing it; not written, {kept}", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise SystemExit(f"{path} was not written: disk full ({e.strerror}); its temporary is removed and "
-                             f"{kept}; free some space (or pick another folder) and run again") from None
-        raise  # anything else (a bug, a permission error) keeps its type: callers handle OSError
+        stop = write_stopped(path, [e], "its temporary is removed, " + (
+            "the previous file unchanged" if os.path.exists(path) else "nothing left behind"))
+        if stop is None:
+            raise  # anything else (a bug, a permission error) keeps its type: callers handle OSError
+        raise stop from None
+
+
+def write_stopped(path, causes, kept: str):
+    """A write of `path` that failed with one of `causes` -> the SystemExit that says so in one line, or None
+    where none of them is the user's doing. Ctrl-C: the line goes to stderr and the status is 130 (an
+    interrupted program's). distributed.save_dcp words its failures with it too."""
+    if any(isinstance(c, KeyboardInterrupt) for c in causes):
+        print(f"{path}: interrupted (Ctrl-C) while writing it; not written, {kept}", file=sys.stderr, flush=True)
+        return SystemExit(130)
+    if any(isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT) for c in causes):
+        return SystemExit(f"{path} was not written: disk full; {kept}; free some space (or pick another folder) "
+                          f"and run again")
+    return None
 
 
 def write_text(path, text: str):

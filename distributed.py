@@ -32,7 +32,6 @@ Workers and their launcher: under torchrun each worker asks Linux to be sent SIG
 dies (prctl PR_SET_PDEATHSIG, in setup), so a kill -9 of torchrun does not leave orphans training.
 """
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -48,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import write_text
+from checkpoint import write_stopped, write_text
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -303,25 +302,15 @@ def _one_process_ok():
         yield
 
 
-# What a DCP checkpoint holds here, and why no pickle is ever loaded from it
-#
-# DCP writes two kinds of thing: its metadata (.metadata, a pickle of torch's Metadata dataclasses: names,
-# shapes, dtypes and byte ranges) and the items. A tensor item is a torch.save of one tensor, which DCP's
-# FileSystemReader reads back with torch.load(weights_only=True) (torch's own restricted unpickler: tensors,
-# storages and plain containers only). Any other value (a string, a float, an optimizer's betas) is a
-# "BYTE_IO" item, which DCP's DefaultLoadPlanner.load_bytes reads with torch.load(weights_only=False): a
-# plain unpickle, which runs whatever it is told. And .metadata itself is read with pickle.load.
-# So here:
-#   - only tensors are saved: the optimizer's non-tensor entries (param_groups, AdamW's step count) and the
-#     caller's `extra` dict travel as one JSON document stored as a uint8 tensor "json" (its bytes are tensor
-#     data like any other, so manifest.json's sha256 of the .distcp files covers them);
-#   - .metadata is read by _MetadataUnpickler, which builds only DCP's metadata dataclasses and the few torch
-#     types they hold (_METADATA_GLOBALS); anything else in the pickle is refused before it is built, and
-#     what was built is checked to be tensors only, each in one of this folder's __<rank>_<n>.distcp files;
-#   - the loads go through _SafeReader (that metadata reader) and _TensorsOnlyPlanner (whose load_bytes
-#     refuses), so no route reaches torch.load(weights_only=False).
-# Checkpoints written before this stored `extra` and the optimizer's scalars as pickles: they are refused
-# (docs/errors.md).
+# No pickle is loaded from a DCP folder. DCP itself reads .metadata with pickle.load, tensors with
+# torch.load(weights_only=True) (torch's restricted unpickler) and any non-tensor value (a "BYTE_IO" item: a
+# string, an optimizer's betas) with torch.load(weights_only=False), which runs whatever it is told. So:
+#   - only tensors are saved: the non-tensor state (param_groups, AdamW's step counts) and `extra` travel as
+#     one JSON document in a uint8 tensor "json", tensor data that manifest.json's sha256 covers;
+#   - .metadata is read by _MetadataUnpickler, which builds only the classes DCP puts there, then checked to
+#     hold tensors only, each in one of the folder's own __<rank>_<n>.distcp files;
+#   - loads use that reader and a planner whose load_bytes refuses: nothing reaches weights_only=False.
+# Older checkpoints, which stored `extra` and the optimizer's scalars as pickles, are refused (docs/errors.md).
 
 _METADATA_GLOBALS = {  # (module, name) that torch 2.13's DCP puts in .metadata, and nothing more
     ("torch.distributed.checkpoint.metadata", n) for n in (
@@ -334,9 +323,8 @@ _METADATA_GLOBALS = {  # (module, name) that torch 2.13's DCP puts in .metadata,
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that builds only _METADATA_GLOBALS and torch dtypes: every class or function a pickle
-    names goes through find_class, so a payload (os.system, eval, a class with a __reduce__) is refused
-    here, before anything is called."""
+    """Builds only _METADATA_GLOBALS and torch dtypes: every class or function a pickle names goes through
+    find_class, so a payload (os.system, a class with a __reduce__) is refused before anything is called."""
 
     def find_class(self, module, name):
         # vars(torch), not getattr: torch's module __getattr__ imports submodules on demand
@@ -354,64 +342,56 @@ def read_metadata(folder: str):
     try:
         with open(path, "rb") as f:
             md = _MetadataUnpickler(f).load()
+        items = md.state_dict_metadata if type(md) is Metadata else None
+        assert isinstance(items, dict) and isinstance(md.storage_data, dict), f"it holds a {type(md).__name__}"
     except Exception as e:  # noqa: BLE001 (UnpicklingError, EOFError, a bad REDUCE argument, ...)
-        raise ValueError(f"{path} is not DCP metadata written by this project (refused unread: loading it "
-                         f"could run code); {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    items = getattr(md, "state_dict_metadata", None) if type(md) is Metadata else None
-    if not isinstance(items, dict) or not isinstance(md.storage_data, dict):
-        raise ValueError(f"{path} is not DCP metadata written by this project (it holds a {type(md).__name__})")
+        raise ValueError(f"{path} is not DCP metadata written by this project, refused (loading it could run "
+                         f"code); {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     pickled = [k for k, v in items.items() if isinstance(v, BytesStorageMetadata)]
     if pickled:
         raise ValueError(f"{folder} stores {len(pickled)} non-tensor item(s) as pickles ({', '.join(pickled[:2])} ...): "
                          f"written before DCP checkpoints held tensors only, and refused (loading them could run "
                          f"code); start over with --overwrite=1 (docs/errors.md)")
-    if "json" not in items or not all(isinstance(v, TensorStorageMetadata) for v in items.values()):
-        raise ValueError(f"{path} is not DCP metadata written by this project (no tensor 'json' beside the tensors)")
     bad = [i for i in md.storage_data.values() if not isinstance(i, _StorageInfo) or i.transform_descriptors
            or not re.fullmatch(r"__\d+_\d+\.distcp", str(i.relative_path))]
-    if bad:
-        raise ValueError(f"{path} points outside this folder's __<rank>_<n>.distcp files ({bad[0]!r}); refused")
+    if "json" not in items or bad or not all(isinstance(v, TensorStorageMetadata) for v in items.values()):
+        raise ValueError(f"{path} is not DCP metadata written by this project (no 'json' tensor, or items outside "
+                         f"the folder's __<rank>_<n>.distcp files); refused")
     return md
 
 
-def _dcp_reader(folder: str):
-    """DCP's FileSystemReader whose read_metadata is read_metadata() above (DCP's own calls pickle.load)."""
-    from torch.distributed.checkpoint import FileSystemReader
+def _load_tensors(folder: str, state: dict):
+    """dcp.load of `state` (tensors only) through read_metadata() above and a planner that refuses
+    non-tensor items. A reader failure (a truncated shard) -> ValueError naming the folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    class _SafeReader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # DCP's own calls pickle.load
             md = read_metadata(str(self.path))
             md.storage_meta = md.storage_meta or StorageMeta()
             md.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
             return md
-    return _SafeReader(folder)
 
-
-def _load_tensors(folder: str, state: dict):
-    """dcp.load of `state` (tensors only) from folder, by _SafeReader; no item is ever unpickled freely:
-    DefaultLoadPlanner.load_bytes (torch.load(weights_only=False)) is replaced by a refusal."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
-
-    class _TensorsOnlyPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value):  # unreachable after read_metadata's check; kept as the guarantee
-            raise ValueError(f"{folder}: item {read_item.dest_index.fqn} is a pickle; refused")
+    class TensorsOnly(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):  # DCP's: torch.load(weights_only=False); unreachable after
+            raise ValueError(f"{folder}: item {read_item.dest_index.fqn} is a pickle; refused")  # read_metadata
     try:
         with _one_process_ok():
-            dcp.load(state, storage_reader=_dcp_reader(folder), planner=_TensorsOnlyPlanner())
-    except CheckpointException as e:  # a BaseException holding what each rank raised: a truncated shard, ...
+            dcp.load(state, storage_reader=SafeReader(folder), planner=TensorsOnly())
+    except CheckpointException as e:  # a BaseException holding what each rank raised
         causes = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()] or [e]
         if any(isinstance(c, KeyboardInterrupt) for c in causes):
             raise KeyboardInterrupt from None  # Ctrl-C stays Ctrl-C, not "a damaged checkpoint"
-        c = causes[0]
-        raise ValueError(f"{folder} could not be read ({type(c).__name__}: "
-                         f"{str(c).splitlines()[0] if str(c) else ''})") from None
+        raise ValueError(f"{folder} could not be read ({type(causes[0]).__name__}: "
+                         f"{str(causes[0]).splitlines()[0] if str(causes[0]) else ''})") from None
 
 
 def _split(tree):
     """A nested dict -> (the same nesting with only its tensors, the same with only the rest), None for an
-    empty side. Lists, tuples, numbers and strings are 'the rest' whole (an optimizer's param_groups)."""
+    empty side. Lists, numbers and strings are 'the rest' whole (an optimizer's param_groups); JSON gives
+    tuples (AdamW's betas) back as lists, which the optimizers unpack alike."""
     if isinstance(tree, torch.Tensor):
         return tree, None
     if not isinstance(tree, dict) or not tree:
@@ -427,35 +407,6 @@ def _merge(tensors, rest):
     if tensors is None or rest is None:
         return rest if tensors is None else tensors
     return {**rest, **{k: _merge(v, rest.get(k)) for k, v in tensors.items()}}
-
-
-def _to_json(x):
-    """JSON keeps lists but not tuples (AdamW's betas): a tuple is written {"__tuple__": [...]}."""
-    if isinstance(x, tuple):
-        return {"__tuple__": [_to_json(v) for v in x]}
-    if isinstance(x, list):
-        return [_to_json(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _to_json(v) for k, v in x.items()}
-    return x
-
-
-def _from_json(d: dict):
-    return tuple(d["__tuple__"]) if set(d) == {"__tuple__"} else d
-
-
-def _write_failure(where: str, e: BaseException):
-    """A failed DCP save -> the one-line SystemExit that checkpoint.atomic_write gives for the same causes
-    (a full disk; Ctrl-C, with status 130), or None for anything else. DCP wraps what each rank raised in
-    a CheckpointException whose `failures` = {rank: (exception, traceback)}."""
-    causes = [e] + [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
-    if any(isinstance(c, KeyboardInterrupt) for c in causes):
-        print(f"{where}: interrupted (Ctrl-C) while writing it; not written, the folder removed", file=sys.stderr, flush=True)
-        return SystemExit(130)
-    if any(isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT) for c in causes):
-        return SystemExit(f"{where} was not written: disk full; the folder is removed and the checkpoints "
-                          f"before it are unchanged; free some space (or pick another --out_dir) and resume")
-    return None
 
 
 def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, keep: int = 2):
@@ -474,16 +425,17 @@ def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, k
     barrier()
     msd, osd = get_state_dict(model, opt)
     tensors, rest = _split({"model": msd, "optim": osd})  # rest: param_groups, AdamW's step counts
-    doc = json.dumps({"extra": extra, "state": _to_json(rest)}).encode()
+    doc = json.dumps({"extra": extra, "state": rest}).encode()
     state = {**tensors, "json": torch.frombuffer(bytearray(doc), dtype=torch.uint8)}
     try:
         with _one_process_ok():
             dcp.save(state, checkpoint_id=tmp)  # collective
         write_dcp_manifest(tmp, info)        # checksums of every file, inside the folder
-    except BaseException as e:  # DCP's CheckpointException is a BaseException; its causes are per rank
+    except BaseException as e:  # DCP's CheckpointException is a BaseException: {rank: (cause, traceback)}
         if info.main:
             shutil.rmtree(tmp, ignore_errors=True)
-        stop = _write_failure(tmp, e)
+        causes = [e] + [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+        stop = write_stopped(tmp, causes, "the folder is removed, the checkpoints before it unchanged")
         if stop is None:
             raise
         raise stop from None
@@ -500,14 +452,14 @@ def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, k
 
 
 def _read_json(path: str, md) -> dict:
-    """The checkpoint's "json" tensor (read as tensor data, by _SafeReader) -> {"extra": ..., "state": ...}."""
+    """The checkpoint's "json" tensor (read as tensor data) -> {"extra": ..., "state": ...}."""
     spec = md.state_dict_metadata["json"]
     if spec.properties.dtype != torch.uint8 or len(spec.size) != 1:
         raise ValueError(f"{path}: its 'json' item is not a byte tensor ({spec.properties.dtype}, {tuple(spec.size)})")
     state = {"json": torch.empty(spec.size, dtype=torch.uint8)}
     _load_tensors(path, state)
     try:
-        doc = json.loads(state["json"].numpy().tobytes().decode(), object_hook=_from_json)
+        doc = json.loads(state["json"].numpy().tobytes().decode())
         assert isinstance(doc, dict) and isinstance(doc.get("extra"), dict)
     except (ValueError, AssertionError):
         raise ValueError(f"{path}: its 'json' item is not the JSON this project writes") from None

@@ -212,6 +212,9 @@ def save_checkpoint(path, state: dict, keep_prev: bool = False):
                 os.replace(link, prev)       # ... atomically becomes the previous checkpoint
             except OSError:                  # no hard links here (e.g. FAT): rename; a resume in the
                 os.replace(path, prev)       # moment until the new file lands falls back to prev
+            finally:                         # Ctrl-C between the two: no second name left behind
+                if os.path.lexists(link):
+                    os.remove(link)
     atomic_write(path, w)
 
 

@@ -174,6 +174,23 @@ def test_failed_write_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch,
     assert not _temporaries(tmp_path) and path.read_bytes() == before
 
 
+def test_ctrl_c_between_the_renames_of_keep_prev(tmp_path, monkeypatch):
+    """Ctrl-C after ckpt.pt got its second name (the hard link that becomes ckpt.prev.pt), before the rename:
+    neither temporary stays, and ckpt.pt is the previous checkpoint still."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 1})
+    before, real = path.read_bytes(), os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("ckpt.prev.pt"):
+            raise KeyboardInterrupt
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(SystemExit) as e:
+        save_checkpoint(path, {"step": 2}, keep_prev=True)
+    assert e.value.code == 130 and not _temporaries(tmp_path) and path.read_bytes() == before
+
+
 def test_ctrl_c_during_save_releases_the_lock(tmp_path, monkeypatch):
     """Ctrl-C during train.py's checkpoint write: the run ends with status 130 and out_dir is free again."""
     real = checkpoint.torch.save

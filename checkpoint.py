@@ -57,6 +57,7 @@ is read shard by shard and assigned in place of its meta parameter, converted to
 device on the way. On the CPU, with no dtype change, the tensor stays a copy-on-write view of the
 memory-mapped file, so peak memory is the checkpoint's size (see --selftest_memory=1).
 """
+import errno
 import hashlib
 import json
 import math
@@ -170,6 +171,9 @@ def save_checkpoint(path, state: dict, keep_prev: bool = False):
                 os.replace(link, prev)       # ... atomically becomes the previous checkpoint
             except OSError:                  # no hard links here (e.g. FAT): rename; a resume in the
                 os.replace(path, prev)       # moment until the new file lands falls back to prev
+            finally:                         # Ctrl-C between the two: no second name left behind
+                if os.path.lexists(link):
+                    os.remove(link)
     atomic_write(path, w)
 
 

@@ -13,6 +13,7 @@ synthetic.py never import it. train.py, sample.py, checkpoint.py, distributed.py
 """
 import copy
 import difflib
+import errno
 import inspect
 import io
 import json
@@ -387,7 +388,10 @@ def run_cli(main, argv: list[str] | None = None):
 
 def atomic_write(path, write):
     """write(tmp_path), fsync, then rename over path: a crash leaves the old file or the new one.
-    The temporary file is removed if anything fails (an 8B checkpoint's is ~100 GB)."""
+    The temporary file is removed if anything fails (an 8B checkpoint's is ~100 GB). Two failures a user
+    causes end in one line naming the file instead of a traceback from inside torch.save: a full disk
+    (SystemExit) and Ctrl-C (the line on stderr, then SystemExit(130), the status of an interrupted
+    program; like KeyboardInterrupt it runs every `finally`, so train.py's lock is released)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -399,10 +403,27 @@ def atomic_write(path, write):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (safetensors creates files 0600)
         os.replace(tmp, path)          # atomic on POSIX and Windows
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if os.path.lexists(tmp):
             os.remove(tmp)
-        raise
+        stop = write_stopped(path, [e], "its temporary is removed, " + (
+            "the previous file unchanged" if os.path.exists(path) else "nothing left behind"))
+        if stop is None:
+            raise  # anything else (a bug, a permission error) keeps its type: callers handle OSError
+        raise stop from None
+
+
+def write_stopped(path, causes, kept: str):
+    """A write of `path` that failed with one of `causes` -> the SystemExit that says so in one line, or None
+    where none of them is the user's doing. Ctrl-C: the line goes to stderr and the status is 130 (an
+    interrupted program's). distributed.save_dcp words its failures with it too."""
+    if any(isinstance(c, KeyboardInterrupt) for c in causes):
+        print(f"{path}: interrupted (Ctrl-C) while writing it; not written, {kept}", file=sys.stderr, flush=True)
+        return SystemExit(130)
+    if any(isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT) for c in causes):
+        return SystemExit(f"{path} was not written: disk full; {kept}; free some space (or pick another folder) "
+                          f"and run again")
+    return None
 
 
 def write_text(path, text: str):

@@ -24,7 +24,9 @@ into the folder's manifest.json (sha256 per file); then rank 0 fsyncs, renames t
 (an atomic rename) and atomically rewrites <out_dir>/dcp/latest. A SIGKILL at any moment leaves `latest`
 pointing at a complete checkpoint; the two newest are kept, so a resume whose newest fails its checksums
 falls back to the one before. DCP stores tensors by their full names and shapes, so a checkpoint written
-by W processes loads on any other number (resharding).
+by W processes loads on any other number (resharding). Nothing is unpickled freely on load: only tensors
+are stored (the non-tensor state travels as a JSON byte tensor) and DCP's pickled .metadata is read by a
+restricted unpickler that builds DCP's metadata classes only (docs/errors.md, "What a DCP resume trusts").
 
 Workers and their launcher: under torchrun each worker asks Linux to be sent SIGTERM when its parent
 dies (prctl PR_SET_PDEATHSIG, in setup), so a kill -9 of torchrun does not leave orphans training.
@@ -33,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -42,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cli import exit_with_parent, write_text
+from cli import exit_with_parent, write_stopped, write_text
 
 
 @dataclass
@@ -226,8 +229,117 @@ def _one_process_ok():
         yield
 
 
+# No pickle is loaded from a DCP folder. DCP itself reads .metadata with pickle.load, tensors with
+# torch.load(weights_only=True) (torch's restricted unpickler) and any non-tensor value (a "BYTE_IO" item: a
+# string, an optimizer's betas) with torch.load(weights_only=False), which runs whatever it is told. So:
+#   - only tensors are saved: the non-tensor state (param_groups, AdamW's step counts) and `extra` travel as
+#     one JSON document in a uint8 tensor "json", tensor data that manifest.json's sha256 covers;
+#   - .metadata is read by _MetadataUnpickler, which builds only the classes DCP puts there, then checked to
+#     hold tensors only, each in one of the folder's own __<rank>_<n>.distcp files;
+#   - loads use that reader and a planner whose load_bytes refuses: nothing reaches weights_only=False.
+# Older checkpoints, which stored `extra` and the optimizer's scalars as pickles, are refused (docs/errors.md).
+
+_METADATA_GLOBALS = {  # (module, name) that torch 2.13's DCP puts in .metadata, and nothing more
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "BytesStorageMetadata",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # file, offset and length of one item
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),                      # "torch.strided" -> torch.strided, a lookup
+    *((m, n) for m in ("pathlib", "pathlib._local") for n in ("Path", "PosixPath", "WindowsPath"))}  # checkpoint_id
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only _METADATA_GLOBALS and torch dtypes: every class or function a pickle names goes through
+    find_class, so a payload (os.system, a class with a __reduce__) is refused before anything is called."""
+
+    def find_class(self, module, name):
+        # vars(torch), not getattr: torch's module __getattr__ imports submodules on demand
+        if (module, name) in _METADATA_GLOBALS or module == "torch" and isinstance(vars(torch).get(name), torch.dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which is not DCP metadata")
+
+
+def read_metadata(folder: str):
+    """A DCP checkpoint's .metadata, read by _MetadataUnpickler and checked to describe tensors only, each in
+    one of the folder's own shard files -> torch's Metadata. ValueError (one line, naming the folder) else."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+    path = os.path.join(folder, ".metadata")
+    try:
+        with open(path, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+        items = md.state_dict_metadata if type(md) is Metadata else None
+        assert isinstance(items, dict) and isinstance(md.storage_data, dict), f"it holds a {type(md).__name__}"
+    except Exception as e:  # noqa: BLE001 (UnpicklingError, EOFError, a bad REDUCE argument, ...)
+        raise ValueError(f"{path} is not DCP metadata written by this project, refused (loading it could run "
+                         f"code); {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    pickled = [k for k, v in items.items() if isinstance(v, BytesStorageMetadata)]
+    if pickled:
+        raise ValueError(f"{folder} stores {len(pickled)} non-tensor item(s) as pickles ({', '.join(pickled[:2])} ...): "
+                         f"written before DCP checkpoints held tensors only, and refused (loading them could run "
+                         f"code); start over with --overwrite=1 (docs/errors.md)")
+    bad = [i for i in md.storage_data.values() if not isinstance(i, _StorageInfo) or i.transform_descriptors
+           or not re.fullmatch(r"__\d+_\d+\.distcp", str(i.relative_path))]
+    if "json" not in items or bad or not all(isinstance(v, TensorStorageMetadata) for v in items.values()):
+        raise ValueError(f"{path} is not DCP metadata written by this project (no 'json' tensor, or items outside "
+                         f"the folder's __<rank>_<n>.distcp files); refused")
+    return md
+
+
+def _load_tensors(folder: str, state: dict):
+    """dcp.load of `state` (tensors only) through read_metadata() above and a planner that refuses
+    non-tensor items. A reader failure (a truncated shard) -> ValueError naming the folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # DCP's own calls pickle.load
+            md = read_metadata(str(self.path))
+            md.storage_meta = md.storage_meta or StorageMeta()
+            md.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
+            return md
+
+    class TensorsOnly(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):  # DCP's: torch.load(weights_only=False); unreachable after
+            raise ValueError(f"{folder}: item {read_item.dest_index.fqn} is a pickle; refused")  # read_metadata
+    try:
+        with _one_process_ok():
+            dcp.load(state, storage_reader=SafeReader(folder), planner=TensorsOnly())
+    except CheckpointException as e:  # a BaseException holding what each rank raised
+        causes = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()] or [e]
+        if any(isinstance(c, KeyboardInterrupt) for c in causes):
+            raise KeyboardInterrupt from None  # Ctrl-C stays Ctrl-C, not "a damaged checkpoint"
+        raise ValueError(f"{folder} could not be read ({type(causes[0]).__name__}: "
+                         f"{str(causes[0]).splitlines()[0] if str(causes[0]) else ''})") from None
+
+
+def _split(tree):
+    """A nested dict -> (the same nesting with only its tensors, the same with only the rest), None for an
+    empty side. Lists, numbers and strings are 'the rest' whole (an optimizer's param_groups); JSON gives
+    tuples (AdamW's betas) back as lists, which the optimizers unpack alike."""
+    if isinstance(tree, torch.Tensor):
+        return tree, None
+    if not isinstance(tree, dict) or not tree:
+        return None, tree
+    parts = {k: _split(v) for k, v in tree.items()}
+    tensors = {k: t for k, (t, _) in parts.items() if t is not None}
+    rest = {k: r for k, (_, r) in parts.items() if r is not None}
+    return tensors or None, rest or None
+
+
+def _merge(tensors, rest):
+    """_split's inverse."""
+    if tensors is None or rest is None:
+        return rest if tensors is None else tensors
+    return {**rest, **{k: _merge(v, rest.get(k)) for k, v in tensors.items()}}
+
+
 def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, keep: int = 2):
-    """Every rank writes its shards; rank 0 publishes the checkpoint atomically and prunes old ones."""
+    """Every rank writes its shards; rank 0 publishes the checkpoint atomically and prunes old ones.
+    Tensors only (see above): {"model": ..., "optim": ..., their tensors, "json": the uint8 bytes of
+    {"extra": extra, "state": every non-tensor entry of the model's and optimizer's state dicts}}."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     root = os.path.join(out_dir, "dcp")
@@ -239,10 +351,21 @@ def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, k
         os.makedirs(tmp)
     barrier()
     msd, osd = get_state_dict(model, opt)
-    # `extra` (step, config, counters) travels as one JSON string: DCP flattens nested dicts into keys
-    with _one_process_ok():
-        dcp.save({"model": msd, "optim": osd, "extra": json.dumps(extra)}, checkpoint_id=tmp)  # collective
-    write_dcp_manifest(tmp, info)        # checksums of every file, inside the folder
+    tensors, rest = _split({"model": msd, "optim": osd})  # rest: param_groups, AdamW's step counts
+    doc = json.dumps({"extra": extra, "state": rest}).encode()
+    state = {**tensors, "json": torch.frombuffer(bytearray(doc), dtype=torch.uint8)}
+    try:
+        with _one_process_ok():
+            dcp.save(state, checkpoint_id=tmp)  # collective
+        write_dcp_manifest(tmp, info)        # checksums of every file, inside the folder
+    except BaseException as e:  # DCP's CheckpointException is a BaseException: {rank: (cause, traceback)}
+        if info.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        causes = [e] + [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+        stop = write_stopped(tmp, causes, "the folder is removed, the checkpoints before it unchanged")
+        if stop is None:
+            raise
+        raise stop from None
     if info.main:
         _fsync_tree(tmp)
         final = os.path.join(root, name)
@@ -255,26 +378,38 @@ def save_dcp(out_dir: str, step: int, model, opt, extra: dict, info: DistInfo, k
     barrier()
 
 
+def _read_json(path: str, md) -> dict:
+    """The checkpoint's "json" tensor (read as tensor data) -> {"extra": ..., "state": ...}."""
+    spec = md.state_dict_metadata["json"]
+    if spec.properties.dtype != torch.uint8 or len(spec.size) != 1:
+        raise ValueError(f"{path}: its 'json' item is not a byte tensor ({spec.properties.dtype}, {tuple(spec.size)})")
+    state = {"json": torch.empty(spec.size, dtype=torch.uint8)}
+    _load_tensors(path, state)
+    try:
+        doc = json.loads(state["json"].numpy().tobytes().decode())
+        assert isinstance(doc, dict) and isinstance(doc.get("extra"), dict)
+    except (ValueError, AssertionError):
+        raise ValueError(f"{path}: its 'json' item is not the JSON this project writes") from None
+    return doc
+
+
 def read_extra(path: str) -> dict:
-    """The `extra` dict (step, config, counters) of a DCP checkpoint, without touching any tensor."""
-    import torch.distributed.checkpoint as dcp
-    state = {"extra": ""}
-    with _one_process_ok():
-        dcp.load(state, checkpoint_id=path)
-    return json.loads(state["extra"])
+    """The `extra` dict (step, config, counters) of a DCP checkpoint, without touching any other tensor.
+    ValueError (one line) for a folder whose metadata or items are not what this project writes."""
+    return _read_json(path, read_metadata(path))["extra"]
 
 
 def load_dcp(path: str, model, opt) -> dict:
     """Load a DCP checkpoint written by any number of processes into this run's (sharded) model and
     optimizer. -> the `extra` dict saved with it."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    doc = _read_json(path, read_metadata(path))
     msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd, "extra": ""}
-    with _one_process_ok():
-        dcp.load(state, checkpoint_id=path)
+    state = _split({"model": msd, "optim": osd})[0]  # the tensors to fill: their shapes and shards
+    _load_tensors(path, state)
+    state = _merge(state, doc["state"])              # with the saved non-tensor entries
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return json.loads(state["extra"])
+    return doc["extra"]
 
 
 def full_state_dict(model) -> dict:

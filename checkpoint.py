@@ -57,7 +57,6 @@ is read shard by shard and assigned in place of its meta parameter, converted to
 device on the way. On the CPU, with no dtype change, the tensor stays a copy-on-write view of the
 memory-mapped file, so peak memory is the checkpoint's size (see --selftest_memory=1).
 """
-import errno
 import hashlib
 import json
 import math

@@ -869,6 +869,45 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
             os.remove(os.path.join(path, f))
 
 
+# The parts of a LLaDA-V model that --init_parts names (train.py's option takes exactly these, or all).
+INIT_PARTS = ("llm", "vision", "projector", "image_newline")
+
+
+def init_from(model, path: str, init_parts: str, log):
+    """Copy weights from `path` (train.py --init_from) into the components `init_parts` names: a ckpt.pt or .safetensors of ours, or a
+    Hugging Face directory (an official LLaDA-V, read by checkpoint.from_pretrained). `image_newline` comes
+    along with "all" (or by name) when both sides have it; a model that has one keeps its fresh init when
+    the source has none (stage 1 -> 2, as the official stage 2 starts it from randn / sqrt(d))."""
+    if not os.path.exists(path):
+        sys.exit(f"--init_from={path} does not exist; point it at a ckpt.pt, a model.safetensors (e.g. stage 1's) "
+                 f"or a Hugging Face model directory (e.g. a download of GSAI-ML/LLaDA-V)")
+    try:
+        if os.path.isdir(path):
+            from checkpoint import from_pretrained
+            state = from_pretrained(path).state_dict()
+        else:
+            state = load_state_file(path)
+    except (OSError, ValueError) as e:
+        sys.exit(str(e))
+    state = state.get("model", state) if isinstance(state.get("model"), dict) else state
+    parts = list(INIT_PARTS) if init_parts == "all" else init_parts.split(",")  # train.py checked the names
+    done = []
+    for part in parts:
+        if part == "image_newline":
+            if hasattr(model, part) and part in state:
+                with torch.no_grad():
+                    model.image_newline.copy_(state[part])
+                done.append(part)
+            elif init_parts != "all":
+                sys.exit(f"--init_parts=image_newline: {'the model' if not hasattr(model, part) else path} has none "
+                         f"(it comes with mm_patch_merge_type=spatial_unpad)")
+            continue
+        sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+        load_state(getattr(model, part), sub, f"{path} ({part})")
+        done.append(part)
+    log(f"initialised {', '.join(done)} from {path}")
+
+
 # ----------------------------------------------------------------------------------------------
 # A training run's checkpoints: one out every ckpt_every steps, the newest intact one in on --resume=1
 

@@ -276,14 +276,14 @@ def model_config(preset: str, overrides: dict | None = None) -> LLaDAVConfig:
 
 
 def help_text(cfg, doc: str, model: bool) -> str:
-    """--help: the script's docstring, then every option with its default, its field comment and its rule
+    """--help: every option with its default, its field comment and its rule
     in brackets; with model=True also the preset's --lm.* / --vision.* fields and their values."""
     def row(option, value, note):  # one option per entry, its note wrapped under a hanging indent
         shown = int(value) if isinstance(value, bool) else "" if value is None else value  # None: not set
         return textwrap.fill(f"--{option}={shown}".ljust(32) + " " + note, 118, initial_indent="  ",
                              subsequent_indent=" " * 35)
-    lines = [doc.strip(), "", "options (--key=value, spelled with underscores; booleans take 1/0, true/false or "
-             "yes/no, and a bare --flag means 1):"]
+    lines = ["options (--key=value, spelled with underscores; booleans take 1/0, true/false or yes/no, and a bare "
+             "--flag means 1):"]
     rules = {f.name: f.metadata for f in fields(cfg)}
     for name, note in field_notes(type(cfg)):
         rule = _rule_text(rules[name]) if name else ""
@@ -294,7 +294,7 @@ def help_text(cfg, doc: str, model: bool) -> str:
         for s, c in MODEL_SECTIONS.items():
             notes = dict(field_notes(c))
             lines += [row(f"{s}.{f.name}", getattr(getattr(mc, s), f.name), notes.get(f.name, "")) for f in fields(c)]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", doc.strip()])  # the options first, then what the script is
 
 
 def parse_config(cfg, argv: list[str], doc: str = "", presets: tuple | None = None, model: bool = False):
@@ -675,6 +675,21 @@ def peak_memory(device: torch.device) -> float:
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
     return proc_status("VmHWM")
+
+
+class JsonlLog:
+    """One JSON object per line, appended and flushed at once (a killed run loses at most one line)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def write(self, rec: dict):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -575,3 +575,37 @@ class MicroBatches:
                 persistent_workers=False)
             yield from loader
             step = (epoch + 1) * self.steps_per_epoch
+
+
+# ----------------------------------------------------------------------------------------------
+# A collated LLaVA micro-batch -> the model's inputs (train.py)
+
+def key_mask_on(tc) -> bool:
+    """(tc: train.TrainConfig) Whether padding keys are hidden from attention: LLaDA-V's collator hides nothing (REFERENCE 11.9),
+    so --data runs attend to the EOS padding by default; the toy's synthetic recipe has always hidden it."""
+    return tc.key_pad_mask == "on" or (tc.key_pad_mask == "auto" and not tc.data)
+
+
+def llava_inputs(b, mc, pad_id: int, device, key_pad_mask: bool, need_image: bool):
+    """A collated LLaVA micro-batch (data.collate_llava) -> ids, labels, attn (B, L) (the real tokens, for
+    counting), and the model's keyword inputs: pixels (every crop) with image_layout (each image's crops,
+    size and token count; the model packs them, model.encode_crops), and attention_mask only with
+    key_pad_mask: the official collator sends none, so every query attends to the EOS padding (11.9).
+    need_image: a text-only micro-batch under DDP / FSDP2 gets one blank image appended to row 0, hidden from
+    attention (mask 0) and from the loss (label -100): the vision tower, the projector and image_newline then
+    run on every process in the same order, so the gradient collectives line up (and DDP sees every
+    parameter used)."""
+    ids, labels, attn = b["ids"].to(device), b["labels"].to(device), b["attn"].to(device)
+    pixels = None if b["pixels"] is None else b["pixels"].to(device)
+    layout, mask = b["layout"], attn if key_pad_mask else None
+    if pixels is None and need_image:
+        S = mc.vision.image_size
+        T = mc.vision.n_patches + int("unpad" in mc.mm_patch_merge_type)  # one crop (+ the newline)
+        extra = torch.full((ids.shape[0], T), pad_id, dtype=ids.dtype, device=device)
+        extra[0] = IMAGE_TOKEN_INDEX
+        hidden = torch.zeros_like(extra, dtype=torch.bool)
+        mask = torch.cat([attn if key_pad_mask else torch.ones_like(attn), hidden], 1)  # (B, L + T)
+        ids, labels = torch.cat([ids, extra], 1), torch.cat([labels, torch.full_like(extra, -100)], 1)
+        attn = torch.cat([attn, hidden], 1)
+        pixels, layout = torch.zeros(1, 3, S, S, device=device), [(1, (S, S), T)]
+    return ids, labels, attn, dict(pixels=pixels, image_layout=layout, attention_mask=mask)

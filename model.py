@@ -48,18 +48,18 @@ class LLaDAConfig:
     vocab_size: int = 126464
     d_model: int = 4096
     n_layers: int = 32
-    n_heads: int = 32         # query heads; head_dim = d_model / n_heads = 128
-    n_kv_heads: int = 0       # key/value heads: 0 = n_heads (plain multi-head attention, LLaDA-8B); fewer =
+    n_heads: int = 32         # query heads; head_dim = d_model / n_heads
+    n_kv_heads: int = 0       # key/value heads: 0 = n_heads (plain multi-head attention, as LLaDA-8B); fewer =
                               # grouped-query attention (iLLaDA): each key/value head serves n_heads / n_kv_heads
                               # query heads, which shrinks k_proj, v_proj and the KV cache by that factor
     mlp_hidden: int = 12288   # SwiGLU hidden size
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
-    max_seq_len: int = 8192   # LLaDA-V trains at 8192 (16384 for OneVision); used only to reject prompts
+    max_seq_len: int = 8192   # the longest sequence the model takes (longer prompts are refused); RoPE has no limit
     tie_embeddings: bool = False  # True: the output head is the input embedding E (logits = h E^T; iLLaDA);
                                   # LLaDA-8B and LLaDA-V have a separate head (REFERENCE 1.1)
-    mask_id: int = LLADA_MASK_ID  # [MASK] (<|mdm_mask|>) of the official vocabulary; config.json's mask_token_id
-                                  # (iLLaDA: 5). The toy takes its own from its tokenizer.
+    mask_id: int = LLADA_MASK_ID  # [MASK]: the official vocabulary's <|mdm_mask|> (config.json's mask_token_id);
+                                  # the toy and other tokenizers use their own <|mdm_mask|> id instead
     rope_fp32: bool = True    # rotate q, k in fp32 (original LLaDA, rope_full_precision); False: in the
                               # activation dtype, as LLaDA-V's LLaMA-style port does (REFERENCE 11.4).
                               # from_pretrained sets it from the checkpoint's key layout.

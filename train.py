@@ -28,21 +28,16 @@ processes by DDP / FSDP2, which is the loss of the global batch of B sequences.
 Reading order. train() is setup -> resume -> batches -> the loop; everything it calls sits above it:
     TrainConfig, STAGES          every option, and LLaDA-V's three stage recipes
     lr_at, make_groups, freeze   the schedule and the per-component learning rates
-    claim_out_dir                what a run may write over (below)
-    resume, save                 checkpoints: the newest intact one in, one out every ckpt_every steps
-    StepBatches                  step -> micro-batches already through the forward process q(x_t | x0)
+    MuonAdamW                    the toy's optimizer
+    StepBatches                  step -> this process's micro-batches (MicroBatch: x0, labels, the noise seed)
     Meter                        tokens/s, MFU, ETA, memory for the log lines
-The loop itself reads as the method does: forward_process -> model -> diffusion_loss -> backward ->
-clip -> optimizer step, with the bookkeeping (logging, quick evaluation, checkpoint) after it.
+    build, _train, finish        setup; resume and the loop; export and the held-out report
+The loop itself reads as the method does: a batch -> forward_process -> model -> diffusion_loss ->
+backward -> clip -> optimizer step, with the bookkeeping (logging, quick evaluation, checkpoint) after it.
 
-Safety. A checkpoint can hold days of GPU time, so a run refuses what would lose work without a word:
-  - an out_dir holding another run's checkpoint (unless --resume=1 or --overwrite=1), a model train.py
-    did not write (a Hugging Face download), or its own --init_from; an empty or unwritable out_dir;
-  - a second run on the same out_dir (train.lock holds the owner's pid; a dead owner's lock is taken over);
-  - a resume with another seed, batch, schedule or data (unless --resume_changed=1).
-A resume falls back past a damaged newest checkpoint (every file carries sha256 checksums, checkpoint.py)
-to the one before it, and says so; temporary files of saves killed half-way are removed at the start.
-A NaN or Inf loss stops the run before the update, naming the step and the last good checkpoint.
+Safety (cli.py, checkpoint.py): a run refuses what would lose work without a word (another run's
+checkpoint, a foreign model, a folder of sources, a second run on one folder), a resume falls back past a
+damaged newest checkpoint, and a NaN or Inf loss stops the run before the update.
 """
 import json
 import math
@@ -53,23 +48,23 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from checkpoint import export, load_state, load_state_file, resume, save
-from cli import (autocast, claim_out_dir, device_peak, model_config, opt, parse_config, peak_memory, pick_device,
+from checkpoint import INIT_PARTS, export, init_from, resume, save
+from cli import (JsonlLog, autocast, claim_out_dir, device_peak, model_config, opt, parse_config, peak_memory, pick_device,
                  release_lock, run_cli, write_text)
-from data import default_system
+from data import default_system, key_mask_on, llava_inputs
 from diffusion import diffusion_loss, forward_process
 from distributed import all_sum, barrier, gradient_sync, resolve_parallel, setup, teardown, wrap
 from model import PRESETS, LLaDAV, count_params, step_flops
 from sample import evaluate, format_eval
 from synthetic import SyntheticVQA, parse_kind_weights, toy_tokenizer
-from tokenizer import IMAGE_TOKEN_INDEX, config_mask_id, get_tokenizer
+from tokenizer import config_mask_id, get_tokenizer
 from vision import preprocess
 
 
 @dataclass
 class TrainConfig:
-    # Every field is an option, --key=value; opt(default, rule) declares what the option accepts (model.py,
-    # "Configuration from the command line"), and the comment after a field is its --help text.
+    # Every field is an option, --key=value; opt(default, rule) declares what the option accepts (cli.py), and
+    # the comment after a field is its --help text. The defaults are the toy's; --stage=N sets LLaDA-V's.
     preset: str = opt("toy", choices=tuple(PRESETS))  # model preset (see model.py)
     out_dir: str = opt("out", out="dir")              # checkpoint (ckpt.pt) and final report (report.json) go
                                                       # here; one run at a time
@@ -84,12 +79,8 @@ class TrainConfig:
     max_steps: int = opt(3500, min=1)                 # optimizer steps
     lr: float = opt(1.5e-3, gt=0)                     # peak learning rate of the language model; lower it (e.g.
                                                       # 1e-4) for big models
-    vision_lr_scale: float = opt(0.5, min=0)     # vision tower lr = lr * this (0 freezes it). LLaDA-V's stages use
-                                                 # 0.2 (2e-6 / 1e-5). From scratch it matters too: until the language
-                                                 # model reads the image the vision gradient is noise, and at the full
-                                                 # lr the features can blow up and stall (colour and shape then stay
-                                                 # unlearnt); with Muon the toy learns relations faster at 0.5 than
-                                                 # at 0.2 (docs/notebook.md)
+    vision_lr_scale: float = opt(0.5, min=0)     # vision tower lr = lr * this (0 freezes it; the stages: 0.2). From
+                                                 # scratch, at the full lr the features can blow up (docs/notebook.md)
     projector_lr_scale: float = opt(0.5, min=0)  # projector lr = lr * this
     min_lr: float = opt(1e-4, min=0)             # cosine decays to this (at most lr)
     decay_frac: float = opt(1.0, gt=0, max=1)    # the cosine takes the last decay_frac of the steps; before it
@@ -102,9 +93,8 @@ class TrainConfig:
     optimizer: str = opt("muon", choices=("adamw", "muon"))  # muon: Muon (orthogonalised momentum) for the
                                                  # hidden weight matrices, AdamW for the rest (MuonAdamW below; the
                                                  # toy learns in fewer steps) | adamw: AdamW for all (LLaDA-V)
-    beta2: float = opt(0.95, min=0, lt=1)        # AdamW beta2. LLaDA-V's recipe has 0.999; with small batches the
-                                                 # 1/t-weighted loss has rare huge gradients, and 0.95 recovers from
-                                                 # them far faster
+    beta2: float = opt(0.95, min=0, lt=1)        # AdamW beta2 (the stages: 0.999); small batches give the 1/t loss
+                                                 # rare huge gradients, which 0.95 forgets faster
     stratified_t: bool = True    # spread the batch's t evenly over (0, 1) (same expected loss, less variance)
     exact_count: bool = False    # mask exactly l ~ U{1..A} answer tokens (LLaDA Eq. 6: the same bound, weights <= A)
     weighting: str = opt("elbo", choices=("elbo", "none"))    # elbo: CE / p_mask (the likelihood bound) | none:
@@ -167,7 +157,7 @@ class TrainConfig:
                                  # resumes on any number of processes) | auto (dcp under torchrun or with --data)
     init_from: str = opt("", path="any")  # start from these weights (a ckpt.pt, model.safetensors or a Hugging Face
                                            # directory such as the official LLaDA-V), e.g. stage 1's
-    init_parts: str = opt("all", each=("all", "llm", "vision", "projector"))  # which of them: all, or a comma list
+    init_parts: str = opt("all", each=("all",) + INIT_PARTS)  # which of them: all, or a comma list
     jsonl: str = opt("", out="file")  # append one JSON line per logged step here (python -m tools.draw
                                       # --curve=<it> draws the loss curve)
     head_chunk: int = opt(0, min=0)   # > 0: output head + loss on this many masked rows at a time, recomputed in
@@ -190,7 +180,7 @@ class TrainConfig:
             raise ValueError(f"--batch_size={self.batch_size} must be a multiple of --micro_batch_size={micro} x "
                              f"{world} processes; change --batch_size or --micro_batch_size")
         if "all" in self.init_parts.split(",") and self.init_parts != "all":
-            raise ValueError(f"--init_parts={self.init_parts}: use all, or a comma list of llm, vision, projector")
+            raise ValueError(f"--init_parts={self.init_parts}: use all, or a comma list of {', '.join(INIT_PARTS)}")
         if self.ckpt_format == "pt" and self.parallel == "fsdp":
             raise ValueError("--ckpt_format=pt cannot save FSDP2's sharded weights; use --ckpt_format=dcp or auto")
         try:
@@ -374,92 +364,6 @@ def freeze(model, tc: TrainConfig):
         if scale == 0:
             for p in part:
                 p.requires_grad_(False)  # a zero lr freezes the component
-
-
-def init_from(model, tc: TrainConfig, log):
-    """Copy weights from tc.init_from into the chosen components: a ckpt.pt or .safetensors of ours, or a
-    Hugging Face directory (an official LLaDA-V, read by checkpoint.from_pretrained). `image_newline` comes
-    along with "all" (or by name) when both sides have it; a model that has one keeps its fresh init when
-    the source has none (stage 1 -> 2, as the official stage 2 starts it from randn / sqrt(d))."""
-    path = tc.init_from
-    if not os.path.exists(path):
-        sys.exit(f"--init_from={path} does not exist; point it at a ckpt.pt, a model.safetensors (e.g. stage 1's) "
-                 f"or a Hugging Face model directory (e.g. a download of GSAI-ML/LLaDA-V)")
-    try:
-        if os.path.isdir(path):
-            from checkpoint import from_pretrained
-            state = from_pretrained(path).state_dict()
-        else:
-            state = load_state_file(path)
-    except (OSError, ValueError) as e:
-        sys.exit(str(e))
-    state = state.get("model", state) if isinstance(state.get("model"), dict) else state
-    names = ("llm", "vision", "projector", "image_newline")
-    parts = list(names) if tc.init_parts == "all" else tc.init_parts.split(",")
-    if not set(parts) <= set(names):
-        sys.exit(f"--init_parts={tc.init_parts!r}: use all or a comma list of {', '.join(names)}")
-    done = []
-    for part in parts:
-        if part == "image_newline":
-            if hasattr(model, part) and part in state:
-                with torch.no_grad():
-                    model.image_newline.copy_(state[part])
-                done.append(part)
-            elif tc.init_parts != "all":
-                sys.exit(f"--init_parts=image_newline: {'the model' if not hasattr(model, part) else path} has none "
-                         f"(it comes with mm_patch_merge_type=spatial_unpad)")
-            continue
-        sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
-        load_state(getattr(model, part), sub, f"{path} ({part})")
-        done.append(part)
-    log(f"initialised {', '.join(done)} from {path}")
-
-
-
-class JsonlLog:
-    """One JSON object per line, appended and flushed at once (a killed run loses at most one line)."""
-
-    def __init__(self, path: str | None):
-        self.path = path
-        if path:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-
-    def write(self, rec: dict):
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-
-
-def key_mask_on(tc: TrainConfig) -> bool:
-    """Whether padding keys are hidden from attention: LLaDA-V's collator hides nothing (REFERENCE 11.9),
-    so --data runs attend to the EOS padding by default; the toy's synthetic recipe has always hidden it."""
-    return tc.key_pad_mask == "on" or (tc.key_pad_mask == "auto" and not tc.data)
-
-
-def llava_inputs(b, mc, pad_id: int, device, key_pad_mask: bool, need_image: bool):
-    """A collated LLaVA micro-batch (data.collate_llava) -> ids, labels, attn (B, L) (the real tokens, for
-    counting), and the model's keyword inputs: pixels (every crop) with image_layout (each image's crops,
-    size and token count; the model packs them, model.encode_crops), and attention_mask only with
-    key_pad_mask: the official collator sends none, so every query attends to the EOS padding (11.9).
-    need_image: a text-only micro-batch under DDP / FSDP2 gets one blank image appended to row 0, hidden from
-    attention (mask 0) and from the loss (label -100): the vision tower, the projector and image_newline then
-    run on every process in the same order, so the gradient collectives line up (and DDP sees every
-    parameter used)."""
-    ids, labels, attn = b["ids"].to(device), b["labels"].to(device), b["attn"].to(device)
-    pixels = None if b["pixels"] is None else b["pixels"].to(device)
-    layout, mask = b["layout"], attn if key_pad_mask else None
-    if pixels is None and need_image:
-        S = mc.vision.image_size
-        T = mc.vision.n_patches + int("unpad" in mc.mm_patch_merge_type)  # one crop (+ the newline)
-        extra = torch.full((ids.shape[0], T), pad_id, dtype=ids.dtype, device=device)
-        extra[0] = IMAGE_TOKEN_INDEX
-        hidden = torch.zeros_like(extra, dtype=torch.bool)
-        mask = torch.cat([attn if key_pad_mask else torch.ones_like(attn), hidden], 1)  # (B, L + T)
-        ids, labels = torch.cat([ids, extra], 1), torch.cat([labels, torch.full_like(extra, -100)], 1)
-        attn = torch.cat([attn, hidden], 1)
-        pixels, layout = torch.zeros(1, 3, S, S, device=device), [(1, (S, S), T)]
-    return ids, labels, attn, dict(pixels=pixels, image_layout=layout, attention_mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,7 +573,7 @@ def build(tc: TrainConfig, mc, info, log) -> Run:
     model = LLaDAV(mc)
     model.init_weights()
     if tc.init_from:
-        init_from(model, tc, log)
+        init_from(model, tc.init_from, tc.init_parts, log)
     model.to(device)
     model.llm.checkpointing, model.llm.head_chunk = tc.checkpointing, tc.head_chunk
     freeze(model, tc)  # before wrapping: DDP and FSDP2 must see which parameters train

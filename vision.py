@@ -50,11 +50,11 @@ from PIL import Image
 
 @dataclass
 class VisionConfig:
-    image_size: int = 384   # S
-    patch_size: int = 14    # p -> floor(384/14)^2 = 27^2 = 729 patches ("valid" conv drops the last 6 px)
-    d_model: int = 1152     # D
+    image_size: int = 384   # S, the square input in pixels
+    patch_size: int = 14    # p: (S // p)^2 patches, one visual token each ("valid" conv drops the remainder)
+    d_model: int = 1152     # D, the tower's width
     n_layers: int = 27      # layers in the checkpoint; LLaDA-V runs n_layers - 1 of them
-    n_heads: int = 16       # head_dim 72
+    n_heads: int = 16       # head_dim = D / n_heads
     mlp_hidden: int = 4304
     ln_eps: float = 1e-6
 

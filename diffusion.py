@@ -24,7 +24,7 @@ every step, on the logits of a window of positions:
     reveal the k most confident positions,
         k = k_s from the even schedule  m // s (+1 for the first m % s steps), m = masks in the block at
             its start, s = steps / n_blocks                                        (official), or
-        k = #{i : conf_i > tau}, at least 1                       (confidence threshold, Fast-dLLM)
+        k = #{i : conf_i >= tau}, at least 1; x0_hat never [MASK]  (confidence threshold, Fast-dLLM)
 Revealed tokens are never masked again. Unsupervised classifier-free guidance (cfg_scale w > 0), written
 once (cfg_logits) and shared with the likelihood:
     logits = u + (w + 1)(c - u),   c = f(x),  u = f(x with every prompt position -> [MASK]).
@@ -35,9 +35,13 @@ Options of the same loop:
     confidence is -inf from the stop on, the loop ends once every mask before the stop is filled (or a
     block is full), and the answer is x[P:stop] followed by the suffix ids.
   - Fast decoding (Fast-dLLM, Wu et al. 2025): an approximate KV cache and/or the threshold rule above.
-The window is what the logits are computed and noised over: the whole sequence (official: the same
-random draws as generate.py), the canvas (LLaDA-V: a float64 softmax over a 3,000-token anyres prompt x
-126,464 ids would take 3 GB), or the current block (fast decoding).
+Logits are computed only where they are used: from the first revealable position (the block start, or
+an earlier mask) to the block's end (the LM head is the biggest matmul; a float64 softmax over a 3,000-token
+anyres prompt x 126,464 ids would take 3 GB). Random draws still cover what the reference samplers draw
+over, the whole sequence (generate.py), the canvas (LLaDA-V) or the block (fast decoding), so that a seed
+gives their tokens. Every mode ends: the schedule makes `steps` steps per block (no model call for a step
+with nothing to reveal), and a threshold step reveals at least one token that is not [MASK] (Fast-dLLM
+would write [MASK] back and loop for ever; generate.py lets x0_hat be [MASK], kept in that mode).
 
 Approximate KV cache. The exact sampler runs the whole sequence x = prompt ++ canvas (length L) through
 the model at every step: NFE = steps full passes. Attention is bidirectional, so no key/value is ever

@@ -281,12 +281,6 @@ def check_options(steps, gen_length, block_length, remasking, cache, threshold, 
     return steps // num_blocks
 
 
-def takes(model, name):
-    """Whether model(..., name=...) is allowed: a parameter of that name, or **kwargs (an nn.Module's call)."""
-    params = inspect.signature(model).parameters.values()
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
-
-
 class ModelCalls:
     """The model calls of one generate(): at step i of the block [start, end), the logits of the positions
     lo..hi-1 only (the head is the biggest matmul: output_positions), from a full pass over x (B, L) or,
@@ -298,7 +292,11 @@ class ModelCalls:
     def __init__(self, model, cache, refresh_every, cfg_scale, prompt_index, mask_id, attention_mask, model_kwargs):
         self.model, self.cache, self.refresh_every, self.cfg_scale = model, cache, refresh_every, cfg_scale
         self.prompt_index, self.mask_id, self.attention_mask, self.kwargs = prompt_index, mask_id, attention_mask, model_kwargs
-        self.positions_ok = takes(model, "output_positions")  # else: compute every row, slice (a plain function)
+        try:  # a model taking output_positions (or **kwargs: an nn.Module) gets the rows asked for; else slice
+            params = inspect.signature(model).parameters.values()
+            self.positions_ok = any(p.name == "output_positions" or p.kind is p.VAR_KEYWORD for p in params)
+        except (TypeError, ValueError):  # no signature to read (a builtin): assume it takes them, as model.LLaDA
+            self.positions_ok = True
         self.stats = {"nfe": 0, "full_nfe": 0, "positions": 0, "cache_bytes": 0}
         self.kv, self.block = None, None
 

@@ -6,6 +6,8 @@ Tiny random models, CPU only.
     python -m pytest -q tests/test_fast.py
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -90,7 +92,7 @@ def test_threshold_above_one_is_one_token_per_step():
 # Threshold decoding
 
 def test_threshold_reveals_every_confident_position_at_once():
-    """Positions with confidence > tau are revealed together in one step, the rest one per step, most
+    """Positions with confidence >= tau are revealed together in one step, the rest one per step, most
     confident first; tau = 0 fills a block in a single call."""
     def row(top, c):
         return [c if v == top else 0.0 for v in range(V)]
@@ -433,6 +435,25 @@ def test_bench_official_path(capsys):
     assert [r.split("|")[1].strip() for r in rows] == ["exact", "dual", "threshold"]
     assert "| 4 (4) | 1.00x | 100% |" in rows[0] and "| 4 (2) |" in rows[1] and "| 4 (4) |" in rows[2]
 
+
+def test_bench_sampler_vs_official(capsys, tmp_path):
+    """tools/bench.py --vs_official=1 at a tiny width: the real vocabulary, one row for the official generate.py's
+    transcription, one for a --baseline diffusion.py (here a copy of this one) and one for diffusion.generate, all
+    with the official tokens; a missing --baseline file is one clear error."""
+    import shutil
+    from tools import bench
+    shutil.copy(Path(bench.__file__).parent.parent / "diffusion.py", tmp_path / "old.py")
+    bench.main(["--vs_official=1", "--lm.d_model=32", "--lm.n_layers=1", "--lm.n_heads=2", "--lm.mlp_hidden=64",
+                "--text_len=8", "--gen_length=4", "--block_length=2", "--steps=4", "--repeats=1",
+                f"--baseline={tmp_path / 'old.py'}"])
+    out = capsys.readouterr().out
+    assert "vocabulary 126,464" in out and "prompt 8 tokens" in out
+    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| sampler")]
+    assert [r.split("|")[1].strip() for r in rows] == ["official generate.py (transcribed)",
+                                                       f"generate of {tmp_path / 'old.py'}", "diffusion.generate"]
+    assert all(r.rstrip().endswith("| yes |") for r in rows)
+    with pytest.raises(SystemExit, match="baseline"):
+        bench.main(["--vs_official=1", f"--baseline={tmp_path / 'none.py'}"])
 
 def test_flop_counter_sees_the_model():
     """The counted FLOPs of one training step are ~ 6 x parameters x tokens (language-model layers over the

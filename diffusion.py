@@ -438,6 +438,8 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     pick = dict(temperature=temperature, remasking=remasking, float64=llada_v, logits_eos_inf=logits_eos_inf,
                 confidence_eos_eot_inf=confidence_eos_eot_inf, eos_id=eos_id, eot_id=eot_id, banned_ids=banned_ids,
                 not_id=mask_id if threshold is not None else None)
+    # the loop of ML-GSAI/LLaDA generate.py::generate: for each block, for each step: logits (guided) ->
+    # x0_hat = Gumbel argmax -> confidence -> the k most confident masked positions of the block -> write them
     step = 0
     for nb in range(gen_length // block_length):
         start, end = P + nb * block_length, P + (nb + 1) * block_length

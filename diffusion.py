@@ -37,11 +37,11 @@ Options of the same loop:
   - Fast decoding (Fast-dLLM, Wu et al. 2025): an approximate KV cache and/or the threshold rule above.
 Logits are computed only where they are used: from the first revealable position (the block start, or
 an earlier mask) to the block's end (the LM head is the biggest matmul; a float64 softmax over a 3,000-token
-anyres prompt x 126,464 ids would take 3 GB). Random draws still cover what the reference samplers draw
-over, the whole sequence (generate.py), the canvas (LLaDA-V) or the block (fast decoding), so that a seed
-gives their tokens. Every mode ends: the schedule makes `steps` steps per block (no model call for a step
-with nothing to reveal), and a threshold step reveals at least one token that is not [MASK] (Fast-dLLM
-would write [MASK] back and loop for ever; generate.py lets x0_hat be [MASK], kept in that mode).
+anyres prompt x 126,464 ids would take 3 GB). Random draws still cover the whole sequence in generate.py's
+mode (so that a seed gives its tokens), the canvas with LLaDA-V's options, the block in fast decoding.
+Every mode ends: the schedule makes steps / n_blocks steps per block (no model call for a step with
+nothing to reveal), and a threshold step reveals at least one token that is not [MASK] (Fast-dLLM would
+write [MASK] back and loop for ever; generate.py lets x0_hat be [MASK], kept in that mode).
 
 Approximate KV cache. The exact sampler runs the whole sequence x = prompt ++ canvas (length L) through
 the model at every step: NFE = steps full passes. Attention is bidirectional, so no key/value is ever

@@ -24,7 +24,7 @@ every step, on the logits of a window of positions:
     reveal the k most confident positions,
         k = k_s from the even schedule  m // s (+1 for the first m % s steps), m = masks in the block at
             its start, s = steps / n_blocks                                        (official), or
-        k = #{i : conf_i > tau}, at least 1                       (confidence threshold, Fast-dLLM)
+        k = #{i : conf_i >= tau}, at least 1; x0_hat never [MASK]  (confidence threshold, Fast-dLLM)
 Revealed tokens are never masked again. Unsupervised classifier-free guidance (cfg_scale w > 0), written
 once (cfg_logits) and shared with the likelihood:
     logits = u + (w + 1)(c - u),   c = f(x),  u = f(x with every prompt position -> [MASK]).
@@ -35,9 +35,13 @@ Options of the same loop:
     confidence is -inf from the stop on, the loop ends once every mask before the stop is filled (or a
     block is full), and the answer is x[P:stop] followed by the suffix ids.
   - Fast decoding (Fast-dLLM, Wu et al. 2025): an approximate KV cache and/or the threshold rule above.
-The window is what the logits are computed and noised over: the whole sequence (official: the same
-random draws as generate.py), the canvas (LLaDA-V: a float64 softmax over a 3,000-token anyres prompt x
-126,464 ids would take 3 GB), or the current block (fast decoding).
+Logits are computed only where they are used: from the first revealable position (the block start, or
+an earlier mask) to the block's end (the LM head is the biggest matmul; a float64 softmax over a 3,000-token
+anyres prompt x 126,464 ids would take 3 GB). Random draws still cover the whole sequence in generate.py's
+mode (so that a seed gives its tokens), the canvas with LLaDA-V's options, the block in fast decoding.
+Every mode ends: the schedule makes steps / n_blocks steps per block (no model call for a step with
+nothing to reveal), and a threshold step reveals at least one token that is not [MASK] (Fast-dLLM would
+write [MASK] back and loop for ever; generate.py lets x0_hat be [MASK], kept in that mode).
 
 Approximate KV cache. The exact sampler runs the whole sequence x = prompt ++ canvas (length L) through
 the model at every step: NFE = steps full passes. Attention is bidirectional, so no key/value is ever
@@ -63,6 +67,10 @@ each copy masks l_j random answer positions; the estimate is minus the mean over
     1/b sum_j (A / l_j) sum_{i masked in copy j} CE_i.
 Multiple choice: score every choice this way and pick the highest (lm-eval's loglikelihood).
 """
+import inspect
+import itertools
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -134,14 +142,20 @@ def diffusion_loss(logits_masked, labels, masked, p_mask, mode: str = "sft", wei
 # ----------------------------------------------------------------------------------------------
 # Sampler: the pieces (noise, schedule, CFG, stop scan, KV cache), then the one loop
 
-def add_gumbel_noise(logits, temperature: float):
+def add_gumbel_noise(logits, temperature: float, draw=None):
     """argmax(exp(l) / (-log U)^T) = argmax(l / T + Gumbel): a sample from softmax(l / T). In float64,
     because low-precision Gumbel-max hurts generation (arXiv:2409.02908). At T = 0 the same tensor
-    object comes back (the official code relies on this aliasing, see confidence_eos_eot_inf)."""
+    object comes back (the official code relies on this aliasing, see confidence_eos_eot_inf).
+    logits (B, W, V); draw = (n, a): U is drawn for n positions (B, n, V) and its a..a+W-1 used: the
+    random numbers of noising n positions' logits, when only W of them are needed."""
     if temperature == 0:
         return logits
     logits = logits.to(torch.float64)
-    noise = torch.rand_like(logits, dtype=torch.float64)
+    if draw is None:
+        noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device)
+    else:
+        (B, W, V), (n, a) = logits.shape, draw
+        noise = torch.rand((B, n, V), dtype=torch.float64, device=logits.device)[:, a:a + W]
     return logits.exp() / (-torch.log(noise)) ** temperature
 
 
@@ -241,83 +255,10 @@ class KVCache:
 CACHES = (None, "prefix", "dual")
 
 
-def reveal(x, logits, lo, allowed, k, threshold=None, temperature=0.0, remasking="low_confidence",
-           float64=False, logits_eos_inf=False, confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
-           banned_ids=()):
-    """One reverse step, shared by every mode: x (B, L) is updated in place.
-    logits (B, W, V): the model's logits at positions lo..lo+W-1 (the window); allowed (B, L) bool: where
-    a token may be revealed (masked, in the window, before the block's end and the stop); k (B,) the
-    schedule's count, or None with a threshold tau: every allowed position with confidence > tau, at
-    least one. Never more than the allowed count (see generate() on the official LLaDA-V code)."""
-    B, W = logits.shape[:2]
-    if logits_eos_inf:
-        logits[:, :, eos_id] = -torch.inf
-    if banned_ids:  # LLaDA-V bans them at masked positions; elsewhere a ban changes nothing (never revealed)
-        logits[:, :, list(banned_ids)] = -torch.inf
-    logits_with_noise = add_gumbel_noise(logits, temperature)
-    x0 = torch.argmax(logits_with_noise, dim=-1)                                # (B, W)
-    if confidence_eos_eot_inf:
-        # Official quirk, kept: the chained assignment hits EOS in the noised logits and EoT in the clean
-        # ones, *after* the argmax. At T = 0 both are one tensor, so both get confidence 0.
-        logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
-    if remasking == "low_confidence":  # p(x0_hat): un-noised softmax, in float64 for LLaDA-V
-        p = F.softmax(logits.to(torch.float64) if float64 else logits, dim=-1)
-        x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)                   # (B, W)
-    else:
-        x0_p = torch.rand(x0.shape, device=x0.device, dtype=torch.float64 if float64 else None)
-    # confidence over the whole sequence (-inf outside the window), so that top-k sees the same vector,
-    # and breaks ties the same way, as the official code
-    if W == x.shape[1]:  # the window is everything (the official sampler)
-        confidence = torch.where(allowed, x0_p, -torch.inf)                        # (B, L)
-    else:
-        confidence = torch.full(x.shape, -torch.inf, dtype=x0_p.dtype, device=x.device)   # (B, L)
-        confidence[:, lo:lo + W] = torch.where(allowed[:, lo:lo + W], x0_p, -torch.inf)
-    # the official schedule never asks for more than the block's masks; a stop or a threshold can
-    n_allowed = allowed.sum(1).tolist() if (threshold is not None or float64) else None
-    transfer = torch.zeros_like(allowed)
-    for j in range(B):
-        kj = int(k[j]) if threshold is None else max(1, int((confidence[j] > threshold).sum()))
-        kj = kj if n_allowed is None else min(kj, n_allowed[j])
-        transfer[j, torch.topk(confidence[j], k=kj).indices] = True
-    x[:, lo:lo + W] = torch.where(transfer[:, lo:lo + W], x0, x[:, lo:lo + W])
-    return x
-
-
-@torch.no_grad()
-def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
-             temperature=0.0, cfg_scale=0.0, remasking="low_confidence", mask_id=126336,
-             logits_eos_inf=False, confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
-             banned_ids=(), stop_sequences=None, suffix=(), cache=None, threshold=None, refresh_every=0,
-             callback=None, stats=None, **model_kwargs):
-    """The one sampler. With its defaults: the official LLaDA generate.py (same names, defaults, outputs).
-
-    model: called as model(x, attention_mask=..., **model_kwargs) -> logits (B, L, V); for LLaDA-V pass
-        image_features=... (model.LLaDAV.forward), computed once outside the loop. With a cache, the
-        LLaDA-V options or a threshold it also gets cache= and output_positions= (model.LLaDA takes both).
-    prompt: (B, P) token ids (IMAGE_TOKEN_INDEX placeholders allowed), left-padded when B > 1;
-    attention_mask: (B, P) or None.  eos_id / eot_id: the ids the two *_inf flags refer to.
-    LLaDA-V (generate_with_embeds; any batch size here, the official one is batch 1):
-      stop_sequences: None = off. A list of id lists switches LLaDA-V's behaviour on: the stop scan of
-          find_stop after every step, confidence -inf from the stop on, an early end once no allowed mask
-          is left (all filled before the stop, or the block full), a float64 confidence, logits over the
-          canvas only, and the output below. [] = all of that without a stop.
-      banned_ids: ids given -inf logits (LLaDA-V: LLADA_V_BANNED).  suffix: ids fixed after the canvas,
-          seen by the model, never overwritten (generation_suffix).
-    Fast decoding (Fast-dLLM): cache None | "prefix" | "dual"; refresh_every = k re-records the cache every
-        k steps inside a block too (0: only at block starts; 1: every step, exact). threshold: None = the
-        official schedule; tau = reveal every allowed position of the block with confidence > tau (at
-        least one) until the block is full; `steps` is then unused.
-    callback(x, step, block): called after each step with x (B, P + gen_length + len(suffix)).
-    stats: a dict filled with nfe (model calls), full_nfe (full-sequence calls), positions (query
-        positions computed per sequence, summed over calls) and cache_bytes (largest cache held).
-    Returns x (B, P + gen_length [+ suffix]): the prompt followed by the canvas, as generate.py; with
-    stop_sequences, as generate_with_embeds, the B answers: lists of ids x[P:stop] + suffix.
-
-    Where this departs from the official LLaDA-V code (the official one being unreproducible or wasteful):
-    after a stop the official code still asks top-k for the schedule's k positions; the surplus falls on
-    -inf ties, i.e. wherever the top-k kernel puts them (prompt, revealed or masked positions after the
-    stop: implementation-defined), so here k is capped at the allowed count. Gumbel noise and random
-    confidences are drawn over the canvas, not the whole sequence: same distribution, other draws."""
+def check_options(steps, gen_length, block_length, remasking, cache, threshold, stop_sequences):
+    """generate()'s argument checks, each a one-line ValueError; returns the steps per block.
+    More steps per block than the block has positions (steps > gen_length) cannot reveal more: the extra
+    steps reveal nothing, so generate() makes no model call for them; a warning says so (issue 26)."""
     if gen_length % block_length:
         raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block_length}; "
                          f"pick a block_length that divides it")
@@ -331,72 +272,201 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         raise ValueError(f"cache={cache!r}: use None, 'prefix' or 'dual'")
     if threshold is not None and remasking != "low_confidence":
         raise ValueError("threshold decoding compares model confidences; use remasking='low_confidence'")
-    llada_v = stop_sequences is not None
-    stop_sequences = [[int(t) for t in s] for s in stop_sequences or ()]
-    if any(len(s) == 0 for s in stop_sequences):
+    if any(len(s) == 0 for s in stop_sequences or ()):
         raise ValueError("a stop sequence is empty (an empty stop string?); drop it, or pass [] for no stop")
-    fast = cache is not None or threshold is not None
-    steps_per_block = steps // num_blocks
+    if threshold is None and steps > gen_length:
+        warnings.warn(f"steps={steps} is more than the gen_length={gen_length} positions to reveal; the "
+                      f"last {steps // num_blocks - block_length} steps of each block reveal nothing and make no "
+                      f"model call (as if steps={gen_length})", stacklevel=4)
+    return steps // num_blocks
+
+
+class ModelCalls:
+    """The model calls of one generate(): at step i of the block [start, end), the logits of the positions
+    lo..hi-1 only (the head is the biggest matmul: output_positions), from a full pass over x (B, L) or,
+    with an approximate KV cache (Fast-dLLM, see the module docstring), from a pass over the cached span:
+        step 0 of a block (and every refresh_every-th step):  full pass, keys/values recorded (KVCache)
+        other steps:  prefix: queries [start, L);  dual: queries [start, end)
+    with classifier-free guidance (cfg_logits). Counts nfe, full_nfe, positions, cache_bytes in .stats."""
+
+    def __init__(self, model, cache, refresh_every, cfg_scale, prompt_index, mask_id, attention_mask, model_kwargs):
+        self.model, self.cache, self.refresh_every, self.cfg_scale = model, cache, refresh_every, cfg_scale
+        self.prompt_index, self.mask_id, self.attention_mask, self.kwargs = prompt_index, mask_id, attention_mask, model_kwargs
+        try:  # a model taking output_positions (or **kwargs: an nn.Module) gets the rows asked for; else slice
+            params = inspect.signature(model).parameters.values()
+            self.positions_ok = any(p.name == "output_positions" or p.kind is p.VAR_KEYWORD for p in params)
+        except (TypeError, ValueError):  # no signature to read (a builtin): assume it takes them, as model.LLaDA
+            self.positions_ok = True
+        self.stats = {"nfe": 0, "full_nfe": 0, "positions": 0, "cache_bytes": 0}
+        self.kv, self.block = None, None
+
+    def new_block(self, start, end):
+        self.kv, self.block = None, (start, end)  # the cache is recorded again at the block's first call
+
+    def __call__(self, x, i, lo, hi):
+        """logits (B, hi - lo, V) at positions lo..hi-1 of x (B, L), at step i of the current block."""
+        (B, L), (start, end) = x.shape, self.block
+        full = self.cache is None or i == 0 or (self.refresh_every > 0 and i % self.refresh_every == 0)
+        kw = {}
+        if self.cache is not None:
+            if full:
+                self.kv = KVCache()  # record: a full pass, fresh keys/values for the whole sequence
+            else:
+                self.kv.span = (start, L) if self.cache == "prefix" else (start, end)
+            kw["cache"] = self.kv
+        s, e = (0, L) if full else self.kv.span  # the call computes queries s..e-1
+        if (lo, hi) != (s, e) and self.positions_ok:  # the head on the window's rows only, every CFG half
+            pos = torch.arange(s, e, device=x.device)
+            kw["output_positions"] = ((pos >= lo) & (pos < hi)).expand(B * (2 if self.cfg_scale > 0 else 1), -1)
+        logits = cfg_logits(self.model, x, self.prompt_index, self.cfg_scale, self.mask_id, self.attention_mask,
+                            **kw, **self.kwargs)
+        if "output_positions" not in kw:
+            logits = logits[:, lo - s:hi - s]
+        st = self.stats
+        st["nfe"], st["full_nfe"], st["positions"] = st["nfe"] + 1, st["full_nfe"] + full, st["positions"] + e - s
+        if self.kv is not None:
+            st["cache_bytes"] = max(st["cache_bytes"], self.kv.nbytes())
+        return logits.reshape(B, hi - lo, -1)                                   # (B, W, V)
+
+
+def predict(logits, draw, temperature=0.0, remasking="low_confidence", float64=False, logits_eos_inf=False,
+            confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348, banned_ids=(), not_id=None):
+    """The prediction of one step at the W positions whose logits (B, W, V) are given (edited in place):
+        x0_hat = argmax(logits + Gumbel noise at temperature T),  conf = softmax(logits)[x0_hat]
+    (or U(0, 1) for remasking='random'; float64 softmax / draws for LLaDA-V) -> x0_hat (B, W), conf (B, W).
+    draw = (n, a): the random numbers are drawn for n positions and those a..a+W-1 used, so that a window
+    smaller than what the reference noises sees the reference's draws. not_id: an id x0_hat never takes
+    (threshold decoding: [MASK], which would reveal nothing; the next most likely id instead)."""
+    if logits_eos_inf:
+        logits[:, :, eos_id] = -torch.inf
+    if banned_ids:  # LLaDA-V bans them at masked positions; elsewhere a ban changes nothing (never revealed)
+        logits[:, :, list(banned_ids)] = -torch.inf
+    logits_with_noise = add_gumbel_noise(logits, temperature, draw)
+    x0 = torch.argmax(logits_with_noise, dim=-1)                                # (B, W)
+    if not_id is not None and bool((x0 == not_id).any()):  # out of place: the softmax below is unchanged
+        second = logits_with_noise.index_fill(-1, torch.tensor([not_id], device=x0.device), -torch.inf)
+        x0 = torch.where(x0 == not_id, second.argmax(-1), x0)
+    if confidence_eos_eot_inf:
+        # Official quirk, kept: the chained assignment hits EOS in the noised logits and EoT in the clean
+        # ones, *after* the argmax. At T = 0 both are one tensor, so both get confidence 0.
+        logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
+    if remasking == "low_confidence":  # p(x0_hat): un-noised softmax, in float64 for LLaDA-V
+        p = F.softmax(logits.to(torch.float64) if float64 else logits, dim=-1)
+        return x0, torch.gather(p, -1, x0[..., None]).squeeze(-1)              # (B, W) each
+    (n, a), W = draw, x0.shape[1]
+    u = torch.rand((x0.shape[0], n), device=x0.device, dtype=torch.float64 if float64 else None)
+    return x0, u[:, a:a + W]
+
+
+def reveal(x, x0, confidence, lo, k, threshold=None):
+    """Write the most confident predictions into x (B, L), in place. x0 (B, W): the predictions at positions
+    lo..lo+W-1; confidence (B, L): -inf wherever nothing may be revealed (over the whole sequence, so that
+    top-k sees the same vector, and breaks ties the same way, as the official code); k (B,): how many per
+    row (the schedule), or None with a threshold tau: every position with confidence >= tau, at least the
+    most confident one (Fast-dLLM's get_transfer_index). Never more than the allowed (finite) count."""
+    W = x0.shape[1]
+    n_allowed = (confidence > -torch.inf).sum(1).tolist()
+    n_above = None if threshold is None else (confidence >= threshold).sum(1).tolist()
+    transfer = torch.zeros_like(confidence, dtype=torch.bool)
+    for j in range(x.shape[0]):
+        kj = int(k[j]) if threshold is None else max(1, n_above[j])
+        transfer[j, torch.topk(confidence[j], k=min(kj, n_allowed[j])).indices] = True
+    x[:, lo:lo + W] = torch.where(transfer[:, lo:lo + W], x0, x[:, lo:lo + W])
+    return x
+
+
+def revealable(x, mask_id, first, end, stop_at=None):
+    """(B, L) bool: where a step may reveal: masked, in [first, end) and, with LLaDA-V's stop rule, before
+    the row's stop position stop_at (B,)."""
+    pos = torch.arange(x.shape[1], device=x.device)[None]
+    allowed = (x == mask_id) & (pos >= first) & (pos < end)
+    return allowed if stop_at is None else allowed & (pos < stop_at[:, None])
+
+
+@torch.no_grad()
+def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
+             temperature=0.0, cfg_scale=0.0, remasking="low_confidence", mask_id=126336,
+             logits_eos_inf=False, confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
+             banned_ids=(), stop_sequences=None, suffix=(), cache=None, threshold=None, refresh_every=0,
+             callback=None, stats=None, **model_kwargs):
+    """The one sampler. With its defaults: the official LLaDA generate.py (same names, defaults, outputs).
+
+    model: called as model(x, attention_mask=..., **model_kwargs) -> logits (B, L, V); for LLaDA-V pass
+        image_features=... (model.LLaDAV.forward), computed once outside the loop. If it takes
+        output_positions= (model.LLaDA / LLaDAV do) it gets a mask of the rows whose logits are used (the
+        current block, and earlier masks), else its logits are sliced; a cache needs cache= too.
+    prompt: (B, P) token ids (IMAGE_TOKEN_INDEX placeholders allowed), left-padded when B > 1;
+    attention_mask: (B, P) or None.  eos_id / eot_id: the ids the two *_inf flags refer to.
+    steps: model calls at most (more than gen_length reveal nothing: a warning, and no call for them).
+    LLaDA-V (generate_with_embeds; any batch size here, the official one is batch 1):
+      stop_sequences: None = off. A list of id lists switches LLaDA-V's behaviour on: the stop scan of
+          find_stop after every step, confidence -inf from the stop on, an early end once no allowed mask
+          is left (all filled before the stop, or the block full), a float64 confidence, random draws over
+          the canvas only, and the output below. [] = all of that without a stop.
+      banned_ids: ids given -inf logits (LLaDA-V: LLADA_V_BANNED).  suffix: ids fixed after the canvas,
+          seen by the model, never overwritten (generation_suffix).
+    Fast decoding (Fast-dLLM): cache None | "prefix" | "dual"; refresh_every = k re-records the cache every
+        k steps inside a block too (0: only at block starts; 1: every step, exact). threshold: None = the
+        official schedule; tau = reveal every allowed position of the block with confidence >= tau (at
+        least one, never [MASK] itself) until the block is full: at most block_length calls per block;
+        `steps` is then unused.
+    callback(x, step, block): called after each step with x (B, P + gen_length + len(suffix)).
+    stats: a dict filled with nfe (model calls), full_nfe (full-sequence calls), positions (query
+        positions computed per sequence, summed over calls) and cache_bytes (largest cache held).
+    Returns x (B, P + gen_length [+ suffix]): the prompt followed by the canvas, as generate.py; with
+    stop_sequences, as generate_with_embeds, the B answers: lists of ids x[P:stop] + suffix.
+
+    Where this departs from the official LLaDA-V code (the official one being unreproducible or wasteful):
+    after a stop the official code still asks top-k for the schedule's k positions; the surplus falls on
+    -inf ties, i.e. wherever the top-k kernel puts them (prompt, revealed or masked positions after the
+    stop: implementation-defined), so here k is capped at the allowed count. Gumbel noise and random
+    confidences are drawn over the canvas, not the whole sequence: same distribution, other draws."""
+    steps_per_block = check_options(steps, gen_length, block_length, remasking, cache, threshold, stop_sequences)
+    llada_v, fast = stop_sequences is not None, cache is not None or threshold is not None
+    stop_sequences = [[int(t) for t in s] for s in stop_sequences or ()]
     B, P = prompt.shape
     G, dev, suffix = gen_length, prompt.device, [int(t) for t in suffix or ()]
-    x = torch.full((B, P + G + len(suffix)), mask_id, dtype=torch.long, device=dev)
+    x = torch.full((B, P + G + len(suffix)), mask_id, dtype=torch.long, device=dev)   # prompt, [MASK] * G, suffix
     x[:, :P] = prompt
     x[:, P + G:] = torch.tensor(suffix, dtype=torch.long, device=dev)
     L = x.shape[1]
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask, torch.ones(B, L - P, dtype=attention_mask.dtype, device=dev)], 1)
-    pos = torch.arange(L, device=dev)
-    prompt_index = (pos < P)[None]  # (1, L): the prompt (image included); CFG masks it
+    prompt_index = (torch.arange(L, device=dev) < P)[None]  # (1, L): the prompt (image included); CFG masks it
+    calls = ModelCalls(model, cache, refresh_every, cfg_scale, prompt_index, mask_id, attention_mask, model_kwargs)
     stop = torch.full((B,), G, dtype=torch.long, device=dev)  # stop position in the canvas, G = none yet
-    st = {"nfe": 0, "full_nfe": 0, "positions": 0, "cache_bytes": 0}
+    pick = dict(temperature=temperature, remasking=remasking, float64=llada_v, logits_eos_inf=logits_eos_inf,
+                confidence_eos_eot_inf=confidence_eos_eot_inf, eos_id=eos_id, eot_id=eot_id, banned_ids=banned_ids,
+                not_id=mask_id if threshold is not None else None)
+    # the loop of ML-GSAI/LLaDA generate.py::generate: for each block, for each step: logits (guided) ->
+    # x0_hat = Gumbel argmax -> confidence -> the k most confident masked positions of the block -> write them
     step = 0
-    for nb in range(num_blocks):
+    for nb in range(gen_length // block_length):
         start, end = P + nb * block_length, P + (nb + 1) * block_length
-        # the window whose logits are decoded: the current block (fast), the canvas (LLaDA-V) or everything
-        lo, hi = (start, end) if fast else (P, P + G) if llada_v else (0, L)
+        # the span the random draws cover: everything (generate.py), the canvas (LLaDA-V) or the block (fast)
+        d0, d1 = (start, end) if fast else (P, P + G) if llada_v else (0, L)
         if threshold is None:
             num_transfer_tokens = get_num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)  # (B, s)
-        kv, i = None, 0
-        in_window = ((pos >= lo) & (pos < end))[None]  # (1, L): from the window's start to the block's end
-        while threshold is not None or i < steps_per_block:
-            # where this step may reveal: masked, in the window, before the block's end and the stop (B, L)
-            allowed = (x == mask_id) & in_window
-            if stop_sequences:
-                allowed &= pos[None] < P + stop[:, None]
+        calls.new_block(start, end)
+        for i in itertools.count() if threshold is not None else range(steps_per_block):
+            allowed = revealable(x, mask_id, d0, end, P + stop if stop_sequences else None)  # (B, L)
+            k = None if threshold is not None else num_transfer_tokens[:, i]                # (B,)
             if (threshold is not None or llada_v) and not allowed.any():
                 break  # block full (threshold), or LLaDA-V's early end; the official schedule runs all steps
-            # ---- one model call: a full pass, or the cached span; logits only for the window
-            full = cache is None or i == 0 or (refresh_every > 0 and i % refresh_every == 0)
-            kw = {}
-            if cache is not None:
-                if full:
-                    kv = KVCache()  # record: a full pass, fresh keys/values for the whole sequence
-                else:
-                    kv.span = (start, L) if cache == "prefix" else (start, end)
-                kw["cache"] = kv
-            s, e = (0, L) if full else kv.span  # the call computes queries s..e-1
-            if (lo, hi) != (s, e):  # ask for the window's rows only: the LM head is the biggest matmul
-                rows = B * (2 if cfg_scale > 0 else 1)
-                kw["output_positions"] = ((pos[s:e] >= lo) & (pos[s:e] < hi)).expand(rows, -1)
-            logits = cfg_logits(model, x, prompt_index, cfg_scale, mask_id, attention_mask, **kw, **model_kwargs)
-            logits = logits.reshape(B, hi - lo, -1)                             # (B, W, V)
-            st["nfe"] += 1
-            st["full_nfe"] += full
-            st["positions"] += e - s
-            if kv is not None:
-                st["cache_bytes"] = max(st["cache_bytes"], kv.nbytes())
-            # ---- the step itself, then LLaDA-V's stop scan
-            reveal(x, logits, lo, allowed, None if threshold is not None else num_transfer_tokens[:, i],
-                   threshold, temperature, remasking, llada_v, logits_eos_inf, confidence_eos_eot_inf, eos_id,
-                   eot_id, banned_ids)
+            if allowed.any() and (k is None or k.any()):  # else more steps than masks: nothing to reveal
+                lo = int(allowed.any(0).nonzero()[0])  # logits from the first revealable position to the block end
+                logits = calls(x, i, lo, end)                                    # (B, W, V), guided if cfg_scale
+                x0, x0_p = predict(logits, (d1 - d0, lo - d0), **pick)           # Gumbel argmax, its confidence
+                confidence = torch.full(x.shape, -torch.inf, dtype=x0_p.dtype, device=dev)  # (B, L)
+                confidence[:, lo:end] = torch.where(allowed[:, lo:end], x0_p, -torch.inf)
+                reveal(x, x0, confidence, lo, k, threshold)                     # the k most confident
             if stop_sequences:
                 stop = find_stop(x[:, P:P + G], stop_sequences, stop)
             if callback is not None:
                 callback(x, step, nb)
-            i += 1
             step += 1
     if stats is not None:
-        stats.update(st)
+        stats.update(calls.stats)
     if not llada_v:
         return x
     return [x[b, P:P + int(stop[b])].tolist() + suffix for b in range(B)]

@@ -6,6 +6,7 @@ CPU only. Fast decoding is tested in test_fast.py.
     python -m pytest -q tests/test_diffusion.py
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -15,9 +16,10 @@ import torch
 torch.set_num_threads(1)
 
 from tokenizer import IMAGE_TOKEN_INDEX
-from diffusion import (add_gumbel_noise, choose, diffusion_loss, forward_process, generate, get_log_likelihood,
+from diffusion import (CountingModel, add_gumbel_noise, choose, diffusion_loss, forward_process, generate, get_log_likelihood,
                        get_num_transfer_tokens, mc_mask_counts)
-from conftest import EOS, EOT, GEN, MASK, V, fixed_logits_model, left_padded, prompt, tiny_lm, tiny_vlm_and_prompt
+from conftest import (EOS, EOT, GEN, MASK, V, fixed_logits_model, left_padded, prompt, tiny_llm, tiny_lm,
+                      tiny_vlm_and_prompt)
 
 
 def run(model, p, **kw):
@@ -243,6 +245,68 @@ def test_generate_rejects_bad_block_and_step_counts():
     with pytest.raises(ValueError, match="multiple of 3"):
         generate(tiny_lm(), prompt(), steps=4, gen_length=12, block_length=4, **GEN)
 
+
+# ----------------------------------------------------------------------------------------------
+# generate(): bounded work (issues 25, 26)
+
+def test_more_steps_than_positions_warn_and_make_no_model_call():
+    """Issue 26: steps=48 for a 12-token canvas (3 blocks of 4) is a warning; the steps past the 4th of each
+    block reveal nothing, so they make no model call (12 calls, not 48) yet stay steps (the callback sees 48),
+    and the tokens are the frozen generate's, which made all 48 calls. steps = gen_length does not warn."""
+    m, p = CountingModel(tiny_lm(2)), prompt(seed=2)
+    with pytest.warns(UserWarning, match="steps=48 is more than the gen_length=12 positions"):
+        out, snaps = run(m, p, steps=48, gen_length=12, block_length=4)
+    official = CountingModel(tiny_lm(2))
+    assert torch.equal(out, ref.generate(official, p, steps=48, gen_length=12, block_length=4, **GEN))
+    assert m.nfe == 12 and official.nfe == 48 and len(snaps) == 48
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(m, p, steps=12, gen_length=12, block_length=4)
+
+
+def test_official_mode_computes_logits_only_for_the_block():
+    """Issue 25: generate.py's mode asks the model for the logits of the current block only (output_positions;
+    the LM head on the 20 prompt rows would be wasted), from its first masked position on, both CFG halves when
+    guided, and the tokens stay the frozen generate's."""
+    llm = tiny_llm(3)
+    asked = []
+
+    def spy(x, attention_mask=None, output_positions=None, **kw):
+        asked.append(output_positions)
+        return llm(llm.embed_tokens(x), attention_mask, output_positions, **kw)
+    p = prompt(20, seed=3)
+    for cfg in (0.0, 1.0):
+        asked.clear()
+        kw = dict(steps=6, gen_length=6, block_length=3, cfg_scale=cfg, **GEN)
+        assert torch.equal(generate(spy, p, **kw), ref.generate(tiny_lm(3), p, **kw))
+        assert len(asked) == 6 and all(a.shape == (2 if cfg else 1, 26) for a in asked)
+        rows = [a[-1].nonzero()[:, 0].tolist() for a in asked]  # from the first masked position to the block end
+        assert rows[0] == [20, 21, 22] and rows[3] == [23, 24, 25]
+        assert all(r == list(range(r[0], 23 if n < 3 else 26)) and r[0] >= (20 if n < 3 else 23)
+                   for n, r in enumerate(rows))
+
+
+def test_official_mode_window_reaches_back_to_earlier_masks():
+    """generate.py lets x0_hat be [MASK]: that position stays masked and may be revealed in a later block, and a
+    [MASK] in the prompt is revealed too; the logits then start at the first such position. The random LLaDA of
+    issue 26 (seed 0, d_model 64, 2 layers, vocabulary 1000) with [MASK] = 323 predicts [MASK] at some
+    positions: token-identical to the frozen generate at every step, with a [MASK] in the prompt as well."""
+    m = tiny_lm(0, vocab_size=1000, d_model=64)
+    p = torch.randint(0, 990, (1, 8), generator=torch.Generator().manual_seed(0))
+    p_masked = p.clone()
+    p_masked[0, 2] = 323
+    for q in (p, p_masked):
+        runs = []
+        for sampler in (generate, ref.generate):
+            snaps = []
+            out = sampler(m, q, steps=12, gen_length=12, block_length=4, mask_id=323,
+                          callback=lambda x, s, b: snaps.append(x.clone()))
+            runs.append((out, snaps))
+        (a, sa), (b, sb) = runs
+        assert torch.equal(a, b) and all(torch.equal(u, v) for u, v in zip(sa, sb))
+        if q is p:  # a [MASK] left in the first two blocks: block 3's logits start before it
+            assert (a[0, 8:16] == 323).any()
+    assert a[0, 2] != 323  # the prompt's [MASK] was revealed
 
 # ----------------------------------------------------------------------------------------------
 # generate(): classifier-free guidance and the EOS flags

@@ -6,14 +6,16 @@ Tiny random models, CPU only.
     python -m pytest -q tests/test_fast.py
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest on a shared 2-core machine
 
-from diffusion import CountingModel, KVCache, MODES, generate, mode_kwargs
+from diffusion import CountingModel, KVCache, MODES, generate, mode_kwargs, reveal
 import reference_samplers as ref
-from conftest import (GEN, MASK, V, fixed_logits_model, left_padded, lm_fn, narrow_llada_v, prompt, run_train,
+from conftest import (EOT, GEN, MASK, V, fixed_logits_model, left_padded, lm_fn, narrow_llada_v, prompt, run_train,
                       tiny_llm, tiny_vlm_and_prompt)
 
 
@@ -90,7 +92,7 @@ def test_threshold_above_one_is_one_token_per_step():
 # Threshold decoding
 
 def test_threshold_reveals_every_confident_position_at_once():
-    """Positions with confidence > tau are revealed together in one step, the rest one per step, most
+    """Positions with confidence >= tau are revealed together in one step, the rest one per step, most
     confident first; tau = 0 fills a block in a single call."""
     def row(top, c):
         return [c if v == top else 0.0 for v in range(V)]
@@ -104,6 +106,74 @@ def test_threshold_reveals_every_confident_position_at_once():
     st = {}
     generate(fixed_logits_model(rows), prompt(3), gen_length=4, block_length=2, threshold=0.0, stats=st, **GEN)
     assert st["nfe"] == 2  # one call per block
+
+
+def fast_dllm_transfer(confidence, mask_index, threshold):
+    """Transcribed from NVlabs/Fast-dLLM llada/generate.py, get_transfer_index, threshold branch: take every
+    masked position in descending confidence, keep the first, drop each later one whose confidence < tau."""
+    transfer = torch.zeros_like(confidence, dtype=torch.bool)
+    num_transfer_tokens = mask_index.sum(dim=1, keepdim=True)
+    for j in range(confidence.shape[0]):
+        _, select_index = torch.topk(confidence[j], k=int(num_transfer_tokens[j]))
+        transfer[j, select_index] = True
+        for k in range(1, int(num_transfer_tokens[j])):
+            if confidence[j, select_index[k]] < threshold:
+                transfer[j, select_index[k]] = False
+    return transfer
+
+
+def test_threshold_rule_is_fast_dllm_greater_or_equal():
+    """Issue 25: the threshold keeps confidences >= tau (Fast-dLLM drops those < tau), at least the most
+    confident one. Confidences on a grid of tenths hit tau = 0.5 exactly; against the transcription above, on
+    rows with masked positions and revealed ones (-inf), and rows where nothing reaches tau."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        B, L, lo = 3, 12, 4
+        masked = torch.rand(B, L, generator=g) < 0.6
+        masked[:, :lo] = False
+        masked[torch.arange(B), lo + torch.randint(0, L - lo, (B,), generator=g)] = True  # a mask in every row
+        conf = torch.randint(0, 10, (B, L), generator=g).float() / 10  # 0.0 .. 0.9: ties, and 0.5 itself
+        if trial % 4 == 0:  # nothing reaches tau: one position per row (distinct values: no tie for the best)
+            conf = conf * 0.45 + torch.randperm(B * L, generator=g).reshape(B, L) * 1e-4
+        confidence = torch.where(masked, conf, -torch.inf)
+        x = torch.full((B, L), MASK)
+        x0 = torch.arange(lo, L).expand(B, -1)
+        reveal(x, x0, confidence, lo, None, threshold=0.5)
+        want = fast_dllm_transfer(confidence, masked, 0.5)
+        assert torch.equal(x != MASK, want), trial
+    # the case the old rule (> tau) got wrong: a confidence exactly tau is revealed
+    x, conf = torch.full((1, 3), MASK), torch.tensor([[0.9, 0.5, 0.2]])
+    reveal(x, torch.tensor([[7, 8, 9]]), conf, 0, None, threshold=0.5)
+    assert x.tolist() == [[7, 8, MASK]]
+
+
+class Runaway(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("llada_v", [False, True])
+def test_a_model_that_predicts_mask_everywhere_ends_in_every_mode(mode, llada_v):
+    """Issue 26: a model whose most likely token everywhere is [MASK] (then token 7). The official schedule
+    (exact, prefix, dual) writes what the model says, as generate.py does, and ends after `steps` calls; a
+    threshold step never writes [MASK] (it would reveal nothing, and the block would never fill), so it
+    takes the next most likely id and ends within gen_length calls. Before the fix the threshold modes
+    looped for ever (here: Runaway after 100 steps)."""
+    rows = [[10.0 if v == MASK else (5.0 - 0.1 * j if v == 7 else 0.0) for v in range(V)] for j in range(8)]
+    kw = dict(steps=8, gen_length=8, block_length=4, **GEN, **mode_kwargs(mode, threshold=0.9))
+    if llada_v:
+        kw.update(stop_sequences=[[EOT]], suffix=[5])
+
+    def guard(x, step, block):
+        if step >= 100:
+            raise Runaway(mode)
+    st = {}
+    out = generate(fixed_logits_model(rows, P=5), prompt(), callback=guard, stats=st, **kw)
+    canvas = torch.tensor(out[0][:8]) if llada_v else out[0, 5:]
+    if MODES[mode]["threshold"]:
+        assert st["nfe"] <= 8 and (canvas == 7).all()
+    else:
+        assert st["nfe"] == 8 and (canvas == MASK).all()  # generate.py's behaviour: [MASK] written back
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -365,6 +435,25 @@ def test_bench_official_path(capsys):
     assert [r.split("|")[1].strip() for r in rows] == ["exact", "dual", "threshold"]
     assert "| 4 (4) | 1.00x | 100% |" in rows[0] and "| 4 (2) |" in rows[1] and "| 4 (4) |" in rows[2]
 
+
+def test_bench_sampler_vs_official(capsys, tmp_path):
+    """tools/bench.py --vs_official=1 at a tiny width: the real vocabulary, one row for the official generate.py's
+    transcription, one for a --baseline diffusion.py (here a copy of this one) and one for diffusion.generate, all
+    with the official tokens; a missing --baseline file is one clear error."""
+    import shutil
+    from tools import bench
+    shutil.copy(Path(bench.__file__).parent.parent / "diffusion.py", tmp_path / "old.py")
+    bench.main(["--vs_official=1", "--lm.d_model=32", "--lm.n_layers=1", "--lm.n_heads=2", "--lm.mlp_hidden=64",
+                "--text_len=8", "--gen_length=4", "--block_length=2", "--steps=4", "--repeats=1",
+                f"--baseline={tmp_path / 'old.py'}"])
+    out = capsys.readouterr().out
+    assert "vocabulary 126,464" in out and "prompt 8 tokens" in out
+    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| sampler")]
+    assert [r.split("|")[1].strip() for r in rows] == ["official generate.py (transcribed)",
+                                                       f"generate of {tmp_path / 'old.py'}", "diffusion.generate"]
+    assert all(r.rstrip().endswith("| yes |") for r in rows)
+    with pytest.raises(SystemExit, match="baseline"):
+        bench.main(["--vs_official=1", f"--baseline={tmp_path / 'none.py'}"])
 
 def test_flop_counter_sees_the_model():
     """The counted FLOPs of one training step are ~ 6 x parameters x tokens (language-model layers over the

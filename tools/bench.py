@@ -24,6 +24,10 @@ close the step gets to what this machine's matmul can do), and on a GPU the vend
         the official path's decoding (main_official): LLaDA-V's shape with the real 126,464-token vocabulary,
         random weights, a 640x480 image in anyres_max_4 (2,929 visual tokens) and a short random question,
         LLaDA-V's sampler options; exact against each fast mode. Without overrides: the full 8B (a GPU).
+    python -m tools.bench --vs_official=1 --lm.d_model=512 --lm.n_layers=6 --lm.n_heads=8 --lm.mlp_hidden=1536 \
+        --text_len=256 --gen_length=64 --block_length=32 --steps=64 --repeats=3 [--baseline=old/diffusion.py]
+        the text sampler (main_vs_official): diffusion.generate against a transcription of the official
+        generate.py, side by side on a bare LLaDA with the real vocabulary (docs/performance.md)
 Training inputs are random token ids with one image's placeholders and random pixels; sampling uses
 held-out synthetic questions where the tokenizer exists (toy) and random ids otherwise, so the `small`
 preset runs without the official tokenizer.
@@ -66,6 +70,8 @@ class BenchConfig:
     layer_only: bool = False                   # time one LLaDA block (bf16) instead: forward + backward of ...
     seq_len: int = opt(2048, min=1)            # ... train_batch x seq_len tokens
     official: bool = False                     # time the official LLaDA-V path's decoding with a long visual prompt instead
+    vs_official: bool = False                  # time diffusion.generate against the official generate.py's algorithm
+    baseline: str = opt("", path="file")       # with vs_official: another diffusion.py whose generate is timed too
 
     def check(self):
         """The sampler's block schedule must divide evenly (checked before any model is built)."""
@@ -298,6 +304,85 @@ def main_official(bc, overrides, device):
               f"{rows[0]['t'] / r['t']:.2f}x | {100 * r['same']:.0f}% |")
 
 
+# ----------------------------------------------------------------------------------------------
+# diffusion.generate against the official generate.py's algorithm (issue 25)
+
+def official_generate(model, prompt, steps, gen_length, block_length, temperature=0.0, mask_id=126336):
+    """The official LLaDA generate.py (ML-GSAI/LLaDA, function `generate`), its plain path transcribed (no CFG,
+    low-confidence remasking, batch 1): every step runs the model on the whole sequence and takes logits,
+    Gumbel noise, softmax and confidence at every position, prompt included."""
+    P = prompt.shape[1]
+    x = torch.cat([prompt, torch.full((1, gen_length), mask_id, dtype=torch.long, device=prompt.device)], 1)
+    num_blocks, steps = gen_length // block_length, steps // (gen_length // block_length)
+    for nb in range(num_blocks):
+        block_mask = x[:, P + nb * block_length:P + (nb + 1) * block_length] == mask_id
+        m = int(block_mask.sum())
+        num_transfer = [m // steps + (i < m % steps) for i in range(steps)]  # the even schedule
+        for i in range(steps):
+            mask_index = x == mask_id
+            logits = model(x)                                                    # (1, L, V)
+            if temperature > 0:  # Gumbel-max in float64
+                noise = torch.rand_like(logits, dtype=torch.float64)
+                x0 = torch.argmax(logits.double().exp() / (-torch.log(noise)) ** temperature, -1)
+            else:
+                x0 = torch.argmax(logits, -1)
+            p = torch.softmax(logits, -1)
+            x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)                # (1, L)
+            x0_p[:, P + (nb + 1) * block_length:] = -torch.inf                   # not past the block
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -torch.inf)
+            transfer = torch.zeros_like(x0, dtype=torch.bool)
+            transfer[0, torch.topk(confidence[0], k=num_transfer[i]).indices] = True
+            x[transfer] = x0[transfer]
+    return x
+
+
+@torch.no_grad()
+def main_vs_official(bc, overrides, device):
+    """diffusion.generate in its official mode against official_generate (above), side by side on a bare LLaDA
+    of the llada_v_8b preset's shape (so the real 126,464-token vocabulary) narrowed by --lm.*, random weights,
+    a prompt of text_len random ids, batch 1. --baseline=<a diffusion.py> times that file's generate too (an
+    older version: before / after in one run). Prints wall time (median of `repeats`, the samplers taking turns)
+    and whether each gives the official tokens."""
+    import importlib.util
+    from model import LLaDA
+    cfg = model_config("llada_v_8b", overrides).lm
+    with torch.device(device):
+        llm = LLaDA(cfg)
+        llm.init_weights()
+    llm.eval()
+    model = lambda x, attention_mask=None, **kw: llm(llm.embed_tokens(x), attention_mask, **kw)  # noqa: E731
+    g = torch.Generator().manual_seed(bc.seed)
+    prompt = torch.randint(0, 126080, (1, bc.text_len), generator=g).to(device)  # ordinary (non-special) ids
+    kw = dict(steps=bc.steps, gen_length=bc.gen_length, block_length=bc.block_length)
+    samplers = [("official generate.py (transcribed)", lambda: official_generate(model, prompt, **kw))]
+    if bc.baseline:
+        spec = importlib.util.spec_from_file_location("diffusion_baseline", bc.baseline)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        samplers.append((f"generate of {bc.baseline}", lambda: old.generate(model, prompt, **kw)))
+    samplers.append(("diffusion.generate", lambda: generate(model, prompt, **kw)))
+    n_params = sum(p.numel() for p in llm.parameters())
+    print(f"text sampler vs the official generate.py, random weights: {n_params / 1e6:,.1f}M parameters ({cfg.n_layers} "
+          f"layers, d_model {cfg.d_model}, vocabulary {cfg.vocab_size:,}) on {device}, {torch.get_num_threads()} CPU "
+          f"threads; prompt {bc.text_len} tokens, gen_length {bc.gen_length}, block_length {bc.block_length}, steps "
+          f"{bc.steps}, T = 0; median of {bc.repeats}\n")
+    model(prompt)  # warm-up
+    times, outs = {name: [] for name, _ in samplers}, {}
+    for _ in range(bc.repeats):
+        for name, run in samplers:
+            sync(device)
+            t0 = time.perf_counter()
+            outs[name] = run()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    first = samplers[0][0]
+    print("| sampler | wall time | speed-up vs official | same tokens as official |")
+    print("|---|---|---|---|")
+    for name, _ in samplers:
+        t, t_ref = sorted(times[name])[bc.repeats // 2], sorted(times[first])[bc.repeats // 2]
+        print(f"| {name} | {t:.2f} s | {t_ref / t:.2f}x | {'yes' if torch.equal(outs[name], outs[first]) else 'NO'} |")
+
 def main_layer(bc, overrides, device):
     lm, (peak, peak_src) = model_config(bc.preset, overrides).lm, peak_flops(device)
     r = bench_layer(lm, bc, device)
@@ -313,12 +398,15 @@ def main_layer(bc, overrides, device):
 
 def main(argv):
     bc, overrides = parse_config(BenchConfig, argv, __doc__, model=True)  # every option checked, before any work
-    if (overrides or bc.layer_only or bc.official) and bc.checkpoint:
-        sys.exit("--lm.*, --vision.*, --layer_only=1 and --official=1 apply to a random-weight model; drop --checkpoint")
+    if (overrides or bc.layer_only or bc.official or bc.vs_official) and bc.checkpoint:
+        sys.exit("--lm.*, --vision.*, --layer_only=1, --official=1 and --vs_official=1 apply to a random-weight model; "
+                 "drop --checkpoint")
     device = pick_device(bc.device)
     torch.manual_seed(bc.seed)
     if bc.layer_only:
         return main_layer(bc, overrides, device)
+    if bc.vs_official:
+        return main_vs_official(bc, overrides, device)
     if bc.official:
         if bc.gen_length % bc.block_length or bc.steps % (bc.gen_length // bc.block_length):
             sys.exit(f"gen_length={bc.gen_length} must be a multiple of block_length={bc.block_length} and steps="

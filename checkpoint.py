@@ -70,7 +70,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cli import atomic_write, write_text
+from cli import atomic_write, proc_status, write_text
 from distributed import (barrier, dcp_checkpoints, full_state_dict, load_dcp, read_extra, save_dcp,
                          verify_dcp)
 from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
@@ -1005,19 +1005,14 @@ def export(model, out_dir: str, config: dict, info, write_pt: bool = True, extra
 # ----------------------------------------------------------------------------------------------
 # python checkpoint.py --selftest_memory=1: the 8B shapes at reduced depth, peak memory of a fresh load
 
-def _proc_status(field):
-    with open("/proc/self/status") as fh:  # Linux; values in kB
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
-
-
 def _memory_report(path):
     """In a fresh process: load `path`, touch every weight, run a forward, print peak RSS vs checkpoint size."""
     import resource
     import time
-    start = _proc_status("VmHWM")  # python + torch imported
+    start = proc_status("VmHWM")  # python + torch imported
     with torch.device("meta"):  # torch initialises its meta-device machinery once (~80 MB, ~2 s): not the loader's
         LLaDA(LLaDAConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=2, mlp_hidden=8))
-    base = _proc_status("VmHWM")
+    base = proc_status("VmHWM")
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
     n_files = sum(f.endswith(".safetensors") for f in os.listdir(path))
     t0 = time.time()
@@ -1027,13 +1022,13 @@ def _memory_report(path):
         for p in m.parameters():  # read every byte, in small pieces (no full-size temporaries)
             for piece in p.view(-1).split(1 << 20):
                 piece.float().sum()
-        loaded = _proc_status("VmHWM")  # every weight resident; the forward below adds its own working set
+        loaded = proc_status("VmHWM")  # every weight resident; the forward below adds its own working set
         ids = torch.tensor([[126080, 598, 126081, 126346, 126347, 126348, 100, 200]])
         logits = m(ids)
         feats = m.encode_images(torch.zeros(1, 3, m.cfg.vision.image_size, m.cfg.vision.image_size))
     # ru_maxrss (KiB on Linux) is inherited over fork + exec, so a child of a big process reports the
     # parent's peak; VmHWM is the same high-water mark kept per address space, which exec resets
-    maxrss, peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _proc_status("VmHWM")
+    maxrss, peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, proc_status("VmHWM")
     n = sum(p.numel() for p in m.parameters())
     print(f"checkpoint: {path}, {n_files} safetensors shards, {size / 1e9:.3f} GB, {n:,} parameters "
           f"({next(m.parameters()).dtype})")

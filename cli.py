@@ -716,22 +716,27 @@ def autocast(device, dtype=torch.bfloat16):
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
                  "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
-_cpu_peak = None
+_peaks = {}  # (device, dtype) -> the measured rate: measured once per process
 
 
-def cpu_matmul_peak() -> float:
-    """Best fp32 FLOP/s of a 1024 x 1024 x 1024 matmul on this CPU (measured once, ~0.3 s)."""
-    global _cpu_peak
-    if _cpu_peak is None:
-        g = torch.Generator().manual_seed(0)  # not the global RNG: training must not depend on this
-        a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+def matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024) -> float:
+    """The best FLOP/s of an n x n x n matmul on `device` in `dtype` (five timed runs after a warm-up), with
+    its own generator: measuring must not move the global RNG that a run's initial weights come from."""
+    key = (str(device), dtype, n)
+    if key not in _peaks:
+        g = torch.Generator(device=device).manual_seed(0)
+        a, b = (torch.randn(n, n, generator=g, device=device).to(dtype) for _ in range(2))
         best = float("inf")
-        for _ in range(5):
+        for _ in range(6):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             t = time.perf_counter()
             a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - t)
-        _cpu_peak = 2 * 1024 ** 3 / best
-    return _cpu_peak
+        _peaks[key] = 2 * n ** 3 / best
+    return _peaks[key]
 
 
 def device_peak(device: torch.device) -> tuple[float, str]:
@@ -741,7 +746,5 @@ def device_peak(device: torch.device) -> tuple[float, str]:
         for key, peak in GPU_PEAK_BF16.items():
             if key in name:
                 return peak, f"{name} bf16 spec"
-        return float("nan"), f"{name}: not in cli.GPU_PEAK_BF16, add it"
-    if device.type == "cpu":
-        return cpu_matmul_peak(), "measured CPU fp32 matmul"
-    return float("nan"), f"no peak for {device.type}"
+        return matmul_peak(device, torch.bfloat16, 8192), f"{name}: measured bf16 matmul (add it to GPU_PEAK_BF16)"
+    return matmul_peak(device), f"measured {device.type} fp32 matmul, {torch.get_num_threads()} thread(s)"

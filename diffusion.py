@@ -255,17 +255,27 @@ class KVCache:
 CACHES = (None, "prefix", "dual")
 
 
+def check_schedule(gen_length: int, block_length: int, steps: int | None = None, flag: str = "",
+                   steps_name: str = "steps"):
+    """The block schedule, checked in this one place (generate, and train.py / sample.py / the bench at parse
+    time): gen_length a multiple of block_length, and steps (None: threshold decoding, which has no fixed
+    count) a multiple of the number of blocks, so every block gets as many. flag="--" names the options
+    as typed. Raises a one-line ValueError; -> the number of blocks."""
+    if gen_length % block_length:
+        raise ValueError(f"{flag}gen_length={gen_length} is not divisible by {flag}block_length={block_length}; "
+                         f"pick a block_length that divides it")
+    num_blocks = gen_length // block_length
+    if steps is not None and steps % num_blocks:
+        raise ValueError(f"{flag}{steps_name}={steps} is not divisible by the {num_blocks} blocks "
+                         f"({flag}gen_length / {flag}block_length); use a multiple of {num_blocks}")
+    return num_blocks
+
+
 def check_options(steps, gen_length, block_length, remasking, cache, threshold, stop_sequences):
     """generate()'s argument checks, each a one-line ValueError; returns the steps per block.
     More steps per block than the block has positions (steps > gen_length) cannot reveal more: the extra
     steps reveal nothing, so generate() makes no model call for them; a warning says so (issue 26)."""
-    if gen_length % block_length:
-        raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block_length}; "
-                         f"pick a block_length that divides it")
-    num_blocks = gen_length // block_length
-    if threshold is None and steps % num_blocks:
-        raise ValueError(f"steps={steps} is not divisible by the {num_blocks} blocks "
-                         f"(gen_length / block_length); use a multiple of {num_blocks}")
+    num_blocks = check_schedule(gen_length, block_length, steps if threshold is None else None)
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking={remasking!r}: use 'low_confidence' or 'random'")
     if cache not in CACHES:

@@ -37,7 +37,7 @@ import torch
 
 from cli import autocast, opt, parse_config, pick_device, run_cli
 from data import answer_text, default_system, prompt_batch, sft_example
-from diffusion import MODES, choose, generate, mode_kwargs
+from diffusion import MODES, check_schedule, choose, generate, mode_kwargs
 from model import LLaDAV
 from synthetic import (CHOICES, DEMO_OFFSET, GRID, KINDS, SyntheticVQA, candidates, draw, make_sample, score,
                        toy_tokenizer)
@@ -288,12 +288,8 @@ class SampleConfig:
 
     def check(self):
         """Options that must agree with each other (the sampler's block schedule), before any loading."""
-        G, blk, steps = self.gen_length, self.block_length, self.steps
-        if G is not None and blk is not None and G % blk:
-            raise ValueError(f"--gen_length={G} is not divisible by --block_length={blk}; pick a divisor of it")
-        if G is not None and blk is not None and steps is not None and steps % (G // blk):
-            raise ValueError(f"--steps={steps} is not divisible by the {G // blk} blocks (--gen_length / "
-                             f"--block_length); every block gets the same number of steps")
+        if self.gen_length is not None and self.block_length is not None:  # unset: the checkpoint's, checked then
+            check_schedule(self.gen_length, self.block_length, self.steps, "--")
 
 
 def load(sc, device):

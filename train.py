@@ -52,7 +52,7 @@ from checkpoint import INIT_PARTS, export, init_from, resume, save
 from cli import (JsonlLog, autocast, claim_out_dir, device_peak, model_config, opt, parse_config, peak_memory, pick_device,
                  release_lock, run_cli, write_text)
 from data import default_system, key_mask_on, llava_inputs
-from diffusion import diffusion_loss, forward_process
+from diffusion import check_schedule, diffusion_loss, forward_process
 from distributed import all_sum, barrier, gradient_sync, resolve_parallel, setup, teardown, wrap
 from model import PRESETS, LLaDAV, count_params, step_flops
 from sample import evaluate, format_eval
@@ -165,9 +165,7 @@ class TrainConfig:
 
     def check(self):
         """The rules that tie options together, checked with the others before any work (cli.parse_config)."""
-        if self.gen_length % self.block_length or self.sample_steps % (self.gen_length // self.block_length):
-            raise ValueError(f"--gen_length={self.gen_length} must be divisible by --block_length={self.block_length}, "
-                             f"and --sample_steps={self.sample_steps} by the number of blocks; fix the three options")
+        check_schedule(self.gen_length, self.block_length, self.sample_steps, "--", "sample_steps")
         if self.optimizer == "muon" and self.parallel == "fsdp":
             raise ValueError("--optimizer=muon needs whole weight matrices, and --parallel=fsdp shards them; use "
                              "--optimizer=adamw or --parallel=ddp")

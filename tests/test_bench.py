@@ -26,7 +26,7 @@ def test_layer_only_prints_time_flops_and_mfu(capsys):
     assert "one LLaDA block of preset toy (d_model 96, 6 heads, mlp_hidden 256): 0.11M parameters, bf16" in out
     assert "forward + backward of (2, 32, 96), mean of 2" in out
     m = re.search(r"([\d.]+) ms \| ([\d,]+) tokens/s \| ([\d.,]+) GFLOP \(counted; .* = ([\d.,]+)\) \| ([\d.]+) TFLOP/s "
-                  r"\| MFU ([\d.]+)% of [\d.,]+ TFLOP/s \(measured fp32 matmul", out)
+                  r"\| MFU ([\d.]+)% of [\d.,]+ TFLOP/s \(measured cpu fp32 matmul", out)
     assert m, out
     ms, tps = float(m[1]), float(m[2].replace(",", ""))
     assert ms > 0 and tps == pytest.approx(64 / (ms / 1e3), rel=0.02)

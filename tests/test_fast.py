@@ -413,7 +413,7 @@ def test_bench_runs_and_prints_every_mode(capsys):
     bench.main(["--train_batch=2", "--train_steps=1", "--repeats=1", "--gen_length=8", "--block_length=4",
                 "--steps=8"])
     out = capsys.readouterr().out
-    assert "GFLOP/step (counted)" in out and "MFU" in out and "measured fp32 matmul" in out
+    assert "GFLOP/step (model.step_flops)" in out and "MFU" in out and "measured cpu fp32 matmul" in out
     rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| mode")]
     assert [r.split("|")[1].strip() for r in rows] == list(MODES)
     assert "| 8 (8) |" in rows[0] and "(2) |" in rows[1]
@@ -455,8 +455,9 @@ def test_bench_sampler_vs_official(capsys, tmp_path):
     with pytest.raises(SystemExit, match="baseline"):
         bench.main(["--vs_official=1", f"--baseline={tmp_path / 'none.py'}"])
 
-def test_flop_counter_sees_the_model():
-    """The counted FLOPs of one training step are ~ 6 x parameters x tokens (language-model layers over the
+def test_bench_flops_see_the_model():
+    """The bench's FLOPs of one training step (model.step_flops, held to torch's counter in test_model.py) are
+    ~ 6 x parameters x tokens (language-model layers over the
     whole sequence, vision layers over the patches) plus attention and the head on masked rows: a sanity
     band that catches a counter that sees nothing, or counts the step twice."""
     from tools import bench

@@ -322,3 +322,41 @@ def test_init_weights_scaled_residual_and_truncated():
             assert lin.weight.abs().max() <= 3 * std + 1e-7
             assert lin.weight.abs().max() > 2 * std  # truncated, not shrunk to a narrower range
     assert llm.embed_tokens.weight.abs().max() <= 3 / math.sqrt(d) + 1e-7
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs: the one MFU numerator (model.step_flops) against torch's own count
+
+@pytest.mark.parametrize("preset, overrides, batch", [
+    ("toy", {}, 2),
+    # LLaDA-V's shape (384-pixel SigLIP patches: 729 visual tokens, spatially large attention), narrow widths
+    ("llada_v_8b", {"lm.d_model": 256, "lm.n_layers": 2, "lm.n_heads": 4, "lm.mlp_hidden": 688, "lm.vocab_size": 4096,
+                    "vision.d_model": 96, "vision.n_layers": 3, "vision.n_heads": 2, "vision.mlp_hidden": 384}, 1),
+])
+def test_step_flops_match_the_flop_counter(preset, overrides, batch):
+    """model.step_flops (what train.py's and the bench's MFU divide) is within 10% of what
+    torch.utils.flop_counter counts for one forward + backward with every part training. Attention runs
+    on SDPA's math kernel here, so the counter sees its matmuls (it has no formula for the CPU's fused kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from cli import model_config
+    from diffusion import diffusion_loss, forward_process
+    mc = model_config(preset, overrides)
+    torch.manual_seed(0)
+    m = LLaDAV(mc)
+    m.init_weights()
+    N, V = mc.vision.n_patches, mc.lm.vocab_size
+    ids = torch.cat([torch.full((batch, N), -200), torch.randint(0, V - 2, (batch, 32))], 1)
+    labels = torch.cat([torch.full((batch, N + 20), -100), ids[:, N + 20:]], 1)
+    pixels = torch.randn(batch, 3, mc.vision.image_size, mc.vision.image_size)
+    xt, masked, p_mask = forward_process(ids, labels, V - 1, generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        diffusion_loss(m(xt, pixels, output_positions=masked), labels, masked, p_mask).backward()
+    counted = fc.get_total_flops()
+    analytic = model.step_flops(mc, ids.numel(), ids.shape[1], int(masked.sum()), batch, True, True, True)
+    assert abs(analytic / counted - 1) < 0.10, (analytic, counted)
+    if preset != "toy":  # 729 visual tokens: the attention terms matter, and the count must include them
+        lm, vc = mc.lm, mc.vision
+        no_attn = analytic - 6 * ids.numel() * 2 * lm.n_layers * ids.shape[1] * lm.d_model \
+            - 6 * batch * N * 2 * (vc.n_layers - 1) * N * vc.d_model
+        assert no_attn / counted < 0.8

@@ -6,12 +6,12 @@ combinations; diffusion.py). Prints a table.
 Where this sits in the flow: it times the whole pipeline, image -> ViT -> projector -> LLaDA -> loss
 (one optimiser step), and the reverse process that answers from the same visual tokens.
 
-FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode records every matmul and
-attention of one training step (forward + backward, ~ 6 N tokens + attention). Utilisation is
+Utilisation is the one MFU of this project, as train.py logs it:
     MFU = (FLOPs per step / seconds per step) / peak,
-where peak is, on a CPU, the best fp32 matmul rate measured in this same run (so the figure says how
-close the step gets to what this machine's matmul can do), and on a GPU the vendor's dense bf16 peak
-(table below; unknown GPUs fall back to a measured bf16 matmul).
+with the FLOPs of model.step_flops (tests/test_model.py holds them to torch's FLOP counter) and the peak of
+cli.device_peak: on a CPU the best fp32 matmul rate measured in this same process (so the figure says how
+close the step gets to what this machine's matmul can do), on a GPU the vendor's dense bf16 peak (unknown
+GPUs fall back to a measured bf16 matmul). The single-layer bench counts its FLOPs with FlopCounterMode.
 
     python -m tools.bench                                   # toy preset, random weights, CPU or GPU
     python -m tools.bench --checkpoint=out/ckpt.pt          # a trained model (threshold decoding needs one:
@@ -42,9 +42,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoint import load_checkpoint
 from data import default_system, prompt_batch
-from diffusion import LLADA_V_BANNED, MODES, diffusion_loss, forward_process, generate, mode_kwargs
+from diffusion import LLADA_V_BANNED, MODES, check_schedule, diffusion_loss, forward_process, generate, mode_kwargs
 from cli import autocast, device_peak, model_config, opt, parse_config, pick_device, run_cli
-from model import PRESETS, Block, LLaDAV, rope_cos_sin
+from model import PRESETS, Block, LLaDAV, rope_cos_sin, step_flops
 from synthetic import SyntheticVQA, toy_tokenizer
 from tokenizer import IMAGE_TOKEN_INDEX, get_tokenizer
 from vision import preprocess
@@ -75,40 +75,12 @@ class BenchConfig:
 
     def check(self):
         """The sampler's block schedule must divide evenly (checked before any model is built)."""
-        if self.gen_length % self.block_length or self.steps % (self.gen_length // self.block_length):
-            raise ValueError(f"--gen_length={self.gen_length} must be a multiple of --block_length={self.block_length}"
-                             f" and --steps={self.steps} a multiple of the number of blocks; fix the three options")
+        check_schedule(self.gen_length, self.block_length, self.steps, "--")
 
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def matmul_peak(device, dtype=torch.float32, sizes=(256, 512, 1024, 2048)):
-    """Best measured matmul rate (FLOP/s) over a few square sizes, ~1 s in all."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        a @ b
-        sync(device)
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.25:
-            a @ b
-            reps += 1
-        sync(device)
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
-    return best
-
-
-def peak_flops(device):
-    """(peak FLOP/s, where it comes from)."""
-    if device.type == "cuda":
-        peak, src = device_peak(device)  # the one table of data-sheet peaks (cli.GPU_PEAK_BF16)
-        if peak == peak:
-            return peak, src
-        return matmul_peak(device, torch.bfloat16, (4096, 8192)), f"{torch.cuda.get_device_name(device)}: measured bf16 matmul"
-    return matmul_peak(device), f"measured fp32 matmul, {torch.get_num_threads()} thread(s)"
 
 
 def fake_batch(cfg, B, bc, device, gen=None):
@@ -140,10 +112,7 @@ def bench_train(model, bc, device, peak):
         opt.step()
 
     model.train()
-    with FlopCounterMode(display=False) as fc:
-        step()
-    flops = fc.get_total_flops()
-    step()
+    step()  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
@@ -155,6 +124,8 @@ def bench_train(model, bc, device, peak):
     model.eval()
     tokens = ids.numel()
     mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    # forward_process masks about half the answer tokens; the head runs at those rows only
+    flops = step_flops(cfg, tokens, ids.shape[1], int((labels != -100).sum()) // 2, bc.train_batch, True, True, True)
     return dict(seconds=dt, tokens=tokens, flops=flops, mfu=flops / dt / peak, mem=mem)
 
 
@@ -384,7 +355,7 @@ def main_vs_official(bc, overrides, device):
         print(f"| {name} | {t:.2f} s | {t_ref / t:.2f}x | {'yes' if torch.equal(outs[name], outs[first]) else 'NO'} |")
 
 def main_layer(bc, overrides, device):
-    lm, (peak, peak_src) = model_config(bc.preset, overrides).lm, peak_flops(device)
+    lm, (peak, peak_src) = model_config(bc.preset, overrides).lm, device_peak(device)
     r = bench_layer(lm, bc, device)
     print(f"one LLaDA block of preset {bc.preset} (d_model {lm.d_model}, {lm.n_heads} heads, mlp_hidden {lm.mlp_hidden}): "
           f"{r['params'] / 1e6:.2f}M parameters, bf16, on {device}; forward + backward of ({bc.train_batch}, "
@@ -407,10 +378,7 @@ def main(argv):
         return main_layer(bc, overrides, device)
     if bc.vs_official:
         return main_vs_official(bc, overrides, device)
-    if bc.official:
-        if bc.gen_length % bc.block_length or bc.steps % (bc.gen_length // bc.block_length):
-            sys.exit(f"gen_length={bc.gen_length} must be a multiple of block_length={bc.block_length} and steps="
-                     f"{bc.steps} a multiple of the number of blocks; fix the three options")
+    if bc.official:  # (the block schedule was checked with the options, BenchConfig.check)
         return main_official(bc, overrides, device)
     if bc.checkpoint:
         try:
@@ -427,11 +395,11 @@ def main(argv):
     print(f"{source}: {n_params / 1e6:.2f}M parameters on {device} ({torch.get_num_threads()} CPU threads), "
           f"training sequences of {L} tokens ({model.cfg.vision.n_patches} visual + {bc.text_len} text + {bc.gen_length} answer)")
     if not bc.skip_train:
-        peak, peak_src = peak_flops(device)
+        peak, peak_src = device_peak(device)
         tr = bench_train(model, bc, device, peak)
         print(f"\ntraining step (batch {bc.train_batch}, mean of {bc.train_steps}):")
         print(f"  {tr['seconds'] * 1e3:.1f} ms/step | {tr['tokens'] / tr['seconds']:,.0f} tokens/s | "
-              f"{tr['flops'] / 1e9:.2f} GFLOP/step (counted) | {tr['flops'] / tr['seconds'] / 1e9:.1f} GFLOP/s | "
+              f"{tr['flops'] / 1e9:.2f} GFLOP/step (model.step_flops) | {tr['flops'] / tr['seconds'] / 1e9:.1f} GFLOP/s | "
               f"MFU {100 * tr['mfu']:.1f}% of {peak / 1e9:,.1f} GFLOP/s ({peak_src})"
               + (f" | peak memory {tr['mem'] / 2**20:,.0f} MiB" if tr["mem"] is not None else ""))
     print(f"\nsampling (batch {bc.sample_batch}, gen_length {bc.gen_length}, block_length {bc.block_length}, "

@@ -43,7 +43,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from cli import opt, parse_config, run_cli
+from cli import opt, parse_config, proc_status, run_cli
 from model import PRESETS
 
 GB = 2 ** 30
@@ -149,13 +149,6 @@ def _reset_peak():
         f.write("5")  # resets VmHWM to the current resident set
 
 
-def _rss(key="VmRSS"):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-
-
 def _measure_step(preset, batch, text_len, checkpointing, overrides):
     """(runs in a child) one steady-state training step of `preset` in fp32 on the CPU -> bytes."""
     import torch
@@ -186,9 +179,9 @@ def _measure_step(preset, batch, text_len, checkpointing, overrides):
     resident = sum(p.nbytes for p in model.parameters()) + sum(
         t.nbytes for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
     _reset_peak()
-    rss0 = _rss()
+    rss0 = proc_status("VmRSS")
     step()  # the measured, steady-state step
-    return {"peak": resident + _rss("VmHWM") - rss0, "resident": resident, "masked": int(masked.sum()),
+    return {"peak": resident + proc_status("VmHWM") - rss0, "resident": resident, "masked": int(masked.sum()),
             "tokens": ids.numel()}
 
 
@@ -253,9 +246,9 @@ def _head_loss_peak(tokens, vocab, d, n_masked, variant, chunk=512):
     h.grad = head.weight.grad = None
     gc.collect()
     _reset_peak()
-    base = _rss()
+    base = proc_status("VmRSS")
     loss = run(slice(None), chunk)
-    return {"peak": _rss("VmHWM") - base, "loss": loss.item()}
+    return {"peak": proc_status("VmHWM") - base, "loss": loss.item()}
 
 
 def head_bench(tokens=8192, vocab=126464, d=256, fracs=(0.5, 0.25, 0.1), chunk=512, say=print):

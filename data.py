@@ -66,6 +66,7 @@ import json
 import math
 import os
 import random
+import sys
 from collections import Counter
 from functools import partial
 
@@ -609,3 +610,20 @@ def llava_inputs(b, mc, pad_id: int, device, key_pad_mask: bool, need_image: boo
         attn = torch.cat([attn, hidden], 1)
         pixels, layout = torch.zeros(1, 3, S, S, device=device), [(1, (S, S), T)]
     return ids, labels, attn, dict(pixels=pixels, image_layout=layout, attention_mask=mask)
+
+
+def open_llava(tc, mc, tok, world: int, rank: int, micro: int):
+    """train.py --data (tc: its TrainConfig, mc: the model config): the LLaVA dataset -> (MicroBatches of this
+    rank, BadSampleCounter); with --epochs, max_steps follows from the dataset's size."""
+    try:
+        ds = LlavaDataset(tc.data, tc.image_root, tok, mc.vision.image_size, mc.vision.n_patches,
+                          fmt=tc.data_format, max_len=min(tc.max_len, mc.lm.max_seq_len),
+                          unignore_special=tc.unignore_special, image_mode=mc.image_aspect_ratio,
+                          newline="unpad" in mc.mm_patch_merge_type, truncation=tc.truncation)
+    except (OSError, ValueError) as e:
+        sys.exit(str(e))
+    batches = MicroBatches(ds, tc.batch_size, micro, world, rank, tc.seed, tc.workers, tc.pad_labels,
+                           tc.group_by_length)
+    if tc.epochs > 0:
+        tc.max_steps = max(1, math.ceil(tc.epochs * batches.steps_per_epoch))
+    return batches, BadSampleCounter(tc.max_bad_frac, min_seen=min(50, len(ds)))

@@ -51,7 +51,7 @@ import torch
 from checkpoint import INIT_PARTS, export, init_from, resume, save
 from cli import (JsonlLog, autocast, claim_out_dir, device_peak, model_config, opt, parse_config, peak_memory, pick_device,
                  release_lock, run_cli, write_text)
-from data import default_system, key_mask_on, llava_inputs
+from data import default_system, key_mask_on, llava_inputs, open_llava
 from diffusion import check_schedule, diffusion_loss, forward_process
 from distributed import all_sum, barrier, gradient_sync, resolve_parallel, setup, teardown, wrap
 from model import PRESETS, LLaDAV, count_params, step_flops
@@ -450,23 +450,6 @@ def load_tokenizer(tc: TrainConfig, mc):
                  f"model dir> ({e})")
 
 
-def open_llava(tc: TrainConfig, mc, tok, info, micro):
-    """--data: the LLaVA dataset -> (MicroBatches, BadSampleCounter); with --epochs, max_steps follows."""
-    from data import BadSampleCounter, LlavaDataset, MicroBatches
-    try:
-        ds = LlavaDataset(tc.data, tc.image_root, tok, mc.vision.image_size, mc.vision.n_patches,
-                          fmt=tc.data_format, max_len=min(tc.max_len, mc.lm.max_seq_len),
-                          unignore_special=tc.unignore_special, image_mode=mc.image_aspect_ratio,
-                          newline="unpad" in mc.mm_patch_merge_type, truncation=tc.truncation)
-    except (OSError, ValueError) as e:
-        sys.exit(str(e))
-    batches = MicroBatches(ds, tc.batch_size, micro, info.world, info.rank, tc.seed, tc.workers, tc.pad_labels,
-                           tc.group_by_length)
-    if tc.epochs > 0:
-        tc.max_steps = max(1, math.ceil(tc.epochs * batches.steps_per_epoch))
-    return batches, BadSampleCounter(tc.max_bad_frac, min_seen=min(50, len(ds)))
-
-
 class Meter:
     """Throughput, MFU, ETA and memory for the log lines, summed over the processes at each log."""
 
@@ -591,7 +574,7 @@ def build(tc: TrainConfig, mc, info, log) -> Run:
     if fmt == "pt" and parallel == "fsdp":
         sys.exit(f"--ckpt_format={tc.ckpt_format}: FSDP2 needs dcp; use --ckpt_format=dcp or auto")
     # --data: LLaVA records read by DataLoader workers, and the counter of records skipped as bad
-    llava, bad = open_llava(tc, mc, tok, info, micro) if tc.data else (None, None)
+    llava, bad = open_llava(tc, mc, tok, info.world, info.rank, micro) if tc.data else (None, None)
     tc.warmup_steps = warmup_of(tc)
     return Run(tok, synthetic, model, fwd, opt, parallel, fmt, llava, bad, micro, accum)
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train
-from data import IGNORE_INDEX, LlavaDataset, MicroBatches, collate_llava, length_grouped_batches, random_batches
+from data import (IGNORE_INDEX, LlavaDataset, MicroBatches, collate_llava, length_grouped_batches, open_llava,
+                  random_batches)
 from diffusion import diffusion_loss, forward_process
 from model import LLaDAV, get_config
 from synthetic import toy_tokenizer
@@ -297,7 +298,7 @@ def test_stage_max_len_raises_max_seq_len(tmp_path):
                                                                        {"from": "gpt", "value": words}]}] * 2))
     tc, mc = train.parse_args([f"--data={tmp_path / 'long.json'}", "--stage=2", "--max_len=300", "--batch_size=2"]
                               + TINY_MODEL, train.TrainConfig())
-    ds = train.open_llava(tc, mc, TOK, SimpleNamespace(world=1, rank=0), 1)[0].ds
+    ds = open_llava(tc, mc, TOK, 1, 0, 1)[0].ds
     full = LlavaDataset(str(tmp_path / "long.json"), "", TOK, S, n * n, max_len=10 ** 6)[0]["ids"]
     assert len(full) > 300 and ds[0]["ids"] == full[:300]  # official: x[:model_max_length]
 

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -r requirements-eval.txt, "
-                                        "see docs/eval.md); CI installs it and runs these tests")
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (requirements-eval.txt, installed as "
+                                        "docs/eval.md says); CI installs it and runs these tests")
 
 import sample  # noqa: E402
 from conftest import narrow_llada_v, run_train, tiny_llm  # noqa: E402

@@ -38,8 +38,8 @@ try:
     from lmms_eval.api.model import lmms
     from lmms_eval.api.registry import register_model
 except ImportError as e:
-    raise SystemExit(f"tools/eval.py needs lmms-eval, which is not installed ({e}); install it as docs/eval.md "
-                     f"says: pip install -c .ci/eval-constraints.txt -r requirements-eval.txt") from None
+    raise SystemExit(f"tools/eval.py needs lmms-eval, which is not installed ({e}); install it over your torch "
+                     f"as docs/eval.md says (pip install -c <your torch pin> -r requirements-eval.txt)") from None
 
 # ----------------------------------------------------------------------------------------------
 # LLaDA-V's generation settings per benchmark, as its evaluation ran them: the GEN_KWARGS of

@@ -102,13 +102,17 @@ def test_loglikelihood_is_the_monte_carlo_bound(toy):
     assert ll_other != pytest.approx(ll_own)
 
 
-def test_official_settings_reach_answer_pretrained():
-    """For official weights each task gets LLaDA-V's row (here chartqa: 16 tokens, a "\\n" stop before <|eot_id|>,
-    /no_think), gen_kwargs under the official names override it, and the answer is answer_pretrained's with
-    lmms-eval's decoding; a text-only LLaDA gets the row without the think switch."""
+def test_official_settings_reach_answer_pretrained(tmp_path):
+    """A Hugging Face LLaDA-V folder (a tiny one with the real key names): each task gets LLaDA-V's row (here
+    chartqa: 16 tokens, a "\\n" stop before <|eot_id|>, /no_think), gen_kwargs under the official names override
+    it, and the answer is answer_pretrained's with lmms-eval's decoding; a text-only LLaDA gets the row without
+    the think switch."""
+    from checkpoint import save_pretrained
     tok = toy_tokenizer()
-    vlm = narrow_llada_v(vocab_size=512, image_size=32, patch_size=8)
-    lm = LLaDAVEval(model=(vlm, tok, None), device="cpu")
+    save_pretrained(narrow_llada_v(vocab_size=512, image_size=32, patch_size=8), tmp_path / "v")
+    lm = LLaDAVEval(str(tmp_path / "v"), device="cpu", tokenizer="toy")
+    vlm = lm.model
+    assert not lm.ours and type(vlm).__name__ == "LLaDAV"
     s = lm.settings("chartqa", {"until": ["\n\n"], "max_new_tokens": 5})
     assert (s["gen_length"], s["steps"], s["block_length"], s["stop"], s["think"]) == (16, 16, 16, ("\n",), "no_think")
     assert lm.settings("chartqa", {"gen_length": 8, "gen_steps": 4})["steps"] == 4
@@ -119,8 +123,9 @@ def test_official_settings_reach_answer_pretrained():
     want = sample.answer_pretrained(vlm, tok, img, q, gen_length=16, steps=16, block_length=16, think="no_think",
                                     stop=("\n", "<|eot_id|>"), lmms_eval=True)
     assert got == want
-    llm = tiny_llm(vocab_size=512, max_seq_len=256)
-    lm = LLaDAVEval(model=(llm, tok, None), device="cpu")
+    save_pretrained(tiny_llm(vocab_size=512, max_seq_len=256), tmp_path / "t")  # a text LLaDA folder
+    lm = LLaDAVEval(str(tmp_path / "t"), device="cpu", tokenizer="toy")
+    llm = lm.model
     lm.task_dict = {"mmstar": {"test": [{}]}}
     (got,) = lm.generate_until([request("mmstar", q, {}, None)])
     assert got == sample.answer_pretrained(llm, tok, None, q, gen_length=2, steps=2, block_length=2, lmms_eval=True)

@@ -67,16 +67,18 @@ OVERRIDES = {"gen_length": "gen_length", "block_length": "block_length", "steps"
              "stopping_criteria": "stop"}
 
 
-def load_any(path: str, device: torch.device, dtype: str = "auto"):
+def load_any(path: str, device: torch.device, dtype: str = "auto", tokenizer: str = ""):
     """A checkpoint path -> (model, tokenizer, training config or None). A folder holding ckpt.pt is an out_dir
     of train.py (which also exports config.json beside it); another folder is a Hugging Face model (LLaDA-V or
-    a text LLaDA); a file is a ckpt.pt. Raises FileNotFoundError / ValueError with one line."""
+    a text LLaDA); a file is a ckpt.pt. tokenizer (Hugging Face folders): a tokenizer.json or folder, "toy" for
+    the toy tokenizer, "" for the folder's own. Raises FileNotFoundError / ValueError with one line."""
     from checkpoint import from_pretrained, load_checkpoint
     from sample import inference_dtype
+    from synthetic import toy_tokenizer
     from tokenizer import get_tokenizer
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")):
         model = from_pretrained(path, dtype=inference_dtype(dtype, device), device=device)
-        return model.eval(), get_tokenizer(path), None
+        return model.eval(), toy_tokenizer() if tokenizer == "toy" else get_tokenizer(tokenizer or path), None
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     model, tok, ckpt = load_checkpoint(path, device)
@@ -86,14 +88,14 @@ def load_any(path: str, device: torch.device, dtype: str = "auto"):
 @register_model("llada_v")
 class LLaDAVEval(lmms):
     """lmms-eval's model interface over sample.py's answer functions (see the module docstring).
-    checkpoint: as load_any. mode / threshold / refresh_every: the decoding mode (diffusion.MODES).
+    checkpoint, dtype, tokenizer: as load_any. mode / threshold / refresh_every: the decoding mode (diffusion.MODES).
     batch_size: questions decoded together (our checkpoints; the official weights go one at a time).
     mc_num / mc_batch: Monte-Carlo samples per likelihood and copies per forward pass (the official model
     file's mc_num=128, batch_size_ppl=32). greedy_check: loglikelihood's second value (costs one generation).
     Anything else lmms-eval passes (max_batch_size, device=None) is accepted and ignored."""
 
     def __init__(self, checkpoint="out", device="auto", batch_size=1, mode="exact", threshold=0.9, refresh_every=0,
-                 dtype="auto", mc_num=128, mc_batch=32, greedy_check=True, seed=0, model=None, **_):
+                 dtype="auto", mc_num=128, mc_batch=32, greedy_check=True, seed=0, tokenizer="", model=None, **_):
         super().__init__()
         from distributed import pick_device
         if mode not in MODES:
@@ -102,7 +104,7 @@ class LLaDAVEval(lmms):
             raise ValueError(f"mc_num={mc_num} must be a multiple of mc_batch={mc_batch}")
         self.device_ = pick_device(device or "auto")
         # model=(model, tok, train_config): an already loaded model (tests); otherwise load the checkpoint
-        self.model, self.tok, self.train_config = model or load_any(str(checkpoint), self.device_, dtype)
+        self.model, self.tok, self.train_config = model or load_any(str(checkpoint), self.device_, dtype, tokenizer)
         self.ours = self.train_config is not None  # a ckpt.pt of train.py, not official weights
         self.batch_size_ = int(batch_size)
         self.decoding = dict(mode=mode, threshold=float(threshold), refresh_every=int(refresh_every))
@@ -301,6 +303,7 @@ class EvalConfig:
     batch_size: int = opt(1, min=1)            # questions decoded together (our checkpoints; official weights: 1)
     device: str = opt("auto", device=True)     # auto = cuda > cpu
     dtype: str = opt("auto", choices=("auto", *DTYPES))  # official weights' dtype; auto: fp16 on CUDA, as stored on CPU
+    tokenizer: str = opt("", path="any", also=("toy",))  # Hugging Face folders: tokenizer.json or folder (default: its own)
     n: int = opt(500, min=1)                   # questions in the toy task (sample.py --eval's --n)
     limit: int | None = opt(None, min=1)       # score only the first N documents of each task (a quick look)
     mc_num: int = opt(128, min=1)              # Monte-Carlo samples per likelihood (loglikelihood tasks)
@@ -319,7 +322,7 @@ def main(argv):
     """python -m tools.eval --key=value ...: load, evaluate with lmms-eval, print one line per task's metrics."""
     ec = parse_config(EvalConfig, argv, __doc__)
     lm = LLaDAVEval(ec.checkpoint, ec.device, ec.batch_size, ec.mode, ec.threshold, ec.refresh_every, ec.dtype,
-                    ec.mc_num, ec.mc_batch, seed=ec.seed)
+                    ec.mc_num, ec.mc_batch, seed=ec.seed, tokenizer=ec.tokenizer)
     tasks = [t for t in ec.tasks.split(",") if t]
     res = evaluate(lm, tasks, ec.n, ec.limit, ec.task_dir, ec.include_path)
     for task, metrics in res["results"].items():

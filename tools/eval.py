@@ -160,7 +160,8 @@ class LLaDAVEval(lmms):
                 imgs = [self._visual(r.args[2], r.args[4], r.args[5], r.args[3]) for r in requests[i:j]]
                 if any(im is None for im in imgs):
                     raise ValueError(f"task {task}: a question without an image; our checkpoints answer about an image")
-                s.pop("think", None), s.pop("stop", None)  # the toy was trained without either
+                for k in ("think", "stop"):  # the toy was trained without either: no suffix, its own EoT cut
+                    s.pop(k, None)
                 texts = answer(self.model, self.tok, imgs, [r.args[0] for r in requests[i:j]], **s, **self.decoding)
                 out[i:j] = texts
                 i = j
@@ -170,8 +171,8 @@ class LLaDAVEval(lmms):
             ctx, gk, dtv, doc_id, task, split = r.args
             s = self.settings(task, gk)
             stop = tuple(s.pop("stop", ())) + ("<|eot_id|>",)  # the model file appends the template's separator
-            think = s.pop("think", None) if is_v else None  # LLaDA-V's switch; a text LLaDA was not trained on it
-            s.pop("think", None)
+            think = s.pop("think", None)
+            think = think if is_v else None  # LLaDA-V's switch; a text LLaDA was not trained on it
             out[i] = answer_pretrained(self.model, self.tok, self._visual(dtv, task, split, doc_id), ctx, think=think,
                                        stop=stop, lmms_eval=True, **s, **self.decoding)
         return out
@@ -235,8 +236,7 @@ class LLaDAVEval(lmms):
             greedy = False
             if self.greedy_check:  # does the sampler write exactly this continuation?
                 if self.ours:
-                    s = self.settings(task, {})
-                    s.pop("think", None), s.pop("stop", None)
+                    s = {k: v for k, v in self.settings(task, {}).items() if k not in ("think", "stop")}
                     greedy = answer(self.model, self.tok, [img], [ctx], **s)[0] == cont.strip()
                 else:
                     A = len(ans)

@@ -144,6 +144,18 @@ def candidates(kind: str, question: str) -> list:
 SINGLE_KINDS = ["color", "shape", "describe"]  # the questions a one-object scene can teach (curriculum)
 
 
+def curriculum_note(step: int, single_object_steps: int, kind_weights_from: int) -> str:
+    """What a run that stopped at `step` never reached of the curriculum (one-object scenes first, the
+    kind weights later), said beside its report, where those kinds score near 0%; "" for a complete run."""
+    if step <= single_object_steps:
+        later = ", ".join(k for k in KINDS if k not in SINGLE_KINDS)
+        return (f"this run stopped at step {step}; {later} questions start at step {single_object_steps} "
+                f"(--single_object_steps): never trained, expect ~0% on them")
+    if step <= kind_weights_from:
+        return f"this run stopped at step {step}; the --kind_weights mix starts at step {kind_weights_from}: not reached"
+    return ""
+
+
 def parse_kind_weights(spec: str) -> list[float]:
     """"color:0.5,relation:2" -> one weight per KINDS entry (kinds not named get 0)."""
     w = dict.fromkeys(KINDS, 0.0)

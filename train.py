@@ -56,7 +56,7 @@ from diffusion import check_schedule, diffusion_loss, forward_process
 from distributed import all_sum, barrier, gradient_sync, resolve_parallel, setup, teardown, wrap
 from model import PRESETS, LLaDAV, count_params, step_flops
 from sample import evaluate, format_eval
-from synthetic import SyntheticVQA, parse_kind_weights, toy_tokenizer
+from synthetic import SyntheticVQA, curriculum_note, parse_kind_weights, toy_tokenizer
 from tokenizer import config_mask_id, get_tokenizer
 from vision import preprocess
 
@@ -681,22 +681,6 @@ def log_step(tc, run: Run, info, rec: dict, lr: float, log, jlog):
             log(f"  skipped {n_bad:.0f} of {n_seen:.0f} samples so far (this process: {run.bad.summary()})")
 
 
-def unreached_kinds(tc, step: int) -> str:
-    """The toy's curriculum, said when a run stops before it is through: which question kinds it never
-    trained (the report then shows them near 0%) and whether the kind weights ever applied."""
-    if tc.data:
-        return ""
-    from synthetic import KINDS, SINGLE_KINDS
-    notes = []
-    if step <= tc.single_object_steps:
-        later = [k for k in KINDS if k not in SINGLE_KINDS]
-        notes.append(f"{', '.join(later)} questions start at step {tc.single_object_steps} (--single_object_steps): "
-                     f"never trained, expect ~0% on them")
-    elif step <= tc.kind_weights_from:
-        notes.append(f"the relation-heavy mix (--kind_weights) starts at step {tc.kind_weights_from}: not reached")
-    return f"this run stopped at step {step}; " + "; ".join(notes) if notes else ""
-
-
 def finish(tc, mc, run: Run, info, log, step, train_time, steps_run, heldout):
     """The end: export (model.safetensors + config.json, and a weights-only ckpt.pt for a DCP run: what
     sample.py, the bench and the next stage's --init_from read), then the held-out report. report.json is
@@ -716,8 +700,8 @@ def finish(tc, mc, run: Run, info, log, step, train_time, steps_run, heldout):
         log(f"held-out report ({time.time() - t0:.0f}s of sampling):")
         log(f"  images:       {format_eval(final)}")
         log(f"  blank images: {format_eval(blank)}   <- near chance: the answers come from the image")
-        if unreached_kinds(tc, step):
-            log(f"  note: {unreached_kinds(tc, step)}")
+        if curriculum_note(step, tc.single_object_steps, tc.kind_weights_from):  # a run shorter than the curriculum
+            log(f"  note: {curriculum_note(step, tc.single_object_steps, tc.kind_weights_from)}")
         report.update(heldout=final, blank_images=blank)
     if info.main:
         write_text(os.path.join(tc.out_dir, "report.json"), json.dumps(report, indent=1))

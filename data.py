@@ -17,7 +17,7 @@ Where this sits in the flow:  image -> ViT -> projector -> [token sequence] -> m
    Two token forms of the same text (REFERENCE 11.1): official *inference* (tokenizer_image_token) drops
    the token right after every "<image>" (the "\n"), a side effect of LLaVA's BOS offset; official
    *training* keeps it. tokenizer_image_token() below transcribes the inference form (keep_after_image
-   switches the token back); answer_pretrained uses it. The toy was trained with the "\n" kept and is
+   switches the token back); sample.answer uses it for official-form prompts. The toy was trained with the "\n" kept and is
    sampled the same way (sft_example, prompt_batch use tok.encode_with_image).
 
 2. SFT sequence (REFERENCE 3.2, LLaDA GUIDELINES): x0 = prompt ++ answer ++ <|eot_id|> ++ <|endoftext|>*,

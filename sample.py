@@ -1,29 +1,31 @@
 """
 Ask a trained LLaDA-V about an image: the reverse diffusion process end to end.
 
-    image -> preprocess -> ViT -> projector -> visual tokens  (encoded once)
+Where this sits in the flow: image -> ViT -> projector -> tokens -> [the sampler, backwards from masks].
+    image -> preprocess (the model's image mode) -> ViT -> projector -> visual tokens    (encoded once)
     prompt = chat template with the visual tokens spliced in at <image>
     answer = generate(): start from gen_length [MASK]s and, step by step, reveal the tokens the model
-             is most confident about (diffusion.py), then cut at the first <|eot_id|> / EOS.
+             is most confident about (diffusion.py), then cut at the stop (<|eot_id|>) or EOS.
+
+One answer path, answer(), for three kinds of model, each answered the way it was trained:
+    the toy (trained on synthetic scenes): its own prompt form and sampler lengths (its training run's);
+    LLaDA-V (the official weights, or a model this code trained on LLaVA data): the official prompt form,
+        its image packing (anyres crops with image_newline), banned ids, stop strings, 128 / 128 / 128,
+        float16 on CUDA (ML-GSAI/LLaDA-V train/generate_demo.py);
+    a text LLaDA: blocks of 32 in bfloat16 on CUDA (ML-GSAI/LLaDA chat.py).
 
 Usage:
-    python sample.py                                   # out/ckpt.pt, a fresh synthetic image
+    python sample.py                                   # out/ (the toy), a fresh synthetic image
     python sample.py --image=cat.png --question="What color is the circle?"
-    python sample.py --show_steps                      # print the canvas after every step
+    python sample.py --show_steps=1                    # print the canvas after every step
     python sample.py --mode=threshold+dual             # fast decoding (diffusion.py): exact | prefix | dual |
                                                        # threshold | threshold+prefix | threshold+dual
-    python sample.py --gif=out.gif                     # an animation of the denoising
-    python sample.py --eval --modes=exact,threshold+dual   # held-out accuracy, NFE and time per mode
-    python sample.py --eval_choice                     # multiple choice by the likelihood bound
-The official model (a Hugging Face directory, e.g. GSAI-ML/LLaDA-V; see docs/official.md):
+    python sample.py --eval=1 --modes=exact,threshold+dual   # held-out accuracy, NFE and time per mode
+    python sample.py --eval_choice=1                   # multiple choice by the likelihood bound
     python sample.py --checkpoint=LLaDA-V --image=cat.jpg --question="What is in the picture?"
-    python sample.py --checkpoint=LLaDA-V --image=cat.jpg --chat        # multi-turn, questions from stdin
-    python sample.py --checkpoint=LLaDA-V --image=cat.jpg --mode=threshold+dual    # fast decoding, as above
-    extra flags: --dtype=bf16|fp16|fp32 (default: fp16 on CUDA as the official inference, the checkpoint's
-                 dtype on CPU),
-                 --think=think|no_think, --stop="<|eot_id|>" (comma-separated), --tokenizer=<path>
-This file also holds `answer()` and `evaluate()` (held-out accuracy per question kind), which
-train.py uses for its reports.
+    python sample.py --checkpoint=LLaDA-V --image=cat.jpg --chat=1      # multi-turn, questions from stdin
+The GIF of the denoising: python -m tools.draw --gif=out.gif. Benchmarks: python -m tools.eval (docs/eval.md).
+train.py uses answer() and evaluate() (held-out accuracy per question kind) for its reports.
 """
 import contextlib
 import math
@@ -257,15 +259,17 @@ def format_modes_table(rows) -> str:
 class SampleConfig:
     # The options of sample.py, --key=value (cli.parse_config): the rule in opt() says what each accepts,
     # the comment after it is its --help. Sampler settings left unset come from the checkpoint's training run.
-    checkpoint: str = opt("out/ckpt.pt", path="any")  # our ckpt.pt (train.py), or a Hugging Face model folder
+    checkpoint: str = opt("out/ckpt.pt", path="any")  # a train.py run (its folder or ckpt.pt), or a Hugging Face folder
                                                       # (the official weights, e.g. GSAI-ML/LLaDA-V)
     image: str = opt("", path="file")   # an image file; none: a fresh synthetic image (our checkpoints)
     question: str = ""                  # the question; none: the synthetic image's own question
     seed: int = opt(0, min=0)           # the synthetic image and the sampler's randomness
     device: str = opt("auto", device=True)  # auto = cuda > cpu
-    gen_length: int | None = opt(None, min=1)    # answer canvas in tokens (default: the training run's, 128 for HF)
-    steps: int | None = opt(None, min=1)         # sampler steps (default: the training run's, gen_length for HF)
-    block_length: int | None = opt(None, min=1)  # semi-autoregressive block length (default: as trained / gen_length)
+    gen_length: int | None = opt(None, min=1)    # answer canvas in tokens (unset: the toy's training run's; 128 for
+                                                 # LLaDA-V and text LLaDA, their official value)
+    steps: int | None = opt(None, min=1)         # sampler steps (unset: as trained; official: 128)
+    block_length: int | None = opt(None, min=1)  # semi-autoregressive block length (unset: as trained; official:
+                                                 # 128 for LLaDA-V, 32 for text LLaDA)
     temperature: float = opt(0.0, min=0)         # Gumbel noise on the logits; 0 = greedy
     cfg_scale: float = opt(0.0, min=0)           # classifier-free guidance; 0 = off
     remasking: str = opt("low_confidence", choices=("low_confidence", "random"))  # which masks a step reveals
@@ -280,7 +284,8 @@ class SampleConfig:
     mc_num: int = opt(16, min=1)                 # Monte-Carlo samples per candidate in --eval_choice
     modes: str = opt(",".join(MODES), each=tuple(MODES))  # the decoding modes --eval compares
     # --- the official model (--checkpoint=<Hugging Face folder>) ---
-    dtype: str = opt("auto", choices=("auto", *DTYPES))  # weights' dtype; auto: fp16 on CUDA (official), as stored on CPU
+    dtype: str = opt("auto", choices=("auto", *DTYPES))  # weights' dtype; auto: the family's official one on CUDA
+                                                         # (LLaDA-V fp16, text LLaDA bf16), as stored on CPU
     chat: bool = False                           # multi-turn: questions from stdin ('exit' or an empty line ends)
     think: str = opt("", choices=("", "think", "no_think"))  # LLaDA-V's reasoning switch; empty: none
     stop: str = "<|eot_id|>"                     # stop sequences, comma-separated (typed \n, \t: newline, tab)

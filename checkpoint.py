@@ -28,7 +28,11 @@ Before any module is built, from_pretrained reads config.json (its sizes within 
 and checks them against each other (layer count, widths, vocabulary): a damaged or mismatched folder costs
 nothing but one line naming the file. save_pretrained's shards carry the sha256 manifest as our own files do.
 
-Key names (REFERENCE 1.3, 2.2-2.4). Ours on the left; three official namings on the right:
+Key names (ML-GSAI/LLaDA-V train/llada_v_prepare/rename_checkpoint.py,
+train/llava/model/multimodal_encoder/siglip_encoder.py,
+train/llava/model/multimodal_projector/builder.py::build_vision_projector,
+train/llava/model/llava_arch.py::LlavaMetaModel; google/siglip2-so400m-patch14-384 config.json). Ours on the left; three
+official namings on the right:
     LLaDA          original (GSAI-ML/LLaDA-8B-*)          LLaMA-style (LLaDA-V's renaming)
     embed_tokens   model.transformer.wte                  model.embed_tokens
     layers.i.      model.transformer.blocks.i.            model.layers.i.

@@ -4,7 +4,8 @@ Data: LLaDA-V's chat template and the SFT sequences, answer masks and batches th
 Where this sits in the flow:  image -> ViT -> projector -> [token sequence] -> masked diffusion.
 (The tokenizer is in tokenizer.py; the embedded synthetic image-question dataset in synthetic.py.)
 
-1. Chat template (REFERENCE 3.1, 3.3), one user turn with an image:
+1. Chat template (GSAI-ML/LLaDA-8B-Instruct tokenizer_config.json; ML-GSAI/LLaDA-V train/llava/conversation.py
+   (conv_llava_llada, conv_llada_plain), train/llava/train/train.py::preprocess_llada), one user turn with an image:
      <|startoftext|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>
      <|start_header_id|>user<|end_header_id|>\n\n<image>\n{question}<|eot_id|>
      <|start_header_id|>assistant<|end_header_id|>\n\n
@@ -14,14 +15,14 @@ Where this sits in the flow:  image -> ViT -> projector -> [token sequence] -> m
    message builder, llada_v_messages() (system prompt, images first, history, " /think" / " /no_think").
    Several images: "<image> <image>\n" + question (the official eval's form).
 
-   Two token forms of the same text (REFERENCE 11.1): official *inference* (tokenizer_image_token) drops
-   the token right after every "<image>" (the "\n"), a side effect of LLaVA's BOS offset; official
-   *training* keeps it. tokenizer_image_token() below transcribes the inference form (keep_after_image
-   switches the token back); sample.answer uses it for official-form prompts. The toy was trained with the "\n" kept and is
-   sampled the same way (sft_example, prompt_batch use tok.encode_with_image).
+   Two token forms of the same text (ML-GSAI/LLaDA-V train/llava/mm_utils.py::tokenizer_image_token): official
+   *inference* (tokenizer_image_token) drops the token right after every "<image>" (the "\n"), a side effect of LLaVA's
+   BOS offset; official *training* keeps it. tokenizer_image_token() below transcribes the inference form
+   (keep_after_image switches the token back); sample.answer uses it for official-form prompts. The toy was trained with
+   the "\n" kept and is sampled the same way (sft_example, prompt_batch use tok.encode_with_image).
 
-2. SFT sequence (REFERENCE 3.2, LLaDA GUIDELINES): x0 = prompt ++ answer ++ <|eot_id|> ++ <|endoftext|>*,
-   padded with EOS to a fixed answer length G (= the sampler's gen_length). Labels are -100 on the
+2. SFT sequence (ML-GSAI/LLaDA GUIDELINES.md; LLaDA paper (arXiv 2502.09992) §2.3): x0 = prompt ++ answer ++ <|eot_id|>
+   ++ <|endoftext|>*, padded with EOS to a fixed answer length G (= the sampler's gen_length). Labels are -100 on the
    prompt and the image (never masked) and the token itself on the G answer positions (EOS padding
    included: the model learns to fill unused canvas with EOS, as LLaDA does).
 
@@ -34,7 +35,8 @@ A record (LLaVA-Pretrain, LLaVA-NeXT, MAmmoTH-VL all use it):
     {"id": ..., "image": "a.jpg" | ["a.jpg", "b.jpg"] | absent (text only),
      "conversations": [{"from": "human", "value": "<image>\nWhat is ...?"}, {"from": "gpt", "value": "..."}, ...]}
 
-Two formats (REFERENCE 3.3):
+Two formats (ML-GSAI/LLaDA-V train/llava/conversation.py (conv_llava_llada, conv_llada_plain),
+train/llava/train/train.py::preprocess_llada):
   plain (stage 1, `conv_llada_plain`):  x0 = <image> caption "\n"   -- no BOS, no template;
       labels = -100 on the image only, so the caption and the "\n" are targets.
   conv  (stages 2-3, `preprocess_llada`): every message m is rendered on its own as
@@ -52,9 +54,9 @@ Each "<image>" becomes that many IMAGE_TOKEN_INDEX placeholders, and only then i
 max_len, as the official code cuts after inserting the features: the cut may fall inside an image
 (`truncation`; "whole_images" moves it to before the image instead).
 
-Padding (collate, REFERENCE 11.9): ids right-padded with EOS; labels padded with EOS too (`pad_labels`,
-official: padding is a target, like LLaDA SFT) or with -100. The official collator sends no attention
-mask, so every token attends to the padding; the trainer follows that unless told otherwise.
+Padding (collate, ML-GSAI/LLaDA-V train/llava/train/train.py::DataCollatorForSupervisedDataset): ids right-padded with
+EOS; labels padded with EOS too (`pad_labels`, official: padding is a target, like LLaDA SFT) or with -100. The official
+collator sends no attention mask, so every token attends to the padding; the trainer follows that unless told otherwise.
 
 Bad samples (missing or corrupt image, malformed record, no target left) come back as {"error": reason};
 the collate function drops them and counts them per reason, and the trainer stops a run whose bad fraction
@@ -83,14 +85,16 @@ SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able 
 
 
 
-# LLaDA-V's reasoning switch (REFERENCE 3.3): appended to the user's text at eval and in the stage-3 data
+# LLaDA-V's reasoning switch (think_mode in ML-GSAI/LLaDA-V eval/lmms-eval/lmms_eval/models/llava_onevision_llada.py;
+# train/create_mix_data.py): appended to the user's text at eval and in the stage-3 data
 THINK_SUFFIX = {None: "", "think": " /think", "no_think": " /no_think"}
 
 
 def chat_template(messages) -> str:
-    """The one template renderer: the tokenizer chat_template of LLaDA-8B-Instruct (and LLaDA-V), REFERENCE
-    3.1. messages [{"role", "content"}] -> BOS once, then <|start_header_id|>role<|end_header_id|>\n\n
-    content.strip() <|eot_id|> per message, and always the assistant header at the end."""
+    """The one template renderer: the tokenizer chat_template in GSAI-ML/LLaDA-8B-Instruct's tokenizer_config.json
+    (LLaDA-V's is the same). messages [{"role", "content"}] -> BOS once, then
+    <|start_header_id|>role<|end_header_id|>\n\n content.strip() <|eot_id|> per message, and always the assistant header
+    at the end."""
     out = "<|startoftext|>"
     for m in messages:
         out += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
@@ -102,7 +106,8 @@ def llada_v_messages(question: str, system: str | None = SYSTEM_PROMPT, n_images
     """The messages LLaDA-V's demo and eval build (and the toy, with system=None): the system prompt, the
     images first in the first user turn, earlier turns `history` [(question, answer)], and the optional
     " /think" or " /no_think" suffix on every user turn. n images are written " ".join(["<image>"] * n) + "\n"
-    (REFERENCE 11.2: lmms-eval's llava_onevision_llada). Render with chat_template()."""
+    (ML-GSAI/LLaDA-V eval/lmms-eval/lmms_eval/models/llava_onevision_llada.py::generate_until). Render with
+    chat_template()."""
     if think not in THINK_SUFFIX:
         raise ValueError(f"think={think!r}: use None, 'think' or 'no_think'")
     images = " ".join(["<image>"] * n_images) + "\n" if n_images else ""
@@ -123,8 +128,9 @@ def tokenizer_image_token(tok: Tokenizer, prompt: str, n_image_tokens, keep_afte
     with BOS it sets offset = 1 and keeps chunk[offset:] of every chunk (and one -200 of a two-long separator).
     Written for tokenizers that put a BOS in front of every chunk, that strips those BOS; LLaDA's tokenizer adds
     none, so it drops each later chunk's first real token: the "\n" of "<image>\n" + question, the " " between
-    images (REFERENCE 11.1, 11.2). keep_after_image=True keeps it: the training form (preprocess_llada), and
-    what tok.encode_with_image gives."""
+    images (ML-GSAI/LLaDA-V train/llava/mm_utils.py::tokenizer_image_token,
+    eval/lmms-eval/lmms_eval/models/llava_onevision_llada.py::generate_until). keep_after_image=True keeps it: the
+    training form (preprocess_llada), and what tok.encode_with_image gives."""
     chunks = [tok.encode(c) for c in prompt.split("<image>")]
     offset = 1 if chunks[0][:1] == [tok.bos_id] and not keep_after_image else 0
     ids = list(chunks[0])  # the first chunk is whole (the official code re-adds its BOS by hand)
@@ -435,9 +441,9 @@ def _truncate(ids, labels, n_img, max_len, whole_images: bool = False):
 def collate_llava(items, pad_id: int, pad_labels: bool = True):
     """Drop bad samples, right-pad the rest. -> dict(ids, labels, attn (B, L), pixels (sum K, 3, S, S) or
     None, layout [(K, (W, H), rows)] per image in placeholder order, errors Counter, n_samples).
-    Padding (official llada collator, REFERENCE 11.9): ids = EOS, labels = EOS if pad_labels else -100.
-    attn (B, L) marks the real tokens; the official collator sends no attention mask at all, so the
-    trainer passes attn to the model only when asked to (TrainConfig.key_pad_mask)."""
+    Padding (official llada collator, ML-GSAI/LLaDA-V train/llava/train/train.py::DataCollatorForSupervisedDataset): ids
+    = EOS, labels = EOS if pad_labels else -100. attn (B, L) marks the real tokens; the official collator sends no
+    attention mask at all, so the trainer passes attn to the model only when asked to (TrainConfig.key_pad_mask)."""
     good = [it for it in items if "error" not in it]
     errors = Counter(it["error"] for it in items if "error" in it)
     out = {"errors": errors, "n_seen": len(items), "n_samples": len(good)}
@@ -582,8 +588,9 @@ class MicroBatches:
 # A collated LLaVA micro-batch -> the model's inputs (train.py)
 
 def key_mask_on(tc) -> bool:
-    """(tc: train.TrainConfig) Whether padding keys are hidden from attention: LLaDA-V's collator hides nothing (REFERENCE 11.9),
-    so --data runs attend to the EOS padding by default; the toy's synthetic recipe has always hidden it."""
+    """(tc: train.TrainConfig) Whether padding keys are hidden from attention: LLaDA-V's collator hides nothing
+    (ML-GSAI/LLaDA-V train/llava/train/train.py::DataCollatorForSupervisedDataset), so --data runs attend to the EOS
+    padding by default; the toy's synthetic recipe has always hidden it."""
     return tc.key_pad_mask == "on" or (tc.key_pad_mask == "auto" and not tc.data)
 
 
@@ -591,11 +598,11 @@ def llava_inputs(b, mc, pad_id: int, device, key_pad_mask: bool, need_image: boo
     """A collated LLaVA micro-batch (data.collate_llava) -> ids, labels, attn (B, L) (the real tokens, for
     counting), and the model's keyword inputs: pixels (every crop) with image_layout (each image's crops,
     size and token count; the model packs them, model.encode_crops), and attention_mask only with
-    key_pad_mask: the official collator sends none, so every query attends to the EOS padding (11.9).
-    need_image: a text-only micro-batch under DDP / FSDP2 gets one blank image appended to row 0, hidden from
-    attention (mask 0) and from the loss (label -100): the vision tower, the projector and image_newline then
-    run on every process in the same order, so the gradient collectives line up (and DDP sees every
-    parameter used)."""
+    key_pad_mask: the official collator sends none, so every query attends to the EOS padding (ML-GSAI/LLaDA-V
+    train/llava/train/train.py::DataCollatorForSupervisedDataset). need_image: a text-only micro-batch under DDP / FSDP2
+    gets one blank image appended to row 0, hidden from attention (mask 0) and from the loss (label -100): the vision
+    tower, the projector and image_newline then run on every process in the same order, so the gradient collectives line
+    up (and DDP sees every parameter used)."""
     ids, labels, attn = b["ids"].to(device), b["labels"].to(device), b["attn"].to(device)
     pixels = None if b["pixels"] is None else b["pixels"].to(device)
     layout, mask = b["layout"], attn if key_pad_mask else None

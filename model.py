@@ -3,7 +3,8 @@ The model: LLaDA (a bidirectional transformer), the MLP projector, and the LLaDA
 
 Where this sits in the flow:  image -> ViT -> [projector -> token sequence -> LLaDA] -> masked diffusion.
 
-LLaDA-8B (REFERENCE 1.1) is a LLaMA-shaped transformer with the causal mask removed:
+LLaDA-8B (GSAI-ML/LLaDA-8B-Instruct config.json; ML-GSAI/LLaDA-V train/llada_v_prepare/files/config.json) is a
+LLaMA-shaped transformer with the causal mask removed:
     h_0     = E[x]                                                       (B, L, d), no scaling
     a_l     = h_{l-1} + W_o Attn(RoPE(W_q n), RoPE(W_k n), W_v n),  n = RMSNorm(h_{l-1})
     h_l     = a_l + W_down( silu(W_gate m) * W_up m ),               m = RMSNorm(a_l)
@@ -19,14 +20,15 @@ them in the activation dtype (cos.to(x.dtype)); LLaDAConfig.rope_fp32 picks one 
 Grouped-query attention (iLLaDA; LLaDA-8B has n_kv_heads = n_heads): W_k, W_v make n_kv_heads heads, and
 query head j reads key/value head floor(j / (n_heads / n_kv_heads)), as LLaMA's repeat_kv does.
 
-Projector (REFERENCE 2.3, "mlp2x_gelu"):   P(f) = W_2 gelu_erf(W_1 f + b_1) + b_2,   1152 -> 4096 -> 4096.
+Projector ("mlp2x_gelu", ML-GSAI/LLaDA-V train/llava/model/multimodal_projector/builder.py::build_vision_projector):
+    P(f) = W_2 gelu_erf(W_1 f + b_1) + b_2,   1152 -> 4096 -> 4096.
 
-LLaDA-V glue (REFERENCE 2.5): the token sequence carries IMAGE_TOKEN_INDEX (-200) placeholders; their
-embeddings are replaced, in order, by the projected visual features P(ViT(image)). From stage 2 on an
-image is several crops whose features are re-assembled, unpadded and closed row by row with a learned
-`image_newline` vector (vision.py's image modes; LLaDAV.encode_image_crops for one image, encode_crops for
-a training micro-batch: one tower call over every crop, then packing image by image). Official weights:
-checkpoint.py.
+LLaDA-V glue (ML-GSAI/LLaDA-V train/llava/mm_utils.py::tokenizer_image_token,
+train/llava/model/llava_arch.py::prepare_inputs_labels_for_multimodal): the token sequence carries IMAGE_TOKEN_INDEX
+(-200) placeholders; their embeddings are replaced, in order, by the projected visual features P(ViT(image)). From stage
+2 on an image is several crops whose features are re-assembled, unpadded and closed row by row with a learned
+`image_newline` vector (vision.py's image modes; LLaDAV.encode_image_crops for one image, encode_crops for a training
+micro-batch: one tower call over every crop, then packing image by image). Official weights: checkpoint.py.
 
 Also here, because it counts what this file computes: the FLOPs of a training step (MFU's numerator, as
 nanoGPT's estimate_mfu). The command line that fills these configs (--preset, --lm.*, --vision.*) is cli.py's.
@@ -57,11 +59,13 @@ class LLaDAConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 8192   # the longest sequence the model takes (longer prompts are refused); RoPE has no limit
     tie_embeddings: bool = False  # True: the output head is the input embedding E (logits = h E^T; iLLaDA);
-                                  # LLaDA-8B and LLaDA-V have a separate head (REFERENCE 1.1)
+                                  # LLaDA-8B and LLaDA-V have a separate head (GSAI-ML/LLaDA-8B-Instruct config.json;
+                                  # ML-GSAI/LLaDA-V train/llada_v_prepare/files/config.json)
     mask_id: int = LLADA_MASK_ID  # [MASK]: the official vocabulary's <|mdm_mask|> (config.json's mask_token_id);
                                   # the toy and other tokenizers use their own <|mdm_mask|> id instead
     rope_fp32: bool = True    # rotate q, k in fp32 (original LLaDA, rope_full_precision); False: in the
-                              # activation dtype, as LLaDA-V's LLaMA-style port does (REFERENCE 11.4).
+                              # activation dtype, as LLaDA-V's LLaMA-style port does (ML-GSAI/LLaDA-V
+                              # train/llava/model/language_model/modeling_llada.py::LLaDARotaryEmbedding).
                               # from_pretrained sets it from the checkpoint's key layout.
 
     @property
@@ -79,7 +83,8 @@ class LLaDAVConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     tokenizer: str = "llada"  # "toy" (learnt in synthetic.py) or "llada" (the official tokenizer.json)
     # How images become visual tokens (vision.py's image modes): "square" (stage 1, the toy), "pad" or "anyres_max_4"
-    # (LLaDA-V from stage 2 on). "spatial_unpad" adds the learned `image_newline` vector (REFERENCE 2.4).
+    # (LLaDA-V from stage 2 on). "spatial_unpad" adds the learned `image_newline` vector (ML-GSAI/LLaDA-V
+    # train/llava/model/llava_arch.py::LlavaMetaModel).
     image_aspect_ratio: str = "square"
     mm_patch_merge_type: str = "flat"
 
@@ -104,7 +109,8 @@ PRESETS = {
         lm=LLaDAConfig(d_model=768, n_layers=12, n_heads=12, mlp_hidden=2048),
         vision=VisionConfig(image_size=224, patch_size=14, d_model=384, n_layers=12, n_heads=6, mlp_hidden=1536)),
     # The official shapes: LLaDA-8B + SigLIP2 so400m/14 at 384 pixels + the mlp2x_gelu projector. RoPE in
-    # the activation dtype, as LLaDA-V's LLaMA-style port trains and runs it (REFERENCE 11.4).
+    # the activation dtype, as LLaDA-V's LLaMA-style port trains and runs it (ML-GSAI/LLaDA-V
+    # train/llava/model/language_model/modeling_llada.py::LLaDARotaryEmbedding).
     "llada_v_8b": LLaDAVConfig(lm=LLaDAConfig(rope_fp32=False)),
 }
 
@@ -156,7 +162,8 @@ def apply_rope(x, cos, sin, fp32: bool = True):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block. Names follow LLaDA-V's LLaMA-style checkpoint (REFERENCE 1.3)."""
+    """One pre-norm transformer block. Names follow LLaDA-V's LLaMA-style checkpoint (ML-GSAI/LLaDA-V
+    train/llada_v_prepare/rename_checkpoint.py)."""
 
     def __init__(self, cfg: LLaDAConfig):
         super().__init__()

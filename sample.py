@@ -183,8 +183,9 @@ def inference_dtype(name: str, device: torch.device, family: str = "llada_v"):
 
 def decode_answer(tok, ids, lmms_eval=False) -> str:
     """Answer ids -> text. Default: decode everything and strip white space. lmms_eval=True is how
-    LLaDA-V's benchmark numbers were read (REFERENCE 11.7): special tokens skipped (here: every token of
-    the tokenizer's special / added set), then ONE trailing "." removed, then white space stripped."""
+    LLaDA-V's benchmark numbers were read (ML-GSAI/LLaDA-V
+    eval/lmms-eval/lmms_eval/models/llava_onevision_llada.py::generate_until): special tokens skipped (here: every token
+    of the tokenizer's special / added set), then ONE trailing "." removed, then white space stripped."""
     if not lmms_eval:
         return tok.decode(ids).strip()
     special = set(tok.special.values())

@@ -8,11 +8,11 @@ out by the regex PAT_STR) by always merging the adjacent pair of lowest rank, wh
 learnt segmentation. The toy vocabulary is learnt here in milliseconds from the synthetic dataset's own
 sentences (synthetic.toy_tokenizer); no tables are downloaded.
 
-Special tokens come after the BPE ranks, in LLaDA's order (REFERENCE 1.2): BOS, EOS (= PAD), mask,
-start/end header, end of turn. The official tokenizer is a Hugging Face tokenizer.json (byte-level BPE
-over GPT-2's printable byte alphabet, NFC normaliser, 269 added tokens); encoding_from_tokenizer_json
-turns it into the same kind of tiktoken Encoding. IMAGE_TOKEN_INDEX (-200) is not a token: it marks where the model
-splices in visual features (model.py).
+Special tokens come after the BPE ranks, in LLaDA's order (ML-GSAI/LLaDA-V
+train/llada_v_prepare/files/tokenizer_config.json): BOS, EOS (= PAD), mask, start/end header, end of turn. The official
+tokenizer is a Hugging Face tokenizer.json (byte-level BPE over GPT-2's printable byte alphabet, NFC normaliser, 269
+added tokens); encoding_from_tokenizer_json turns it into the same kind of tiktoken Encoding. IMAGE_TOKEN_INDEX (-200)
+is not a token: it marks where the model splices in visual features (model.py).
 """
 import json
 import os
@@ -25,13 +25,13 @@ import tiktoken
 
 IMAGE_TOKEN_INDEX = -200  # official LLaVA / LLaDA-V placeholder id for one visual token
 
-# LLaDA's special tokens, in LLaDA's id order (REFERENCE 1.2); the toy vocabulary appends them after
-# its BPE tokens exactly like LLaDA appends them after its 126,080 base tokens.
+# LLaDA's special tokens, in LLaDA's id order (ML-GSAI/LLaDA-V train/llada_v_prepare/files/tokenizer_config.json); the
+# toy vocabulary appends them after its BPE tokens exactly like LLaDA appends them after its 126,080 base tokens.
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>",
                   "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
-# The pre-tokenizer regex of the Ling/Bailing tokenizer that LLaDA's appears to be (REFERENCE 8):
-# cl100k-style, but digits are split one by one.
+# The pre-tokenizer regex of the Ling/Bailing tokenizer that LLaDA's appears to be (quoted in ggml-org/llama.cpp
+# src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_BAILINGMOE): cl100k-style, but digits are split one by one.
 PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
            r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 
@@ -55,7 +55,8 @@ class Tokenizer:
         self.mask_id = st["<|mdm_mask|>"] if mask_id is None else int(mask_id)
         self.start_header_id, self.end_header_id = st["<|start_header_id|>"], st["<|end_header_id|>"]
         self.eot_id = st["<|eot_id|>"]
-        self.pad_id = self.eos_id  # LLaDA pads with EOS (REFERENCE 1.2)
+        self.pad_id = self.eos_id  # LLaDA pads with EOS (ML-GSAI/LLaDA-V
+                                   # train/llada_v_prepare/files/tokenizer_config.json)
         self.vocab_size = self.enc.n_vocab
 
     def to_dict(self) -> dict:
@@ -230,8 +231,9 @@ def tokenizer_from_json(path, mask_id: int | None = None) -> Tokenizer:
                      mask_id=mask_id)
 
 
-# Public records of the real LLaDA tokenizer's output (REFERENCE 1.2): text -> ids. Note "assistant" is
-# two tokens, [598, 10450]; the official code hard-codes only the first (llava_arch.generate_conversation_ids).
+# What the real LLaDA tokenizer gives (GSAI-ML/LLaDA-8B-Instruct's tokenizer.json, run with transformers'
+# AutoTokenizer): text -> ids. Note "assistant" is two tokens, [598, 10450]; the official code hard-codes only the first
+# (llava_arch.generate_conversation_ids).
 LLADA_SELF_CHECK = {
     "<|start_header_id|>user<|end_header_id|>\n\n": [126346, 3840, 126347, 198, 198],
     "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n": [126348, 126346, 598, 10450, 126347, 198, 198],
@@ -266,8 +268,8 @@ def self_check(tok: Tokenizer, source: str = "tokenizer"):
 
 def get_tokenizer(path: str, mask_id: int | None = None) -> Tokenizer:
     """A tokenizer.json, or a model directory holding one (e.g. GSAI-ML/LLaDA-V). LLaDA's own tokenizer
-    is checked against the public ids of REFERENCE 1.2. (The toy tokenizer travels inside the toy's
-    checkpoints; synthetic.toy_tokenizer() learns it.)
+    is checked against the ids that GSAI-ML/LLaDA-8B-Instruct's tokenizer.json gives (LLADA_SELF_CHECK). (The toy
+    tokenizer travels inside the toy's checkpoints; synthetic.toy_tokenizer() learns it.)
     The [MASK] id: mask_id if given (a flag, or the model config's), else, for a model directory, its
     config.json's mask_token_id (iLLaDA: 5), else the id of <|mdm_mask|> (LLaDA: 126336)."""
     p = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path

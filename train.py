@@ -127,16 +127,20 @@ class TrainConfig:
     max_len: int = opt(8192, min=1)  # tokens per sequence, image tokens included (longer samples are cut). A stage
                                      # preset raises lm.max_seq_len to it (LLaDA-V's OneVision stages: 16384); other
                                      # runs cut at the smaller of the two
-    unignore_special: bool = True    # LLaDA-V: prompt BOS/header/eot tokens are targets too (REFERENCE 3.3)
+    unignore_special: bool = True    # LLaDA-V: prompt BOS/header/eot tokens are targets too (ML-GSAI/LLaDA-V
+                                     # train/llava/train/train.py::preprocess_llada)
     pad_labels: bool = True          # padding EOS are targets (LLaDA-V's collator); 0: ignored
     key_pad_mask: str = opt("auto", choices=("auto", "on", "off"))  # hide padding from attention: on | off |
                                      # auto = off with --data (LLaDA-V's collator sends no attention mask: every
-                                     # token attends to the EOS padding, REFERENCE 11.9), on for the toy's
+                                     # token attends to the EOS padding, ML-GSAI/LLaDA-V
+                                     # train/llava/train/train.py::DataCollatorForSupervisedDataset), on for the toy's
                                      # synthetic batches (this project's recipe)
     group_by_length: bool = True     # --data: each global batch one modality, sorted by length (LLaDA-V's stages
                                      # 2-3: group_by_modality_length) | 0: random (stage 1)
     truncation: str = opt("official", choices=("official", "whole_images"))  # official: the max_len cut may
-                                     # split an image (REFERENCE 11.12) | whole_images: never
+                                     # split an image (ML-GSAI/LLaDA-V
+                                     # train/llava/model/llava_arch.py::prepare_inputs_labels_for_multimodal) |
+                                     # whole_images: never
     image_aspect_ratio: str = opt("", choices=("", "square", "pad", "anyres_max_4"))  # the model's image mode;
                                      # "" = the preset's (the stage presets set anyres_max_4 for stages 2-3)
     mm_patch_merge_type: str = opt("", choices=("", "flat", "spatial_unpad"))  # spatial_unpad adds the
@@ -187,17 +191,19 @@ class TrainConfig:
             raise ValueError(f"--kind_weights: {e}") from None
 
 
-# LLaDA-V's recipe (REFERENCE 7): AdamW (0.9, 0.999), weight decay 0, HF's cosine schedule (warmup from 0 over
-# ceil(3%) of the steps, cosine to 0), clip 1.0, one epoch; the per-GPU batch is fixed and gradient accumulation
-# makes up the global batch. Stage 1 trains the projector only.
+# LLaDA-V's recipe (ML-GSAI/LLaDA-V train/scripts/llada_v_pretrain.sh, train/scripts/train_llada_v/*.sh): AdamW (0.9,
+# 0.999), weight decay 0, HF's cosine schedule (warmup from 0 over ceil(3%) of the steps, cosine to 0), clip 1.0, one
+# epoch; the per-GPU batch is fixed and gradient accumulation makes up the global batch. Stage 1 trains the projector
+# only.
 _COMMON = dict(optimizer="adamw", beta2=0.999, weight_decay=0.0, min_lr=0.0, decay_frac=1.0, warmup_ratio=0.03,
                warmup_from_zero=True, grad_clip=1.0, epochs=1.0, stratified_t=False, exact_count=False,
                weighting="elbo", loss_mode="sft", max_len=8192, head_chunk=512)
 # Stage 1 (llada_v_pretrain.sh): square 384 images (729 tokens), 16 random captions per process and micro-batch
 # (per_device_train_batch_size 16, on 4 GPUs = 64). Stages 2-3: anyres_max_4 images with spatial_unpad (base +
 # crops, a trainable image_newline per row), one sample per process and micro-batch (never padded), global
-# batches grouped by modality and length (REFERENCE 7, 11.8, 11.10). max_len 8192 is the single-image and
-# reasoning runs (llada_v_si_10M.sh, llada_v_vw.sh); their OneVision and mixed runs (llada_v_ov_2M.sh,
+# batches grouped by modality and length (ML-GSAI/LLaDA-V train/scripts/llada_v_pretrain.sh,
+# train/scripts/train_llada_v/*.sh, train/llava/train/train.py::LazySupervisedDataset._get_item). max_len 8192 is the
+# single-image and reasoning runs (llada_v_si_10M.sh, llada_v_vw.sh); their OneVision and mixed runs (llada_v_ov_2M.sh,
 # llada_v_mix_ov_vw.sh) use 16384: add --max_len=16384 (the model's lm.max_seq_len follows, parse_args).
 _LATER = dict(_COMMON, lr=1e-5, llm_lr_scale=1.0, vision_lr_scale=0.2, projector_lr_scale=1.0, batch_size=256,
               data_format="conv", checkpointing=True, micro_batch_size=1, group_by_length=True,

@@ -3,7 +3,8 @@ The vision encoder: a SigLIP(2)-style Vision Transformer, written from scratch.
 
 Where this sits in the flow:  [image -> ViT] -> projector -> token sequence -> masked diffusion.
 
-Preprocessing (LLaDA-V's hard-coded SigLipImageProcessor, REFERENCE 2.2):
+Preprocessing (the SigLipImageProcessor that ML-GSAI/LLaDA-V hard-codes in
+train/llava/model/multimodal_encoder/siglip_encoder.py):
     RGB -> bicubic resize to S x S (no aspect kept, no crop) -> x / 255 -> (x - 0.5) / 0.5  in [-1, 1]
 
 Encoder, for an image of S x S pixels cut into N = (S / p)^2 patches of p x p:
@@ -18,7 +19,9 @@ before it, *without* the post-LayerNorm and without the attention-pooling head. 
 `n_layers = 27` (the SigLIP2 so400m checkpoint) runs 26 layers here; `post_layernorm` is kept only
 so that checkpoints keep their official layout, and it is frozen because nothing reads it.
 
-Image modes: how one picture becomes S x S crops and then visual tokens (REFERENCE 2.6; stage 2 on).
+Image modes: how one picture becomes S x S crops and then visual tokens (ML-GSAI/LLaDA-V
+train/llava/mm_utils.py::process_anyres_image, train/llava/model/llava_arch.py::prepare_inputs_labels_for_multimodal;
+stage 2 on).
 
 Three modes, all built from S x S crops (S = 384) that the ViT turns into n x n features (n = 27):
   square        stage 1: squash the image to S x S.                                  n^2        =  729 tokens

@@ -1,6 +1,9 @@
-"""Tests for checkpoint.py: synthetic checkpoints written with the official key names (REFERENCE 1.3, 2.2-2.4)
-in each layout load, give the same logits (also against a reference forward written from the official
-names), survive save -> load bit-exactly, and a damaged one gets one error naming every bad key.
+"""Tests for checkpoint.py: synthetic checkpoints written with the official key names (ML-GSAI/LLaDA-V
+train/llada_v_prepare/rename_checkpoint.py, train/llava/model/multimodal_encoder/siglip_encoder.py,
+train/llava/model/multimodal_projector/builder.py::build_vision_projector,
+train/llava/model/llava_arch.py::LlavaMetaModel; google/siglip2-so400m-patch14-384 config.json) in each layout load,
+give the same logits (also against a reference forward written from the official names), survive save -> load
+bit-exactly, and a damaged one gets one error naming every bad key.
 
     python -m pytest -q tests/test_checkpoint.py
 """
@@ -24,7 +27,8 @@ from conftest import narrow_llada_v
 V, D, M, NL, H = 64, 32, 48, 2, 4            # language model: vocab, width, MLP, layers, heads
 VD, VM, VL, VS, VP = 16, 24, 3, 16, 8        # vision: width, MLP, layers in the checkpoint, image, patch
 
-# The official key templates, written out literally (REFERENCE 1.3), in the same order for both layouts.
+# The official key templates, written out literally (ML-GSAI/LLaDA-V train/llada_v_prepare/rename_checkpoint.py), in the
+# same order for both layouts.
 ORIGINAL = ["model.transformer.wte.weight"] + [f"model.transformer.blocks.{{i}}.{k}.weight" for k in
             ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj", "ff_out")] + \
            ["model.transformer.ln_f.weight", "model.transformer.ff_out.weight"]
@@ -269,7 +273,8 @@ def test_llada_plus_siglip_make_a_llada_v(tmp_path):
     write_dir(tmp_path / "sig", {"model_type": "siglip", "vision_config": VCFG}, vis_t)
     m = pretrained.from_pretrained(tmp_path / "lm", vision_path=tmp_path / "sig", dtype=torch.bfloat16)
     assert isinstance(m, LLaDAV) and m.cfg.image_aspect_ratio == "square" and not hasattr(m, "image_newline")
-    assert m.cfg.lm.rope_fp32 is False  # LLaDA-V's LLaMA-style port rotates in the activation dtype (REFERENCE 11.4)
+    assert m.cfg.lm.rope_fp32 is False  # LLaDA-V's LLaMA-style port rotates in the activation dtype (ML-GSAI/LLaDA-V
+                                        # train/llava/model/language_model/modeling_llada.py::LLaDARotaryEmbedding)
     assert torch.equal(m.llm.lm_head.weight, lm_t["model.transformer.ff_out.weight"].bfloat16())
     assert torch.equal(m.vision.patch_embedding.bias, vis_t["vision_model.embeddings.patch_embedding.bias"].bfloat16())
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16} and not any(p.is_meta for p in m.parameters())

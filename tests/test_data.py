@@ -1,5 +1,6 @@
-"""Tests for data.py: LLaDA-V's chat template (REFERENCE 3.1, 3.3), SFT sequences with answer masks,
-and batching (right padding for training, left padding for sampling). CPU only.
+"""Tests for data.py: LLaDA-V's chat template (GSAI-ML/LLaDA-8B-Instruct tokenizer_config.json; ML-GSAI/LLaDA-V
+train/llava/conversation.py (conv_llava_llada, conv_llada_plain), train/llava/train/train.py::preprocess_llada), SFT
+sequences with answer masks, and batching (right padding for training, left padding for sampling). CPU only.
 
     python -m pytest -q tests/test_data.py
 """
@@ -15,12 +16,14 @@ from tokenizer import IMAGE_TOKEN_INDEX
 
 TOK = synthetic.toy_tokenizer()
 ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
-# Written out here, not imported, so that the test checks data.py against REFERENCE 3.3.
+# Written out here, not imported, so that the test checks data.py against LLaDA-V's template (ML-GSAI/LLaDA-V
+# train/llava/conversation.py::conv_llava_llada).
 LLADA_V_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
                   "that the user provides, and assist the user with a variety of tasks using natural language.")
 
 def test_default_messages_match_llada_v_template():
-    """Default messages, rendered == REFERENCE 3.3's string with LLaDA-V's system prompt."""
+    """Default messages, rendered == the string of ML-GSAI/LLaDA-V train/llava/conversation.py::conv_llava_llada with
+    LLaDA-V's system prompt."""
     want = ("<|startoftext|><|start_header_id|>system<|end_header_id|>\n\n" + LLADA_V_SYSTEM + "<|eot_id|>"
             "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is in the picture?<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n")
@@ -119,8 +122,9 @@ def test_answer_text_stops_at_eot_or_eos():
 
 
 def test_chat_template_llada_instruct_and_llada_v():
-    """LLaDA-8B-Instruct's template (REFERENCE 3.1): BOS once, trimmed contents, assistant header always at
-    the end; LLaDA-V's messages: system prompt, <image> first in the first user turn, think suffixes."""
+    """LLaDA-8B-Instruct's template (GSAI-ML/LLaDA-8B-Instruct tokenizer_config.json): BOS once, trimmed contents,
+    assistant header always at the end; LLaDA-V's messages: system prompt, <image> first in the first user turn, think
+    suffixes."""
     assert data.chat_template([{"role": "user", "content": " What is 2+2? "}]) == (
         "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")

@@ -1,7 +1,8 @@
 """Tests for diffusion.py: the forward masking process, the likelihood-bound loss, Gumbel-max sampling, the
-transfer schedule, the one sampler in its official generate.py mode and its LLaDA-V options (REFERENCE 4, 5.1,
-5.2, 11.5, 11.6), each also against the frozen pre-merge samplers (tests/reference_samplers.py). Tiny models,
-CPU only. Fast decoding is tested in test_fast.py.
+transfer schedule, the one sampler in its official generate.py mode and its LLaDA-V options (ML-GSAI/LLaDA
+GUIDELINES.md, generate.py::generate; LLaDA paper (arXiv 2502.09992) §2.2, §2.3; ML-GSAI/LLaDA-V
+train/llava/model/language_model/modeling_llada.py (LLaDAModelLM.forward, generate_with_embeds)), each also against the
+frozen pre-merge samplers (tests/reference_samplers.py). Tiny models, CPU only. Fast decoding is tested in test_fast.py.
 
     python -m pytest -q tests/test_diffusion.py
 """
@@ -490,7 +491,7 @@ def test_official_mode_is_the_frozen_generate(case):
 
 
 # ----------------------------------------------------------------------------------------------
-# LLaDA-V's options (REFERENCE 5.2, 11.5, 11.6)
+# LLaDA-V's options (ML-GSAI/LLaDA-V train/llava/model/language_model/modeling_llada.py::generate_with_embeds)
 
 from diffusion import find_stop
 
@@ -508,8 +509,9 @@ def test_llada_v_options_without_extras_are_generate():
 def test_llada_v_bans_eos_cuts_at_the_stop_and_appends_the_suffix():
     """EOS is the model's favourite everywhere but banned; the canvas is filled left to right
     ("a b c EOT ..."): after the EOT is revealed generation ends (4 model calls, not 8), the answer is cut
-    before it, later blocks are skipped, and the suffix is visible to the model, never overwritten. REFERENCE
-    11.6: the suffix ids are appended to the returned answer (the frozen pre-merge sampler dropped them)."""
+    before it, later blocks are skipped, and the suffix is visible to the model, never overwritten. ML-GSAI/LLaDA-V
+    train/llava/model/language_model/modeling_llada.py::generate_with_embeds: the suffix ids are appended to the
+    returned answer (the frozen pre-merge sampler dropped them)."""
     G, target = 8, [3, 4, 5, EOT, 6, 7, 8, 9]
     rows = torch.zeros(G, V)
     for j, t in enumerate(target):
@@ -526,9 +528,10 @@ def test_llada_v_bans_eos_cuts_at_the_stop_and_appends_the_suffix():
 
 
 def test_find_stop_official_rule():
-    """REFERENCE 11.5, the official scan: a row without a stop takes the FIRST LISTED sequence found (at its first
-    occurrence), not the earliest position; a row with a stop re-scans only the first sequence; a masked position
-    matches nothing; multi-token sequences match whole."""
+    """ML-GSAI/LLaDA-V train/llava/model/language_model/modeling_llada.py::generate_with_embeds, the official scan: a
+    row without a stop takes the FIRST LISTED sequence found (at its first occurrence), not the earliest position; a row
+    with a stop re-scans only the first sequence; a masked position matches nothing; multi-token sequences match
+    whole."""
     NL = 9
     canvas = torch.tensor([[3, NL, 4, EOT, 5], [3, 4, 5, 6, NL], [1, 2, 3, 2, 3], [1, MASK, 3, 1, 3]])
     none = torch.full((4,), 5)
@@ -542,11 +545,12 @@ def test_find_stop_official_rule():
 
 
 def test_llada_v_stop_rule_over_a_run():
-    """REFERENCE 11.5 over a whole run, with stops [EOT, NL] (EOT first). Reveal order (by confidence): NL at 4,
-    NL at 1, then 0, 3, EOT at 2. The official loop stops at 4 (only NL found), does NOT move to the NL revealed
-    at 1 (after a stop only EOT is re-scanned), moves to 2 when EOT appears, and ends: answer [3, NL], 5 calls.
-    The frozen pre-merge sampler took the earliest position of any stop: [3] after 3 calls. With the order
-    [NL, EOT] the official rule re-scans NL and agrees with the earliest-position rule."""
+    """ML-GSAI/LLaDA-V train/llava/model/language_model/modeling_llada.py::generate_with_embeds over a whole run, with
+    stops [EOT, NL] (EOT first). Reveal order (by confidence): NL at 4, NL at 1, then 0, 3, EOT at 2. The official loop
+    stops at 4 (only NL found), does NOT move to the NL revealed at 1 (after a stop only EOT is re-scanned), moves to 2
+    when EOT appears, and ends: answer [3, NL], 5 calls. The frozen pre-merge sampler took the earliest position of any
+    stop: [3] after 3 calls. With the order [NL, EOT] the official rule re-scans NL and agrees with the
+    earliest-position rule."""
     NL, G = 9, 8
     target = [3, NL, EOT, 5, NL, 6, 7, 8]
     order = [4, 1, 0, 3, 2, 5, 6, 7]  # reveal order
@@ -580,8 +584,9 @@ def _vlm_case(seed=0, G=8):
                                 dict(steps=8, block_length=4, remasking="random")])
 def test_llada_v_mode_is_the_frozen_generate_llada_v(kw):
     """Batch 1, banned ids and stop sequences (one token, two tokens, an absent second one), suffix: the one
-    sampler's answer is the frozen generate_llada_v's followed by the suffix (REFERENCE 11.6), at every step,
-    with the same random draws (T > 0, random remasking) under one seed."""
+    sampler's answer is the frozen generate_llada_v's followed by the suffix (ML-GSAI/LLaDA-V
+    train/llava/model/language_model/modeling_llada.py::generate_with_embeds), at every step, with the same random draws
+    (T > 0, random remasking) under one seed."""
     for seed in range(3):
         m, p, f, stops_list = _vlm_case(seed)
         for stops in stops_list:

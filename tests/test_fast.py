@@ -375,8 +375,9 @@ def test_sample_gif(checkpoint, tmp_path, capsys):
 
 
 def test_inference_dtype_choice():
-    """REFERENCE 11.3: --dtype=auto loads the official weights in float16 on CUDA (the official inference precision)
-    and keeps the checkpoint's dtype (None) on a CPU; a named dtype wins anywhere; an unknown one is one clear error."""
+    """ML-GSAI/LLaDA-V train/llava/model/builder.py::load_pretrained_model, train/generate_demo.py: --dtype=auto loads
+    the official weights in float16 on CUDA (the official inference precision) and keeps the checkpoint's dtype (None)
+    on a CPU; a named dtype wins anywhere; an unknown one is one clear error."""
     import sample
     assert sample.inference_dtype("auto", torch.device("cuda")) == torch.float16
     assert sample.inference_dtype("auto", torch.device("cpu")) is None
@@ -387,8 +388,9 @@ def test_inference_dtype_choice():
 
 
 def test_lmms_eval_decoding_option():
-    """REFERENCE 11.7: lmms_eval=True skips special tokens and strips ONE trailing "." (then white space); the
-    default decodes every token and strips white space only."""
+    """ML-GSAI/LLaDA-V eval/lmms-eval/lmms_eval/models/llava_onevision_llada.py::generate_until: lmms_eval=True skips
+    special tokens and strips ONE trailing "." (then white space); the default decodes every token and strips white
+    space only."""
     import sample
     from synthetic import toy_tokenizer
     tok = toy_tokenizer()

@@ -1,5 +1,7 @@
 """Tests for vision.py's image modes and LLaDAV.encode_image_crops: LLaDA-V's image modes and their visual token counts
-(REFERENCE 2.6): 729 (square 384), 1485 (384x384 anyres), 2929 (640x480 anyres), 730 (pad mode).
+(ML-GSAI/LLaDA-V train/llava/mm_utils.py::process_anyres_image,
+train/llava/model/llava_arch.py::prepare_inputs_labels_for_multimodal): 729 (square 384), 1485 (384x384 anyres), 2929
+(640x480 anyres), 730 (pad mode).
 
     python -m pytest -q tests/test_image_modes.py
 """

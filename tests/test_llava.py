@@ -104,7 +104,8 @@ def test_text_only_multi_image_and_bad_records(data_dir):
 
 def test_truncation_official_cuts_through_an_image_and_switch_keeps_whole_images():
     ids = [1, 2] + [IMAGE_TOKEN_INDEX] * 4 + [3] + [IMAGE_TOKEN_INDEX] * 4 + [5, 6]
-    # official (REFERENCE 11.12): cut at max_len after the features are in, even inside the second image
+    # official (ML-GSAI/LLaDA-V train/llava/model/llava_arch.py::prepare_inputs_labels_for_multimodal): cut at max_len
+    # after the features are in, even inside the second image
     out, lab, keep = _truncate(ids, ids, [4, 4], 9)
     assert out == ids[:9] and keep == [4, 2]
     out, _, keep = _truncate(ids, ids, [4, 4], 7)  # the cut falls just before the second image

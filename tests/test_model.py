@@ -141,7 +141,8 @@ def test_rmsnorm_bf16_casts_before_weight():
 
 def test_8b_preset_parameter_counts():
     """llada_v_8b: 8,015,581,184 LM parameters, a 1152->4096->4096 projector, a 26-layer 1152-wide ViT,
-    RoPE theta 500000 and RMSNorm eps 1e-5 (REFERENCE 1.1)."""
+    RoPE theta 500000 and RMSNorm eps 1e-5 (GSAI-ML/LLaDA-8B-Instruct config.json; ML-GSAI/LLaDA-V
+    train/llada_v_prepare/files/config.json)."""
     with torch.device("meta"):
         m = LLaDAV(model.get_config("llada_v_8b"))
     c = model.count_params(m)

@@ -1,7 +1,10 @@
 """Matching the official code where numerical fixtures cannot see (issue 17): the real tokenizer's format and
-self-check (REFERENCE 1.2, 8), the official inference prompt (tokenizer_image_token, REFERENCE 11.1-11.2), RoPE in
-the activation dtype (11.4), and the LLaDA family's grouped-query attention, tied embeddings and mask id (iLLaDA).
-CPU only, no downloads.
+self-check (ML-GSAI/LLaDA-V train/llada_v_prepare/files/tokenizer_config.json,
+train/llada_v_prepare/files/tokenizer.json), the official inference prompt (ML-GSAI/LLaDA-V
+train/llava/mm_utils.py::tokenizer_image_token,
+eval/lmms-eval/lmms_eval/models/llava_onevision_llada.py::generate_until), RoPE in the activation dtype (ML-GSAI/LLaDA-V
+train/llava/model/language_model/modeling_llada.py::LLaDARotaryEmbedding), and the LLaDA family's grouped-query
+attention, tied embeddings and mask id (iLLaDA). CPU only, no downloads.
 
     python -m pytest -q tests/test_official.py
 """
@@ -25,14 +28,15 @@ from vision import VisionConfig
 from conftest import V, tiny_llm
 
 # ----------------------------------------------------------------------------------------------
-# A tokenizer.json in the real format (REFERENCE 8): byte-level BPE over GPT-2's byte alphabet, 126,080 base
-# tokens (ids 0..255 the single bytes in bytes_to_unicode order, then merges whose ids follow the merge order),
-# NFC, Ling's split regex, and the 269 added special tokens 126080..126348. The merges are chosen so that the
-# strings of REFERENCE 1.2 encode to the recorded ids; every other id is a unique filler piece made only of
-# bytes those strings never use, so no filler merge can touch them.
+# A tokenizer.json in the real format (ML-GSAI/LLaDA-V train/llada_v_prepare/files/tokenizer.json): byte-level BPE over
+# GPT-2's byte alphabet, 126,080 base tokens (ids 0..255 the single bytes in bytes_to_unicode order, then merges whose
+# ids follow the merge order), NFC, Ling's split regex, and the 269 added special tokens 126080..126348. The merges are
+# chosen so that the strings of tokenizer.LLADA_SELF_CHECK encode to the recorded ids; every other id is a unique filler
+# piece made only of bytes those strings never use, so no filler merge can touch them.
 
 B2U = bytes_to_unicode()
-# the pieces the real tokenizer gives (REFERENCE 1.2): "assistant" is two of them, [598, 10450]
+# the pieces the real tokenizer gives (GSAI-ML/LLaDA-8B-Instruct's tokenizer.json): "assistant" is two of them,
+# [598, 10450]
 PIECES = {b"user": 3840, b"ass": 598, b"istant": 10450, b"Hello": 14455, b" how": 1099, b" are": 449,
           b" you": 362, b"'m": 3180, b" good": 1505, b" thank": 7949}
 ADDED = (["<|startoftext|>", "<|endoftext|>", "[CLS]", "[gMASK]"] + [f"<|reserved_token_{i}|>" for i in range(252)]
@@ -106,8 +110,8 @@ def llada_tok(llada_dir):
 
 
 def test_self_check_accepts_the_real_format(llada_dir, llada_tok):
-    """get_tokenizer accepts a tokenizer.json whose encodings are REFERENCE 1.2's, and so does the reference
-    implementation (`tokenizers`): the file is in the real format and the ids are the public ones."""
+    """get_tokenizer accepts a tokenizer.json whose encodings are tokenizer.LLADA_SELF_CHECK's, and so does the
+    reference implementation (`tokenizers`): the file is in the real format and the ids are the public ones."""
     tok = llada_tok
     assert len(tok.ranks) == 126080 and tok.vocab_size == 126349 and tok.nfc
     assert (tok.bos_id, tok.eos_id, tok.mask_id, tok.start_header_id, tok.end_header_id, tok.eot_id) == (

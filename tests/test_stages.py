@@ -1,7 +1,11 @@
-"""LLaDA-V's stages 2-3 as the official code trains them (REFERENCE 2.6, 3.3, 11.8-11.12): anyres_max_4 images with
-spatial_unpad and a trainable image_newline, pad mode for multi-image records, no attention mask over the EOS padding,
-one sample per micro-batch in stages 2-3, random batches in stage 1, the conversation edge cases and the planner's
-anyres counts. Tiny CPU configs: 64 px images cut into 16 px patches (n = 4, n^2 = 16), an anyres grid of 64 px crops.
+"""LLaDA-V's stages 2-3 as the official code trains them (ML-GSAI/LLaDA-V train/llava/mm_utils.py::process_anyres_image,
+train/llava/model/llava_arch.py::prepare_inputs_labels_for_multimodal, train/llava/conversation.py (conv_llava_llada,
+conv_llada_plain), train/llava/train/train.py (preprocess_llada, LazySupervisedDataset._get_item,
+DataCollatorForSupervisedDataset, preprocess_multimodal), train/scripts/train_llada_v/*.sh,
+train/scripts/llada_v_pretrain.sh): anyres_max_4 images with spatial_unpad and a trainable image_newline, pad mode for
+multi-image records, no attention mask over the EOS padding, one sample per micro-batch in stages 2-3, random batches in
+stage 1, the conversation edge cases and the planner's anyres counts. Tiny CPU configs: 64 px images cut into 16 px
+patches (n = 4, n^2 = 16), an anyres grid of 64 px crops.
 
     python -m pytest -q tests/test_stages.py
 """
@@ -304,9 +308,10 @@ def test_stage_max_len_raises_max_seq_len(tmp_path):
 
 
 def test_conversation_edge_cases(tmp_path):
-    """REFERENCE 11.11: one "<image>" in a turn moves to its front as "<image>\\n" + the stripped rest (unless the
-    turn already starts with it); other text is kept as is; a leading gpt turn is dropped; an image whose record
-    has no tag gives no features; a later system turn is a system message; a first one is a bad sample."""
+    """ML-GSAI/LLaDA-V train/llava/train/train.py (preprocess_multimodal, preprocess_llada): one "<image>" in a turn
+    moves to its front as "<image>\\n" + the stripped rest (unless the turn already starts with it); other text is kept
+    as is; a leading gpt turn is dropped; an image whose record has no tag gives no features; a later system turn is a
+    system message; a first one is a bad sample."""
     Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
     conv = lambda *turns: [{"from": f, "value": v} for f, v in turns]
     recs = [{"id": "move", "image": "a.png", "conversations": conv(("gpt", "Hello."), ("human", "What is this?  <image> "),
@@ -340,7 +345,8 @@ def test_conversation_edge_cases(tmp_path):
 
 def test_official_truncation_cuts_through_an_anyres_image(tmp_path):
     """max_len falls inside the 64x160 image (66 tokens) of the second turn: the sample keeps the image's first
-    40 rows (the model packs all 66 and keeps those, REFERENCE 11.12); with whole_images the cut moves to just
+    40 rows (the model packs all 66 and keeps those, ML-GSAI/LLaDA-V
+    train/llava/model/llava_arch.py::prepare_inputs_labels_for_multimodal); with whole_images the cut moves to just
     before the image and the image is dropped."""
     noise(64, 160, 0).save(tmp_path / "tall.png")
     turns = [("human", "Hi"), ("gpt", "hello"), ("human", "<image>"), ("gpt", "a tall one")]

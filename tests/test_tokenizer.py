@@ -1,5 +1,6 @@
 """Tests for tokenizer.py: the toy byte-level BPE built as a tiktoken Encoding, LLaDA's special tokens
-(REFERENCE 1.2), and the BPE trainer agreeing with tiktoken's segmentation. CPU only, no downloads.
+(ML-GSAI/LLaDA-V train/llada_v_prepare/files/tokenizer_config.json), and the BPE trainer agreeing with tiktoken's
+segmentation. CPU only, no downloads.
 
     python -m pytest -q tests/test_tokenizer.py
 """

@@ -1,5 +1,6 @@
-"""Tests for vision.py: SigLIP preprocessing, image-mode handling and the ViT tower (REFERENCE 2.2).
-Tiny configs on the CPU, no downloads.
+"""Tests for vision.py: SigLIP preprocessing, image-mode handling and the ViT tower (ML-GSAI/LLaDA-V
+train/llava/model/multimodal_encoder/siglip_encoder.py; google/siglip2-so400m-patch14-384 config.json). Tiny configs on
+the CPU, no downloads.
 
     python -m pytest -q tests/test_vision.py
 """

@@ -151,7 +151,8 @@ def test_official_batches_answer_as_batch_one(tmp_path, monkeypatch, mode):
     docs = [{"img": img} for img, *_ in samples]
     docs[2] = {}  # a question without an image, between two with one
     tasks = ["docvqa_val"] * 4 + ["chartqa"] * 2  # 32 / 16 / 32 tokens, then 16 / 16 / 16 with a "\n" stop
-    reqs = [SimpleNamespace(args=(q + " Answer briefly." * (i % 3), {}, lambda d: [d["img"]] if d else None, i, t, "test"))
+    visual = lambda d: [d["img"]] if d else None  # noqa: E731
+    reqs = [SimpleNamespace(args=(q + " Answer briefly." * (i % 3), {}, visual, i, t, "test"))  # 3 prompt lengths
             for i, ((_, q, _, _), t) in enumerate(zip(samples, tasks))]
     sizes, answer = [], sample.answer
 

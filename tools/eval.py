@@ -265,7 +265,8 @@ class EvalConfig:
     device: str = opt("auto", device=True)     # auto = cuda > cpu
     dtype: str = opt("auto", choices=("auto", *DTYPES))  # as sample.py's: the weights' dtype when answered the
                                                          # official way; auto: fp16 on CUDA, as stored on CPU
-    tokenizer: str = opt("", path="any", also=("toy",))  # as sample.py's: tokenizer.json or folder (default: the checkpoint's)
+    tokenizer: str = opt("", path="any", also=("toy",))  # as sample.py's: tokenizer.json or folder (default: the
+                                                         # checkpoint's)
     n: int = opt(500, min=1)                   # questions in the toy task (sample.py --eval's --n)
     limit: int | None = opt(None, min=1)       # score only the first N documents of each task (a quick look)
     mc_num: int = opt(128, min=1)              # Monte-Carlo samples per likelihood (loglikelihood tasks)

@@ -5,34 +5,33 @@ lmms-eval scores it: an lmms-eval model for every checkpoint the project loads, 
     python -m tools.eval --checkpoint=LLaDA-V --tasks=mmstar,mmmu_val  # the official weights on real benchmarks
     python -m tools.eval --checkpoint=out --mode=threshold+dual --batch_size=50   # any decoding mode, batched
 
-Checkpoints: our out_dir (or its ckpt.pt) from `python train.py`, a Hugging Face LLaDA-V folder, or a text
-LLaDA folder (checkpoint.from_pretrained tells them apart). lmms-eval itself is not in requirements.txt:
-install it with requirements-eval.txt as docs/eval.md says.
+Checkpoints: whatever sample.py loads (sample.load, the one loader): a train.py run folder or its ckpt.pt, a
+Hugging Face LLaDA-V folder, or a text LLaDA folder. lmms-eval itself is not in requirements.txt: install it
+with requirements-eval.txt as docs/eval.md says.
 
-The model, LLaDAVEval (registered with lmms-eval as "llada_v"), answers through sample.py's answer
-functions, so there is one answer path:
-  - generate_until: our checkpoints through sample.answer (left-padded batches of --batch_size, the training
-    run's canvas / steps / blocks, answers cut at <|eot_id|> / EOS: what `sample.py --eval` scores); the
-    official weights through sample.answer_pretrained with LLaDA-V's per-task settings (GEN_SETTINGS below)
-    and lmms-eval's decoding (special tokens skipped, one trailing "." dropped, white space stripped), one
-    question at a time as the official evaluation (its model asserts a batch size of 1).
+The model, LLaDAVEval (registered with lmms-eval as "llada_v"), answers through sample.answer, the one answer
+path, in left-padded batches of --batch_size consecutive requests with the same settings, for every kind:
+  - generate_until: the toy with its training run's canvas / steps / blocks, answers cut at <|eot_id|> / EOS
+    (what `sample.py --eval` scores); a model answered the LLaDA-V way (official weights, a text LLaDA, a
+    train.py run on LLaVA data: sample.load's `official`) with LLaDA-V's per-task settings (GEN_SETTINGS
+    below) and lmms-eval's decoding (sample.answer(official=True, lmms_eval=True): special tokens skipped,
+    one trailing "." dropped, white space stripped).
   - loglikelihood: the Monte-Carlo bound of LLaDA Eq. 6 (diffusion.get_log_likelihood, mc_num samples),
-    and whether the continuation is also the greedy answer (the official model's is_check_greedy).
+    and whether the continuation is also sample.answer's greedy answer (the official model's is_check_greedy).
 Every decoding mode of diffusion.MODES applies to generate_until (--mode, --threshold, --refresh_every).
 """
+import contextlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 
 import torch
 
-try:
-    from cli import opt, parse_config, run_cli
-except ImportError:  # the parser's older home
-    from model import opt, parse_config, run_cli
+import sample
+from cli import opt, parse_config, run_cli
 from diffusion import MODES
-from sample import DTYPES
+from model import LLaDAV
+from sample import DTYPES, SampleConfig
 
 try:
     from lmms_eval.api.model import lmms
@@ -67,45 +66,29 @@ OVERRIDES = {"gen_length": "gen_length", "block_length": "block_length", "steps"
              "stopping_criteria": "stop"}
 
 
-def load_any(path: str, device: torch.device, dtype: str = "auto", tokenizer: str = ""):
-    """A checkpoint path -> (model, tokenizer, training config or None). A folder holding ckpt.pt is an out_dir
-    of train.py (which also exports config.json beside it); another folder is a Hugging Face model (LLaDA-V or
-    a text LLaDA); a file is a ckpt.pt. tokenizer (Hugging Face folders): a tokenizer.json or folder, "toy" for
-    the toy tokenizer, "" for the folder's own. Raises FileNotFoundError / ValueError with one line."""
-    from checkpoint import from_pretrained, load_checkpoint
-    from sample import inference_dtype
-    from synthetic import toy_tokenizer
-    from tokenizer import get_tokenizer
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")):
-        model = from_pretrained(path, dtype=inference_dtype(dtype, device), device=device)
-        return model.eval(), toy_tokenizer() if tokenizer == "toy" else get_tokenizer(tokenizer or path), None
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    model, tok, ckpt = load_checkpoint(path, device)
-    return model.eval(), tok, ckpt.get("train_config", {})
-
-
 @register_model("llada_v")
 class LLaDAVEval(lmms):
-    """lmms-eval's model interface over sample.py's answer functions (see the module docstring).
-    checkpoint, dtype, tokenizer: as load_any. mode / threshold / refresh_every: the decoding mode (diffusion.MODES).
-    batch_size: questions decoded together (our checkpoints; the official weights go one at a time).
+    """lmms-eval's model interface over sample.load and sample.answer (see the module docstring).
+    checkpoint, device, dtype, tokenizer: sample.py's options of those names (a SampleConfig for sample.load).
+    mode / threshold / refresh_every: the decoding mode (diffusion.MODES). batch_size: consecutive requests with
+    the same settings decoded together (1, the default, is how the official evaluation runs LLaDA-V).
     mc_num / mc_batch: Monte-Carlo samples per likelihood and copies per forward pass (the official model
     file's mc_num=128, batch_size_ppl=32). greedy_check: loglikelihood's second value (costs one generation).
-    Anything else lmms-eval passes (max_batch_size, device=None) is accepted and ignored."""
+    Anything else lmms-eval passes (max_batch_size, ...) is accepted and ignored."""
 
     def __init__(self, checkpoint="out", device="auto", batch_size=1, mode="exact", threshold=0.9, refresh_every=0,
-                 dtype="auto", mc_num=128, mc_batch=32, greedy_check=True, seed=0, tokenizer="", model=None, **_):
+                 dtype="auto", mc_num=128, mc_batch=32, greedy_check=True, seed=0, tokenizer="", **_):
         super().__init__()
-        from distributed import pick_device
+        from cli import pick_device
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
         if int(mc_num) % int(mc_batch):
             raise ValueError(f"mc_num={mc_num} must be a multiple of mc_batch={mc_batch}")
-        self.device_ = pick_device(device or "auto")
-        # model=(model, tok, train_config): an already loaded model (tests); otherwise load the checkpoint
-        self.model, self.tok, self.train_config = model or load_any(str(checkpoint), self.device_, dtype, tokenizer)
-        self.ours = self.train_config is not None  # a ckpt.pt of train.py, not official weights
+        # sample.py's own options and checks (a missing checkpoint, a bad dtype: one line), then its loader
+        sc = parse_config(SampleConfig, [f"--checkpoint={checkpoint}", f"--device={device or 'auto'}",
+                                         f"--dtype={dtype}", f"--tokenizer={tokenizer}"])
+        self.device_ = pick_device(sc.device)
+        self.model, self.tok, self.official, self.defaults = sample.load(sc, self.device_)
         self.batch_size_ = int(batch_size)
         self.decoding = dict(mode=mode, threshold=float(threshold), refresh_every=int(refresh_every))
         self.mc_num, self.mc_batch = int(mc_num), int(mc_batch)
@@ -114,67 +97,60 @@ class LLaDAVEval(lmms):
 
     # -- settings ---------------------------------------------------------------------------------
     def settings(self, task: str, gen_kwargs: dict) -> dict:
-        """The sampler settings for one request: our checkpoint's training run (as sample.py --eval), or
-        LLaDA-V's row for the task (GEN_SETTINGS), then any official-named key in gen_kwargs on top."""
-        if self.ours:
-            tc = self.train_config
-            G = tc.get("gen_length", 16)
-            s = dict(gen_length=G, steps=tc.get("sample_steps", G), block_length=tc.get("block_length", G))
-        else:
+        """The sampler settings for one request: the toy's training run (as sample.py --eval), or LLaDA-V's
+        row for the task (GEN_SETTINGS), then any official-named key in gen_kwargs on top."""
+        if self.official:
             s = dict(GEN_SETTINGS.get(task, OFFICIAL_DEFAULT))
+        else:
+            s = {k: self.defaults[k] for k in ("gen_length", "steps", "block_length")}
         s.update(temperature=0.0, cfg_scale=0.0, remasking="low_confidence", **{
             OVERRIDES[k]: v for k, v in (gen_kwargs or {}).items() if k in OVERRIDES})
         if isinstance(s.get("stop"), str):
             s["stop"] = (s["stop"],)
         return s
 
+    def answer_options(self, s: dict) -> dict:
+        """settings() -> sample.answer's keywords. The toy was trained without a think switch or stop strings
+        (its own <|eot_id|> / EOS cut); the official way appends <|eot_id|> to the stops as the model file
+        does, reads the answer as lmms-eval did, and sends the think switch to LLaDA-V only (a text LLaDA
+        was not trained on it)."""
+        s = dict(s)
+        think, stop = s.pop("think", None), tuple(s.pop("stop", ()))
+        if not self.official:
+            return s
+        return dict(s, official=True, lmms_eval=True, think=think if isinstance(self.model, LLaDAV) else None,
+                    stop=stop + ("<|eot_id|>",))
+
     def _visual(self, doc_to_visual, task, split, doc_id):
-        """The request's image (a PIL image) or None; one line for what the answer functions cannot take."""
+        """The request's image (a PIL image) or None; one line for what sample.answer cannot take."""
         visual = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
         visual = [v for v in (visual or []) if v is not None]
         if not visual:
             return None
         if len(visual) > 1 or isinstance(visual[0], str):
             raise ValueError(f"task {task}: a document with {len(visual)} images or a video; tools/eval.py answers "
-                             f"one image per question (sample.answer_pretrained)")
+                             f"one image per question (sample.answer)")
         return visual[0].convert("RGB")
 
     # -- generation -------------------------------------------------------------------------------
     def generate_until(self, requests) -> list:
         """Answer every request (context, gen_kwargs, doc_to_visual, doc_id, task, split) -> answer strings,
-        in the order of the requests."""
-        from sample import answer, answer_pretrained
-        out = [None] * len(requests)
+        in the order of the requests: runs of up to batch_size consecutive requests with the same settings
+        go through sample.answer as one left-padded batch (for the toy, the same call as sample.evaluate,
+        so the answers equal `sample.py --eval`'s)."""
+        out, i = [], 0
         torch.manual_seed(self.seed)  # T > 0 or random remasking: reproducible
-        if self.ours:
-            # Left-padded batches of consecutive requests with the same settings, through sample.answer:
-            # the same sampler call as sample.evaluate, so the answers equal `sample.py --eval`'s.
-            i = 0
-            while i < len(requests):
-                ctx, gk, dtv, doc_id, task, split = requests[i].args
-                s = self.settings(task, gk)
-                j = i
-                while j < len(requests) and j - i < self.batch_size_ and requests[j].args[4] == task \
-                        and self.settings(task, requests[j].args[1]) == s:
-                    j += 1
-                imgs = [self._visual(r.args[2], r.args[4], r.args[5], r.args[3]) for r in requests[i:j]]
-                if any(im is None for im in imgs):
-                    raise ValueError(f"task {task}: a question without an image; our checkpoints answer about an image")
-                for k in ("think", "stop"):  # the toy was trained without either: no suffix, its own EoT cut
-                    s.pop(k, None)
-                texts = answer(self.model, self.tok, imgs, [r.args[0] for r in requests[i:j]], **s, **self.decoding)
-                out[i:j] = texts
-                i = j
-            return out
-        is_v = hasattr(self.model, "encode_image_crops")  # LLaDA-V, or a text-only LLaDA
-        for i, r in enumerate(requests):
-            ctx, gk, dtv, doc_id, task, split = r.args
-            s = self.settings(task, gk)
-            stop = tuple(s.pop("stop", ())) + ("<|eot_id|>",)  # the model file appends the template's separator
-            think = s.pop("think", None)
-            think = think if is_v else None  # LLaDA-V's switch; a text LLaDA was not trained on it
-            out[i] = answer_pretrained(self.model, self.tok, self._visual(dtv, task, split, doc_id), ctx, think=think,
-                                       stop=stop, lmms_eval=True, **s, **self.decoding)
+        while i < len(requests):
+            s = self.settings(requests[i].args[4], requests[i].args[1])
+            j = i + 1
+            while j < len(requests) and j - i < self.batch_size_ and \
+                    self.settings(requests[j].args[4], requests[j].args[1]) == s:
+                j += 1
+            batch = [r.args for r in requests[i:j]]  # (context, gen_kwargs, doc_to_visual, doc_id, task, split)
+            images = [self._visual(dtv, task, split, doc_id) for _, _, dtv, doc_id, task, split in batch]
+            out += sample.answer(self.model, self.tok, images, [a[0] for a in batch], **self.answer_options(s),
+                                 **self.decoding)
+            i = j
         return out
 
     def generate_until_multi_round(self, requests) -> list:
@@ -184,66 +160,50 @@ class LLaDAVEval(lmms):
     @torch.no_grad()
     def loglikelihood(self, requests) -> list:
         """(log-likelihood bound, is greedy) per request (context, continuation or doc_to_target, doc_to_visual,
-        doc_id, task, split). The prompt is the template with the image first, as generation builds it;
-        the continuation is what the model was trained to write there: for our checkpoints the training
-        canvas (answer, <|eot_id|>, EOS padding to gen_length, as sample.evaluate_choice), for the official
-        weights the answer and <|eot_id|> (the model file's conversation with the answer filled in)."""
-        from data import SYSTEM_PROMPT, chat_template, default_system, llada_v_messages, sft_example
-        from data import tokenizer_image_token
+        doc_id, task, split). The prompt is sample.answer's (data.prompt_batch, the image first); the
+        continuation is what the model was trained to write there: for the toy the training canvas (answer,
+        <|eot_id|>, EOS padding to gen_length, as sample.evaluate_choice), for the official way the answer
+        and <|eot_id|> (the model file's conversation with the answer filled in)."""
+        from cli import autocast
+        from data import default_system, prompt_batch, sft_example
         from diffusion import get_log_likelihood
-        from distributed import autocast
-        from sample import answer, answer_pretrained
-        from vision import preprocess, process_image
         g = torch.Generator().manual_seed(self.seed)
-        dev, res = self.device_, []
-        is_v = hasattr(self.model, "encode_image_crops")
+        dev, model, tok, res = self.device_, self.model, self.tok, []
+        is_v = isinstance(model, LLaDAV)  # a text-only LLaDA takes embeddings, and no image
+        fn = model if is_v else lambda x, attention_mask=None, **k: model(model.embed_tokens(x), attention_mask, **k)
+        system = default_system(model.cfg.tokenizer) if is_v else None
+        # as sample.answer: the toy under autocast, a model answered the official way in its own dtype
+        amp = contextlib.nullcontext if self.official else lambda: autocast(dev)
         for r in requests:
             ctx, target, dtv, doc_id, task, split = r.args
-            doc = self.task_dict[task][split][doc_id]
-            cont = target if isinstance(target, str) else str(target(doc))
+            cont = (target if isinstance(target, str) else str(target(self.task_dict[task][split][doc_id]))).strip()
             img = self._visual(dtv, task, split, doc_id)
-            kw = {}
-            if self.ours:
-                if img is None:
-                    raise ValueError(f"task {task}: a question without an image; our checkpoints answer about an image")
-                with autocast(dev):
-                    feats = self.model.encode_images(preprocess(img, self.model.cfg.vision.image_size)[None].to(dev))
-                G = self.settings(task, {})["gen_length"]
-                ids, labels = sft_example(self.tok, ctx, cont.strip(), G, feats.shape[1],
-                                          default_system(self.model.cfg.tokenizer))
+            if img is not None and not is_v:
+                raise ValueError(f"task {task}: an image question for a text-only LLaDA")
+            with amp():
+                feats, counts = sample.image_tokens(model, [img])  # (N, d) or None, [N]
+            if self.official:
+                prompt = prompt_batch(tok, [ctx], counts, system, keep_after_image=False)[0][0].tolist()
+                ans = tok.encode(cont) + [tok.eot_id]
+            else:
+                ids, labels = sft_example(tok, ctx, cont, self.defaults["gen_length"], counts[0], system)
                 P = labels.count(-100)  # the prompt: every position whose label is IGNORE_INDEX
                 prompt, ans = ids[:P], ids[P:]
-                kw["image_features"] = feats.expand(self.mc_batch, -1, -1)  # (b, N, d): one copy per sample
-                model = self.model
-            else:
-                n_img = []
-                if img is not None:
-                    if not is_v:
-                        raise ValueError(f"task {task}: an image question for a text-only LLaDA")
-                    crops, size = process_image(img, self.model.cfg.image_aspect_ratio, self.model.cfg.vision.image_size)
-                    feats = self.model.encode_image_crops(crops.to(dev), size)  # (N, d)
-                    kw["image_features"] = feats.repeat(self.mc_batch, 1)     # (b N, d): rows taken in order
-                    n_img = [feats.shape[0]]
-                msgs = llada_v_messages(ctx, SYSTEM_PROMPT if is_v else None, len(n_img))
-                prompt = tokenizer_image_token(self.tok, chat_template(msgs), n_img)
-                ans = self.tok.encode(cont.strip()) + [self.tok.eot_id]
-                model = self.model if is_v else (
-                    lambda x, attention_mask=None, **k: self.model(self.model.embed_tokens(x), attention_mask, **k))
-            with autocast(dev):
-                ll = get_log_likelihood(model, torch.tensor(prompt, device=dev), torch.tensor(ans, device=dev),
-                                        mc_num=self.mc_num, batch_size=self.mc_batch, mask_id=self.tok.mask_id,
+            kw = {} if feats is None else {"image_features": feats.repeat(self.mc_batch, 1)}  # (b N, d), in order
+            with amp():
+                ll = get_log_likelihood(fn, torch.tensor(prompt, device=dev), torch.tensor(ans, device=dev),
+                                        mc_num=self.mc_num, batch_size=self.mc_batch, mask_id=tok.mask_id,
                                         generator=g, **kw)
-            greedy = False
-            if self.greedy_check:  # does the sampler write exactly this continuation?
-                if self.ours:
-                    s = {k: v for k, v in self.settings(task, {}).items() if k not in ("think", "stop")}
-                    greedy = answer(self.model, self.tok, [img], [ctx], **s)[0] == cont.strip()
-                else:
-                    A = len(ans)
-                    greedy = answer_pretrained(self.model, self.tok, img, ctx, gen_length=A, steps=A, block_length=A,
-                                               lmms_eval=True) == cont.strip()
-            res.append((float(ll), bool(greedy)))
+            res.append((float(ll), bool(self.greedy_check and self.is_greedy(task, img, ctx, cont, len(ans)))))
         return res
+
+    def is_greedy(self, task, img, ctx, cont, A: int) -> bool:
+        """Does sample.answer at temperature 0, exact decoding, write exactly `cont`? The toy: with its own
+        settings; the official way: a canvas of the continuation's A tokens in one block (is_check_greedy)."""
+        s = self.settings(task, {})
+        if self.official:
+            s = dict(gen_length=A, steps=A, block_length=A, temperature=0.0, cfg_scale=0.0, remasking="low_confidence")
+        return sample.answer(self.model, self.tok, [img], [ctx], **self.answer_options(s))[0] == cont
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,12 +222,12 @@ def evaluate(lm: LLaDAVEval, tasks: list, toy_n: int = 500, limit=None, task_dir
     paths = [p for p in include_path.split(",") if p]
     tmp = None
     if TOY_TASK in tasks:
-        if not lm.ours:
-            raise ValueError(f"--tasks={TOY_TASK} is the toy's held-out questions; it needs a checkpoint of train.py")
+        if lm.official:
+            raise ValueError(f"--tasks={TOY_TASK} is the toy's held-out questions; it needs a toy checkpoint of "
+                             f"train.py (trained on synthetic scenes, not on LLaVA data)")
         from tools.eval_task import write_toy_task
         task_dir = task_dir or (tmp := tempfile.TemporaryDirectory(prefix="llada_v_toy_")).name
-        paths.append(write_toy_task(task_dir, lm.model.cfg.vision.image_size, int(lm.train_config.get("seed", 0)),
-                                    toy_n))
+        paths.append(write_toy_task(task_dir, lm.model.cfg.vision.image_size, lm.defaults["seed"], toy_n))
     # the built-in task index (hundreds of YAML files) only when a built-in task is asked for
     builtin = any(t != TOY_TASK for t in tasks)
     try:
@@ -295,15 +255,18 @@ def sample_answers(results: dict, task: str) -> dict:
 @dataclass
 class EvalConfig:
     # The options of tools/eval.py, --key=value (the project's one parser; --help lists them with these notes).
-    checkpoint: str = opt("out", path="any")   # out_dir or ckpt.pt from train.py, or a Hugging Face LLaDA-V / LLaDA folder
+    checkpoint: str = opt("out", path="any")   # as sample.py's: a train.py run folder or its ckpt.pt, or a Hugging
+                                               # Face LLaDA-V / LLaDA folder
     tasks: str = TOY_TASK                      # comma-separated lmms-eval tasks (llada_v_toy: the toy's held-out questions)
     mode: str = opt("exact", choices=tuple(MODES))  # decoding mode (diffusion.py): exact, KV caches, threshold
     threshold: float = opt(0.9, min=0)         # confidence threshold of the threshold modes
     refresh_every: int = opt(0, min=0)         # cached modes: refresh the cache every N steps (0: at block starts)
-    batch_size: int = opt(1, min=1)            # questions decoded together (our checkpoints; official weights: 1)
+    batch_size: int = opt(1, min=1)            # questions decoded together, left-padded (1: as the official evaluation)
     device: str = opt("auto", device=True)     # auto = cuda > cpu
-    dtype: str = opt("auto", choices=("auto", *DTYPES))  # official weights' dtype; auto: fp16 on CUDA, as stored on CPU
-    tokenizer: str = opt("", path="any", also=("toy",))  # Hugging Face folders: tokenizer.json or folder (default: its own)
+    dtype: str = opt("auto", choices=("auto", *DTYPES))  # as sample.py's: the weights' dtype when answered the
+                                                         # official way; auto: fp16 on CUDA, as stored on CPU
+    tokenizer: str = opt("", path="any", also=("toy",))  # as sample.py's: tokenizer.json or folder (default: the
+                                                         # checkpoint's)
     n: int = opt(500, min=1)                   # questions in the toy task (sample.py --eval's --n)
     limit: int | None = opt(None, min=1)       # score only the first N documents of each task (a quick look)
     mc_num: int = opt(128, min=1)              # Monte-Carlo samples per likelihood (loglikelihood tasks)

@@ -207,6 +207,8 @@ def check_option(key: str, value, rule: dict, text: str | None = None, default: 
             raise _fail(key, text, f"empty; pass {allowed} (e.g. --{key}=out)", default)
         if rule["out"] == "dir" and os.path.exists(value) and not os.path.isdir(value):
             raise _fail(key, text, "is a file; pass a folder", default)
+        if rule["out"] == "dir" and (why := not_a_run_folder(os.path.realpath(value))):  # before any probe writes
+            raise _fail(key, text, f"is {why}; pick a folder of its own, e.g. --{key}=out", default)
         if rule["out"] == "file" and os.path.isdir(value):
             raise _fail(key, text, "is a folder; pass a file path", default)
         if "suffix" in rule and not value.endswith(rule["suffix"]):

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import sample
+import cli
 import train
 from tools import draw
 from checkpoint import load_checkpoint, load_state_file, save_checkpoint
@@ -404,3 +405,36 @@ def test_prev_rotation_after_a_kill_between_its_renames(tmp_path):
         save_checkpoint(p, {"step": step}, keep_prev=True)
         assert load_state_file(p)["step"] == step and load_state_file(tmp_path / "ckpt.prev.pt")["step"] == step - 1
         assert sorted(os.listdir(tmp_path)) == ["ckpt.prev.pt", "ckpt.pt"]
+
+
+def test_out_dir_refuses_a_root_home_and_a_folder_of_sources(tmp_path, monkeypatch):
+    """--out_dir=/ , a symlink to /, the home folder, and a folder of sources or a repository (--out_dir=.
+    in a project) are refused in one line before anything is written, even a probe; a folder an earlier
+    run of ours already lives in is still accepted."""
+    root_link = tmp_path / "to_root"
+    root_link.symlink_to("/")
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / "model.py").write_text("x = 1\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    before = {p: sorted(os.listdir(p)) for p in ("/", project, home)}
+    cases = [("/", "a filesystem root"), (str(root_link), "a filesystem root"), (str(home), "your home folder"),
+             (str(project), "a folder of sources or a repository (it holds .git)")]
+    monkeypatch.chdir(project)
+    cases.append((".", "a folder of sources or a repository"))
+    for out, why in cases:
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(TINY_TRAIN + ["--max_steps=1", f"--out_dir={out}"], train.TrainConfig())
+        assert why in one_line(e) and "\n" not in one_line(e), (out, one_line(e))
+    assert {p: sorted(os.listdir(p)) for p in ("/", project, home)} == before  # nothing written anywhere
+    # train() refuses too when handed such a config directly (the guard under the parser)
+    tc, mc = train.parse_args(TINY_TRAIN + ["--max_steps=1", f"--out_dir={tmp_path / 'ok'}"], train.TrainConfig())
+    tc.out_dir = str(project)
+    with pytest.raises(SystemExit, match="a folder of sources"):
+        train.train(tc, mc, quiet=True)
+    assert sorted(os.listdir(project)) == before[project]
+    # a run folder of ours is fine, whatever it holds
+    (project / "train_run.json").write_text("{}")
+    assert cli.not_a_run_folder(str(project)) is None

@@ -201,6 +201,39 @@ def test_sample_bad_input(checkpoint, tmp_path, make, args, message):
         sample.main(args)
 
 
+def test_toy_refuses_chat_and_think_and_says_what_it_sees(checkpoint, capsys, tmp_path):
+    """The toy was never trained on conversations: --chat and --think are refused in one line (they used to
+    be ignored, answering a synthetic question with exit 0); an image of the user's gets a word on what the
+    toy can see."""
+    for flag in ("--chat=1", "--think=think"):
+        with pytest.raises(SystemExit, match="is the toy, trained on one question about one synthetic scene"):
+            sample.main([f"--checkpoint={checkpoint}", flag])
+    Image.new("RGB", (50, 40), (0, 0, 255)).save(tmp_path / "p.png")
+    out = run_sample(capsys, f"--checkpoint={checkpoint}", f"--image={tmp_path / 'p.png'}")
+    assert "the toy knows only its own world" in out and "4x4 grid" in out
+
+
+def test_init_parts_image_newline_is_reachable(tmp_path):
+    """--init_parts takes image_newline (one list, checkpoint.INIT_PARTS, for the option and the loader): a
+    spatial_unpad model copies exactly that vector from the source and leaves the rest as initialised."""
+    from checkpoint import INIT_PARTS, init_from, save_checkpoint
+    from cli import model_config
+    from model import LLaDAV
+    assert "image_newline" in INIT_PARTS
+    tc, _ = train.parse_args(["--init_parts=image_newline,projector"], train.TrainConfig())
+    assert tc.init_parts == "image_newline,projector"
+    mc = model_config("toy", {"lm.d_model": 32, "lm.n_heads": 2, "lm.mlp_hidden": 64, "lm.n_layers": 1})
+    mc.mm_patch_merge_type = "spatial_unpad"
+    torch.manual_seed(0)
+    src, dst = LLaDAV(mc), LLaDAV(mc)
+    save_checkpoint(tmp_path / "src.pt", {"model": src.state_dict(), "config": mc.to_dict()})
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    init_from(dst, str(tmp_path / "src.pt"), "image_newline", lambda *a: None)
+    assert torch.equal(dst.image_newline, src.image_newline)
+    assert not torch.equal(before["image_newline"], src.image_newline)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items() if k != "image_newline")
+
+
 def test_sample_refuses_a_non_checkpoint(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"\x00" * 100)
     with pytest.raises(SystemExit, match="not a checkpoint written by train.py"):

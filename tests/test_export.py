@@ -129,6 +129,7 @@ def test_toy_export_is_answered_with_the_toys_defaults(toy_run, monkeypatch, cap
     for ckpt in (toy_run, hf):
         sample.main([f"--checkpoint={ckpt}", "--seed=3"])
     assert torch.equal(calls[0][0], calls[1][0]) and all("banned_ids" not in kw for _, kw in calls)
+    assert torch.equal(calls[0][1]["image_features"], calls[1][1]["image_features"])
     text = capsys.readouterr().out
     assert text.count("question:") == 2 and "gen_length 12, block_length 12" in text
 

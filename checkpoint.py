@@ -1019,7 +1019,7 @@ def export(model, out_dir: str, config: dict, info, write_pt: bool = True, extra
 
 def export_hf(sd: dict, path: str, config: dict, extra: dict):
     """out_dir/hf: the trained model as the official LLaDA-V is published, so that every reader of the official
-    weights (sample.py, tools/eval.py, --init_from, transformers-side code) reads it too:
+    weights (sample.py, --init_from, from_pretrained) reads it too:
       config.json + model.safetensors   save_pretrained: model_type llava_llada, the official tensor names, the
                                         image mode it trained with (image_aspect_ratio, mm_patch_merge_type);
       tokenizer.json (+ tokenizer_config.json)  copied from where training loaded them (the official vocabulary),

@@ -819,11 +819,15 @@ def _write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_size: int = 5 * 10**9, dtype=None):
+def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_size: int = 5 * 10**9, dtype=None,
+                    state: dict | None = None, ids: dict | None = None):
     """Write `model` as a Hugging Face directory: config.json and safetensors (sharded with an index when
     over max_shard_size bytes), in the official key names (`layout` picks LLaDA's naming; LLaDA-V is
     always LLaMA-style). Each shard's metadata carries the sha256 of its tensors (save_safetensors), which
-    from_pretrained checks. Files are written aside and renamed into place; stale shards are removed last."""
+    from_pretrained checks. Files are written aside and renamed into place; stale shards are removed last.
+    state: the weights to write in place of model.state_dict() (export's gathered FSDP state dict; `model`
+    may then be a meta-device copy that only gives the config and the key order). ids: config.json's
+    bos / eos / pad / mask_token_id when the vocabulary is not LLaDA's (export_hf: the tokenizer's own)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: use one of {LAYOUTS}")
     path = os.fspath(path)
@@ -837,7 +841,8 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
                   **vision_config_to_hf(model.cfg)}
     else:
         raise TypeError(f"save_pretrained takes LLaDAV, LLaDA or VisionTower, not {type(model).__name__}")
-    state = model.state_dict()
+    config.update(ids or {})
+    state = model.state_dict() if state is None else state
     names = official_names(model, layout)
     order = list(state)
     if isinstance(model, LLaDAV):  # LlavaLLaDAModelLM's module order: LM body, tower, projector, newline, head
@@ -993,17 +998,88 @@ def save(tc, mc, fmt, step, model, opt, tok, bad, info) -> str:
     return path
 
 
+# What export() writes beside the weights in out_dir/hf, and sample.load reads back from such a folder.
+HF_DIR = "hf"                          # the Hugging Face folder inside a train.py run's out_dir
+TOY_TOKENIZER = "toy_tokenizer.json"   # the toy's BPE (Tokenizer.to_dict): no tokenizer.json format exists for it
+TRAIN_CONFIG = "train_config.json"     # the training options: toy (synthetic data) or LLaVA data, gen_length, seed
+
+
 def export(model, out_dir: str, config: dict, info, write_pt: bool = True, extra: dict | None = None):
     """Final export: model.safetensors (full weights) + config.json, and (write_pt) a weights-only
     ckpt.pt, the file sample.py loads (a pt-format run has written its own, with optimizer state).
-    extra: more entries for that ckpt.pt (the toy tokenizer, the training config)."""
+    extra: more entries for that ckpt.pt (the toy tokenizer, the training config).
+    A LLaDA-V run also gets out_dir/hf, a Hugging Face folder (export_hf). Under FSDP the full state dict
+    is gathered once (a collective) and every file is written by rank 0 alone."""
     sd = full_state_dict(model)
     if info.main:
         save_safetensors(os.path.join(out_dir, "model.safetensors"), sd)  # with its per-tensor sha256 manifest
         write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1))
         if write_pt:
             save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {"config": config, "model": sd, **(extra or {})})
+        if "vision" in config:  # a LLaDAVConfig
+            export_hf(sd, os.path.join(out_dir, HF_DIR), config, extra or {})
     barrier()
+
+
+def export_hf(sd: dict, path: str, config: dict, extra: dict):
+    """out_dir/hf: the trained model as the official LLaDA-V is published, so that every reader of the official
+    weights (sample.py, --init_from, from_pretrained) reads it too:
+      config.json + model.safetensors   save_pretrained: model_type llava_llada, the official tensor names, the
+                                        image mode it trained with (image_aspect_ratio, mm_patch_merge_type);
+      tokenizer.json (+ tokenizer_config.json)  copied from where training loaded them (the official vocabulary),
+          or TOY_TOKENIZER, the toy's own BPE in this project's JSON (no Hugging Face format exists for it);
+      TRAIN_CONFIG                      the training options, from which sample.load tells the toy (answered its
+                                        own way, with its run's lengths) from a LLaVA-data model (answered as LLaDA-V).
+    Each file is written aside and renamed into place; config.json comes last, so a folder with one is complete."""
+    import shutil
+    cfg = LLaDAVConfig.from_dict(config)
+    with torch.device("meta"):  # no memory: the config, the parameter names and their order only
+        shape = LLaDAV(cfg)
+    os.makedirs(path, exist_ok=True)
+    written = []
+    if cfg.tokenizer == "toy":
+        if "tokenizer" in extra:
+            _write_json(os.path.join(path, TOY_TOKENIZER), extra["tokenizer"])
+            written.append(TOY_TOKENIZER)
+    else:  # --tokenizer was a tokenizer.json or a folder holding one (train.load_tokenizer)
+        src = cfg.tokenizer if os.path.isdir(cfg.tokenizer) else os.path.dirname(cfg.tokenizer)
+        files = {"tokenizer.json": cfg.tokenizer if os.path.isfile(cfg.tokenizer) else os.path.join(src, "tokenizer.json"),
+                 "tokenizer_config.json": os.path.join(src, "tokenizer_config.json")}
+        for name, f in files.items():
+            if os.path.isfile(f):
+                atomic_write(os.path.join(path, name), lambda tmp, f=f: shutil.copyfile(f, tmp))
+                written.append(name)
+    for stale in (TOY_TOKENIZER, "tokenizer.json", "tokenizer_config.json"):  # an earlier export's other tokenizer
+        if stale not in written and os.path.exists(os.path.join(path, stale)):
+            os.remove(os.path.join(path, stale))
+    if "train_config" in extra:
+        _write_json(os.path.join(path, TRAIN_CONFIG), extra["train_config"])
+    ids = None
+    if "tokenizer" in extra:  # the special ids of the vocabulary it trained with (LLaDA's: 126080, 126081, 126336)
+        st = extra["tokenizer"]["special_tokens"]
+        ids = {"bos_token_id": st["<|startoftext|>"], "eos_token_id": st["<|endoftext|>"],
+               "pad_token_id": st["<|endoftext|>"], "mask_token_id": extra["tokenizer"]["mask_id"]}
+    save_pretrained(shape, path, state=sd, ids=ids)
+
+
+def read_export(path) -> tuple[dict, Tokenizer | None]:
+    """A Hugging Face folder -> (its TRAIN_CONFIG, {} for the official weights; its TOY_TOKENIZER or None):
+    what export_hf wrote beside the weights, read with one-line errors naming the file."""
+    out = {}
+    for name in (TRAIN_CONFIG, TOY_TOKENIZER):
+        f = os.path.join(os.fspath(path), name)
+        if not os.path.isfile(f):
+            continue
+        try:
+            with open(f, encoding="utf-8") as fh:
+                out[name] = json.load(fh)
+            if not isinstance(out[name], dict):
+                raise ValueError("not a JSON object")
+            if name == TOY_TOKENIZER:
+                out[name] = Tokenizer.from_dict(out[name])
+        except ValueError as e:
+            raise ValueError(f"{f} is not what train.py's export writes ({e}); export the run again") from None
+    return out.get(TRAIN_CONFIG, {}), out.get(TOY_TOKENIZER)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -445,7 +445,7 @@ def write_text(path, text: str):
 # to lose. Deleting the marker or the lock by hand is always safe; neither holds any state of the run.
 MARKER = "train_run.json"  # "train.py wrote this folder": the folders we may write into again
 LOCK = "train.lock"        # {"pid", "host", "start"} of the run using the folder now
-OURS = ("ckpt.pt", "ckpt.prev.pt", "model.safetensors", "config.json", "report.json", "dcp")
+OURS = ("ckpt.pt", "ckpt.prev.pt", "model.safetensors", "config.json", "report.json", "dcp", "hf")  # hf: the export
 
 
 def foreign_model(out_dir: str) -> str | None:
@@ -627,7 +627,7 @@ def remove_stale_temporaries(out_dir: str, owned=()) -> list:
     run's pid may already belong to an unrelated process); any other file's only if its pid is dead.
     -> the paths removed."""
     gone = []
-    for d in (out_dir, os.path.join(out_dir, "dcp")):
+    for d in (out_dir, os.path.join(out_dir, "dcp"), os.path.join(out_dir, "hf")):
         if not os.path.isdir(d):
             continue
         for name in sorted(os.listdir(d)):

@@ -369,9 +369,10 @@ class LlavaDataset(torch.utils.data.Dataset):
             images.append(image_crops(load_image(p), mode, self.image_size, self.patch_size, self.newline))
         counts = [t for _, _, t in images]                          # T_k, one per "<image>"
         ids, labels = self._plain(conv, counts[0]) if self.fmt == "plain" else self._conv(conv, counts, bool(files))
+        had = any(l != IGNORE_INDEX for l in labels)  # the cut below may take every target (a short --max_len)
         ids, labels, keep = _truncate(ids, labels, counts, self.max_len, whole_images=self.truncation != "official")
         if all(l == IGNORE_INDEX for l in labels):  # nothing to learn (possible with unignore_special=False)
-            raise _BadSample("no target")
+            raise _BadSample(f"no answer left within max_len={self.max_len} tokens" if had else "no target")
         kept = images[:len(keep)]
         pixels = torch.cat([c for c, _, _ in kept]) if kept else None      # (sum K, 3, S, S)
         layout = [(c.shape[0], size, n) for (c, size, _), n in zip(kept, keep)]

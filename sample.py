@@ -216,6 +216,7 @@ def evaluate_choice(model, tok, samples, gen_length=16, mc_num=16, batch_size=16
     each candidate answer is scored as the canvas the model was trained on (answer, <|eot_id|>, EOS
     padding to gen_length), and the best one is the prediction. -> accuracy per kind (closed kinds only)."""
     device = next(model.parameters()).device
+    batch_size = max(d for d in range(1, min(mc_num, batch_size) + 1) if mc_num % d == 0)  # copies per pass | mc_num
     g = torch.Generator().manual_seed(seed)
     hits, n = defaultdict(int), defaultdict(int)
     for img, q, truth, kind in samples:
@@ -300,21 +301,27 @@ class SampleConfig:
 
 def load(sc, device):
     """--checkpoint -> (model, tokenizer, official, defaults). Three kinds of checkpoint, one answer path:
-      a Hugging Face folder (the official LLaDA-V or LLaDA, or a train.py export): answered the official way;
-      a train.py run folder, or its ckpt.pt: a model trained on LLaVA data (--data, any --stage) is answered
-          as LLaDA-V is (it was trained in its format); the toy, trained on synthetic scenes, its own way.
+      a Hugging Face folder (the official LLaDA-V or LLaDA): answered the official way;
+      a train.py run folder, its ckpt.pt, or its export out_dir/hf (checkpoint.export_hf): a model trained on
+          LLaVA data (--data, any --stage) is answered as LLaDA-V is (it was trained in its format); the toy,
+          trained on synthetic scenes, its own way. All three give the same answers (tests/test_export.py).
     defaults: the sampler lengths where an option is unset: the family's official ones (OFFICIAL), or
     for the toy its training run's (sampling as trained reproduces what its report measured)."""
-    from checkpoint import check_tokenizer_fits, from_pretrained, is_llada_v, load_checkpoint, read_config
+    from checkpoint import check_tokenizer_fits, from_pretrained, is_llada_v, load_checkpoint, read_config, read_export
     from cli import MARKER
     path = sc.checkpoint
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, MARKER)):  # a train.py run folder
         path = os.path.join(path, "ckpt.pt")
     if os.path.isdir(path):
         family = "llada_v" if is_llada_v(read_config(path)) else "llada"
-        model = from_pretrained(path, dtype=inference_dtype(sc.dtype, device, family), device=device)
-        tok_path = sc.tokenizer or path
-        official, trained = True, {}
+        trained, toy_tok = read_export(path)  # ({}, None) for the official weights
+        official = not trained or bool(trained.get("data"))  # the toy: trained on synthetic scenes
+        dtype = inference_dtype(sc.dtype, device, family) if official else None  # the toy: as trained (autocast)
+        model = from_pretrained(path, dtype=dtype, device=device)
+        tok_path, tok = sc.tokenizer or ("" if toy_tok else path), toy_tok
+        if toy_tok is not None:  # trained with the toy tokenizer: its prompts carry no system turn
+            model.cfg.tokenizer = "toy"
+            check_tokenizer_fits(toy_tok, model, path)
     else:
         model, tok, ckpt = load_checkpoint(path, device)
         trained = ckpt.get("train_config", {})

@@ -688,8 +688,8 @@ def log_step(tc, run: Run, info, rec: dict, lr: float, log, jlog):
 
 
 def finish(tc, mc, run: Run, info, log, step, train_time, steps_run, heldout):
-    """The end: export (model.safetensors + config.json, and a weights-only ckpt.pt for a DCP run: what
-    sample.py, the bench and the next stage's --init_from read), then the held-out report. report.json is
+    """The end: export (model.safetensors + config.json, hf/ in the official format, a weights-only ckpt.pt for
+    a DCP run: what sample.py, the bench and the next stage's --init_from read), then the held-out report. report.json is
     written last, so its presence means "finished"."""
     log(f"trained {steps_run} steps in {train_time:.0f}s; checkpoint "
         f"{os.path.join(tc.out_dir, 'ckpt.pt') if run.fmt == 'pt' else os.path.join(tc.out_dir, 'dcp')}")

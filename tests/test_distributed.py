@@ -82,6 +82,8 @@ def test_two_processes_follow_one_process(runs, name):
     # AdamW divides by sqrt(v): where gradients are ~0, float-rounding differences in them move a weight
     # by up to ~lr per step, so the weights agree to 1e-3 (4 steps at lr 3e-3 move them by up to 1.2e-2)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+    from checkpoint import from_pretrained  # out/hf, written by rank 0 from the one gathered state dict
+    assert all(torch.equal(v, a[k]) for k, v in from_pretrained(f"{d / name}/hf").state_dict().items())
 
 
 def test_accumulation_one_process(runs, tmp_path):

@@ -328,9 +328,8 @@ class ModelCalls:
                 self.kv.span = (start, L) if self.cache == "prefix" else (start, end)
             kw["cache"] = self.kv
         s, e = (0, L) if full else self.kv.span  # the call computes queries s..e-1
-        if (lo, hi) != (s, e) and self.positions_ok:  # the head on the window's rows only, every CFG half
-            pos = torch.arange(s, e, device=x.device)
-            kw["output_positions"] = ((pos >= lo) & (pos < hi)).expand(B * (2 if self.cfg_scale > 0 else 1), -1)
+        if (lo, hi) != (s, e) and self.positions_ok:  # the head on the window's rows only, every CFG half: a
+            kw["output_positions"] = (slice(None), slice(lo - s, hi - s))  # view of the rows, nothing gathered
         logits = cfg_logits(self.model, x, self.prompt_index, self.cfg_scale, self.mask_id, self.attention_mask,
                             **kw, **self.kwargs)
         if "output_positions" not in kw:
@@ -388,11 +387,10 @@ def reveal(x, x0, confidence, lo, k, threshold=None):
     return x
 
 
-def revealable(x, mask_id, first, end, stop_at=None):
-    """(B, L) bool: where a step may reveal: masked, in [first, end) and, with LLaDA-V's stop rule, before
-    the row's stop position stop_at (B,)."""
-    pos = torch.arange(x.shape[1], device=x.device)[None]
-    allowed = (x == mask_id) & (pos >= first) & (pos < end)
+def revealable(x, mask_id, window, pos, stop_at=None):
+    """(B, L) bool: where a step may reveal: masked, inside `window` (L,) (made once per block: the positions
+    first..end-1) and, with LLaDA-V's stop rule, before the row's stop position stop_at (B,); pos = 0..L-1."""
+    allowed = (x == mask_id) & window
     return allowed if stop_at is None else allowed & (pos < stop_at[:, None])
 
 
@@ -406,7 +404,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
 
     model: called as model(x, attention_mask=..., **model_kwargs) -> logits (B, L, V); for LLaDA-V pass
         image_features=... (model.LLaDAV.forward), computed once outside the loop. If it takes
-        output_positions= (model.LLaDA / LLaDAV do) it gets a mask of the rows whose logits are used (the
+        output_positions= (model.LLaDA / LLaDAV do) it gets the window of rows whose logits are used (the
         current block, and earlier masks), else its logits are sliced; a cache needs cache= too.
     prompt: (B, P) token ids (IMAGE_TOKEN_INDEX placeholders allowed), left-padded when B > 1;
     attention_mask: (B, P) or None.  eos_id / eot_id: the ids the two *_inf flags refer to.
@@ -445,7 +443,8 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     L = x.shape[1]
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask, torch.ones(B, L - P, dtype=attention_mask.dtype, device=dev)], 1)
-    prompt_index = (torch.arange(L, device=dev) < P)[None]  # (1, L): the prompt (image included); CFG masks it
+    pos = torch.arange(L, device=dev)
+    prompt_index = (pos < P)[None]  # (1, L): the prompt (image included); CFG masks it
     calls = ModelCalls(model, cache, refresh_every, cfg_scale, prompt_index, mask_id, attention_mask, model_kwargs)
     stop = torch.full((B,), G, dtype=torch.long, device=dev)  # stop position in the canvas, G = none yet
     pick = dict(temperature=temperature, remasking=remasking, float64=llada_v, logits_eos_inf=logits_eos_inf,
@@ -460,13 +459,15 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         d0, d1 = (start, end) if fast else (P, P + G) if llada_v else (0, L)
         if threshold is None:
             num_transfer_tokens = get_num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)  # (B, s)
+            any_k = num_transfer_tokens.any(0).tolist()  # per step: does any row reveal? (read once a block)
         calls.new_block(start, end)
+        window = (pos >= d0) & (pos < end)                                                   # (L,)
         for i in itertools.count() if threshold is not None else range(steps_per_block):
-            allowed = revealable(x, mask_id, d0, end, P + stop if stop_sequences else None)  # (B, L)
-            k = None if threshold is not None else num_transfer_tokens[:, i]                # (B,)
+            allowed = revealable(x, mask_id, window, pos, P + stop if stop_sequences else None)  # (B, L)
+            k = None if threshold is not None else num_transfer_tokens[:, i]                    # (B,)
             if (threshold is not None or llada_v) and not allowed.any():
                 break  # block full (threshold), or LLaDA-V's early end; the official schedule runs all steps
-            if allowed.any() and (k is None or k.any()):  # else more steps than masks: nothing to reveal
+            if (k is None or any_k[i]) and allowed.any():  # else more steps than masks: nothing to reveal
                 lo = int(allowed.any(0).nonzero()[0])  # logits from the first revealable position to the block end
                 logits = calls(x, i, lo, end)                                    # (B, W, V), guided if cfg_scale
                 x0, x0_p = predict(logits, (d1 - d0, lo - d0), **pick)           # Gumbel argmax, its confidence

@@ -223,7 +223,8 @@ class LLaDA(nn.Module):
 
     def forward(self, embeds, attention_mask=None, output_positions=None, cache=None, targets=None):
         """embeds (B, L, d) -> logits (B, L, V), or (N, V) for the N True entries of the bool
-        `output_positions` (B, L): the head is the biggest matmul, and the loss needs masked rows only.
+        `output_positions` (B, L): the head is the biggest matmul, and the loss needs masked rows only (the
+        sampler passes a window instead, (slice(None), slice(a, b)): logits (B, b - a, V), a view, no gather).
         With targets (N,) it returns the per-row cross-entropy (N,) instead (see chunked_head_ce).
         cache (KVCache, inference only): if it has no span yet, run everything and record every layer's
         keys/values; if it has a span (s, e), run only positions s..e-1 (RoPE positions s..e-1), attend

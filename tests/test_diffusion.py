@@ -280,8 +280,9 @@ def test_official_mode_computes_logits_only_for_the_block():
         asked.clear()
         kw = dict(steps=6, gen_length=6, block_length=3, cfg_scale=cfg, **GEN)
         assert torch.equal(generate(spy, p, **kw), ref.generate(tiny_lm(3), p, **kw))
-        assert len(asked) == 6 and all(a.shape == (2 if cfg else 1, 26) for a in asked)
-        rows = [a[-1].nonzero()[:, 0].tolist() for a in asked]  # from the first masked position to the block end
+        # each call asks for a window (slice(None): every row, both CFG halves; then a slice of positions)
+        assert len(asked) == 6 and all(a[0] == slice(None) for a in asked)
+        rows = [list(range(26))[a[1]] for a in asked]  # from the first masked position to the block end
         assert rows[0] == [20, 21, 22] and rows[3] == [23, 24, 25]
         assert all(r == list(range(r[0], 23 if n < 3 else 26)) and r[0] >= (20 if n < 3 else 23)
                    for n, r in enumerate(rows))

@@ -371,6 +371,64 @@ class LLaDAV(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", Sec. 4.1): fine-tuning on one GPU
+
+class LoRALinear(nn.Linear):
+    """A frozen linear layer plus a trained low-rank update (the LoRA paper's Eq. 3):
+        y = W x + b + (alpha / r) B A dropout(x),    W (out, in) and b frozen, A (r, in), B (out, r) trained
+    A ~ kaiming_uniform(a = sqrt(5)) and B = 0, as PEFT's LoraLayer.reset_lora_parameters: B A = 0, so
+    training starts exactly at the base model. Merged: W' = W + (alpha / r) B A, a plain layer again.
+    The base keeps its `weight` / `bias` names and A, B sit in `lora_A` / `lora_B` linears, so a state
+    dict reads q_proj.weight, q_proj.lora_A.weight, q_proj.lora_B.weight: PEFT's names (checkpoint.py)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        nn.Module.__init__(self)  # not nn.Linear's: the base's parameters are taken over, not drawn anew
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)   # A (r, in)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)  # B (out, r)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        # the adapter runs in its own dtype (an fp32 adapter on a bf16 base; autocast decides on a GPU)
+        delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return F.linear(x, self.weight, self.bias) + (delta * self.scaling).to(x.dtype)
+
+    def merged_weight(self):
+        """W + (alpha / r) B A, computed in fp32 (fp64 for an fp64 model), returned in W's dtype."""
+        dt = torch.promote_types(self.weight.dtype, torch.float32)
+        return (self.weight.to(dt) + self.scaling * self.lora_B.weight.to(dt) @ self.lora_A.weight.to(dt)).to(self.weight.dtype)
+
+
+LORA_LM = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+           "down": "down_proj"}  # --lora_targets names of the language model's projections
+LORA_TARGETS = tuple(LORA_LM) + ("vision", "projector")  # + every linear layer of the ViT / of the projector
+
+
+def add_lora(model: nn.Module, r: int, alpha: float, targets: str = "q,k,v,o,gate,up,down", dropout: float = 0.0,
+             base_dtype=None):
+    """Wrap the `targets` linear layers of a LLaDAV (or bare LLaDA) in LoRALinear, freeze all but their A and B
+    -> the wrapped modules' names. base_dtype (bf16 on a GPU) stores the frozen weights in it; A, B keep theirs."""
+    want = targets.split(",")
+    lm = {LORA_LM[t] for t in want if t in LORA_LM}
+    picked = [n for n, m in model.named_modules() if type(m) is nn.Linear and (
+        (n.split(".")[-1] in lm and n.split(".")[-3] == "layers" and not n.startswith("vision."))
+        or ("vision" in want and n.startswith("vision.")) or ("projector" in want and n.startswith("projector.")))]
+    for n in picked:
+        parent, _, leaf = n.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, LoRALinear(model.get_submodule(n), r, alpha, dropout))
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n)
+        if base_dtype is not None and ".lora_" not in n:
+            p.data = p.data.to(base_dtype)
+    return picked
+
+
+# ----------------------------------------------------------------------------------------------
 # FLOPs and MFU (nanoGPT's estimate_mfu: the count lives beside what it counts)
 #
 # FLOPs of one training step (matmuls only, the usual convention; a multiply-add is 2 FLOPs). A matmul with

@@ -12,7 +12,7 @@ import torch
 
 import checkpoint
 import sample
-from conftest import run_train, tiny_cfg, tiny_llada_v, tiny_llm
+from conftest import TINY_DATA, run_train, tiny_cfg, tiny_llada_v, tiny_llm, tiny_toy_cfg
 from model import LLaDA, LLaDAV, LoRALinear, add_lora
 
 torch.set_num_threads(1)
@@ -120,6 +120,33 @@ def test_train_lora_from_a_toy_checkpoint_resumes_bit_exactly_and_samples(tmp_pa
         for ck, ad in ((tmp_path / "base" / "ckpt.pt", tmp_path / "a"), (tmp_path / "a", "")):
             m = sample.load(sample.SampleConfig(checkpoint=str(ck), adapter=str(ad)), torch.device("cpu"))[0]
             assert torch.equal(m(ids, px), want)
+
+
+def test_stage3_with_lora_from_a_hugging_face_folder(tmp_path):
+    """--stage=3 --lora_rank on LLaVA-format data, from a Hugging Face folder (as an official LLaDA-V is):
+    only the LM's adapters move; the export is the merged model and the adapter names its base."""
+    from PIL import Image
+    from safetensors.torch import load_file
+    import train
+    g = torch.Generator().manual_seed(0)
+    Image.fromarray(torch.randint(0, 256, (48, 80, 3), generator=g, dtype=torch.uint8).numpy()).save(tmp_path / "a.png")
+    (tmp_path / "conv.json").write_text(json.dumps([{"id": str(i), "image": "a.png", "conversations": [
+        {"from": "human", "value": "What is this? <image>"}, {"from": "gpt", "value": "a red square"}]} for i in range(4)]))
+    torch.manual_seed(3)
+    base = LLaDAV(tiny_toy_cfg(anyres=True))
+    base.init_weights()
+    checkpoint.save_pretrained(base, tmp_path / "hf")
+    tc, mc = train.parse_args([f"--out_dir={tmp_path / 'out'}"] + TINY_DATA + [
+        "--stage=3", f"--data={tmp_path / 'conv.json'}", f"--image_root={tmp_path}", "--workers=0", "--batch_size=2",
+        "--max_steps=2", "--lr=1e-2", "--warmup_ratio=0", "--warmup_steps=0", f"--init_from={tmp_path / 'hf'}",
+        "--lora_rank=4"], train.TrainConfig())
+    model, _ = train.train(tc, mc, quiet=True)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters() if ".lora_" in n}
+    merged, before = load_file(str(tmp_path / "out" / "model.safetensors")), base.state_dict()
+    assert set(merged) == set(before)  # the merged export: the base's keys, no lora_ ones
+    moved = {k for k in before if not torch.equal(merged[k], before[k])}
+    assert moved and all(k.startswith("llm.layers.") and k.endswith("_proj.weight") for k in moved), moved
+    assert json.load(open(tmp_path / "out" / "adapter_config.json"))["base_model_name_or_path"] == str(tmp_path / "hf")
 
 
 def _llama_pair(tmp_path):

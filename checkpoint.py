@@ -1090,8 +1090,8 @@ def merged_state(model: nn.Module, state: dict | None = None) -> dict:
     state dict to merge into (e.g. distributed.full_state_dict's), model.state_dict() if None."""
     state = dict(model.state_dict() if state is None else state)
     for n, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            state[n + ".weight"] = m.merged_weight().detach()
+        if isinstance(m, LoRALinear) and n + ".lora_A.weight" in state:  # (a full_state_dict is empty off rank 0)
+            state[n + ".weight"] = m.merged_weight().detach().to(state[n + ".weight"].device)
             del state[n + ".lora_A.weight"], state[n + ".lora_B.weight"]
     return state
 

@@ -190,3 +190,21 @@ def test_peft_parity_both_ways(tmp_path):
     with torch.no_grad():
         assert (mine(mine.embed_tokens(ids)) - ref).abs().max() < 1e-5
         assert (tiny_llm(seed=3)(mine.embed_tokens(ids)) - ref).abs().max() > 1e-3
+
+
+def test_planner_lora_rows_and_their_cpu_check():
+    """tools/plan.py with LoRA: the estimate is within 25% of a measured CPU step (the toy, checkpointing off
+    and on; the 8B's widths at depth 2 take two minutes: `python -m tools.plan --validate=1 --lora_rank=1`), and
+    the 8B's stage 3 on one GPU: a bf16 frozen base, adapters and AdamW, far below full fine-tuning's need."""
+    from tools import plan
+    for preset, ckpt, est, got, err in plan.validate(plan.LORA_CASES[:2], say=lambda *a: None):
+        assert abs(err) < 0.25, (preset, ckpt, est, got)
+    kw = dict(world=1, seq=8192, stage=3, parallel="none", checkpointing=True, image=(640, 480))
+    lora, full = plan.estimate("llada_v_8b", lora_rank=64, **kw), plan.estimate("llada_v_8b", **kw)
+    _, c = plan.counts("llada_v_8b", lora_rank=64)
+    assert 0.005 < c["lora"] / c["total"] < 0.05
+    # a bf16 base 2 (P - T), fp32 adapters 4 T, and autocast's bf16 copies of them 2 T
+    assert abs(lora["parameters"] - 2 * c["total"] - 4 * c["lora"]) < 1e6
+    # 8192 tokens: just over a 24 GB GPU's 90% (4096 fit), well inside 48 GB; full fine-tuning needs > 80 GB
+    assert 0.9 * 24 < lora["peak"] / plan.GB < 0.9 * 48 and full["peak"] / plan.GB > 2 * 80
+    assert plan.estimate("llada_v_8b", lora_rank=64, **dict(kw, seq=4096))["peak"] / plan.GB < 0.9 * 24

@@ -77,7 +77,7 @@ from safetensors.torch import save_file
 from cli import atomic_write, proc_status, write_text
 from distributed import (barrier, dcp_checkpoints, full_state_dict, load_dcp, read_extra, save_dcp,
                          verify_dcp)
-from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig
+from model import LLaDA, LLaDAConfig, LLaDAV, LLaDAVConfig, LoRALinear, add_lora
 from tokenizer import LLADA_MASK_ID, MAX_VOCAB, Tokenizer, config_mask_id, get_tokenizer
 from vision import MODES, VisionConfig, VisionTower, grid_pinpoints
 
@@ -254,6 +254,9 @@ def load_checkpoint(path, device="cpu"):
     except Exception as e:
         raise ValueError(f"{path} is not a checkpoint written by train.py ({type(e).__name__}: {e})") from None
     model = LLaDAV(cfg).to(device)
+    tc = ckpt.get("train_config") or {}
+    if tc.get("lora_rank"):  # a train.py --lora_rank run's checkpoint: the base and its adapters
+        add_lora(model, tc["lora_rank"], tc["lora_alpha"], tc["lora_targets"], tc["lora_dropout"])
     load_state(model, ckpt["model"], path)
     if "tokenizer" in ckpt:
         tok = Tokenizer.from_dict(ckpt["tokenizer"])
@@ -318,23 +321,28 @@ def vision_key(name: str) -> str:
 
 def official_names(model: nn.Module, layout: str = "llama") -> dict:
     """{our state-dict name: official key} for a LLaDA (either layout), a VisionTower or a LLaDAV."""
-    out = {}
-    for name in model.state_dict():
-        if isinstance(model, LLaDA):
-            out[name] = llada_key(name, layout)
-        elif isinstance(model, VisionTower):
-            out[name] = vision_key(name)
-        elif name.startswith("llm."):
-            out[name] = llada_key(name[4:], "llama")  # LLaDA-V always uses the LLaMA-style names
-        elif name.startswith("vision."):
-            out[name] = LLADA_V_VISION + vision_key(name[7:])
-        elif name.startswith("projector."):
-            out[name] = "model.mm_projector." + name[10:].replace("linear_1", "0").replace("linear_2", "2")
-        elif name == "image_newline":
-            out[name] = "model.image_newline"
-        else:
-            raise KeyError(f"no official name for parameter {name}")
-    return out
+    return {name: official_name(model, name, layout) for name in model.state_dict()}
+
+
+def official_name(model: nn.Module, name: str, layout: str = "llama") -> str:
+    """The official key of one of our parameter names. A LoRA factor (model.LoRALinear's X.lora_A.weight)
+    is named after its layer, as PEFT names it: <official key of X.weight, less "weight">lora_A.weight."""
+    if ".lora_" in name:
+        base, _, factor = name.partition(".lora_")
+        return official_name(model, base + ".weight", layout)[:-len("weight")] + "lora_" + factor
+    if isinstance(model, LLaDA):
+        return llada_key(name, layout)
+    if isinstance(model, VisionTower):
+        return vision_key(name)
+    if name.startswith("llm."):
+        return llada_key(name[4:], "llama")  # LLaDA-V always uses the LLaMA-style names
+    if name.startswith("vision."):
+        return LLADA_V_VISION + vision_key(name[7:])
+    if name.startswith("projector."):
+        return "model.mm_projector." + name[10:].replace("linear_1", "0").replace("linear_2", "2")
+    if name == "image_newline":
+        return "model.image_newline"
+    raise KeyError(f"no official name for parameter {name}")
 
 
 def _skipped(key: str, n_vision_layers: int) -> bool:
@@ -842,7 +850,7 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
     else:
         raise TypeError(f"save_pretrained takes LLaDAV, LLaDA or VisionTower, not {type(model).__name__}")
     config.update(ids or {})
-    state = model.state_dict() if state is None else state
+    state = merged_state(model) if state is None else state  # a model with LoRA adapters: W + (alpha / r) B A
     names = official_names(model, layout)
     order = list(state)
     if isinstance(model, LLaDAV):  # LlavaLLaDAModelLM's module order: LM body, tower, projector, newline, head
@@ -926,7 +934,7 @@ RESUME_KEYS = ("seed", "optimizer", "batch_size", "lr", "min_lr", "decay_frac", 
                "max_steps", "weight_decay", "beta2", "grad_clip", "llm_lr_scale", "vision_lr_scale",
                "projector_lr_scale", "stratified_t", "exact_count", "weighting", "loss_mode", "single_object_steps",
                "kind_weights_from", "kind_weights", "gen_length", "stage", "data", "image_root", "data_format",
-               "max_len", "unignore_special", "pad_labels")
+               "max_len", "unignore_special", "pad_labels", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
 
 
 def resume(tc, mc, model, opt, info, log):
@@ -1007,10 +1015,13 @@ TRAIN_CONFIG = "train_config.json"     # the training options: toy (synthetic da
 def export(model, out_dir: str, config: dict, info, write_pt: bool = True, extra: dict | None = None):
     """Final export: model.safetensors (full weights) + config.json, and (write_pt) a weights-only
     ckpt.pt, the file sample.py loads (a pt-format run has written its own, with optimizer state).
-    extra: more entries for that ckpt.pt (the toy tokenizer, the training config).
+    extra: more entries for that ckpt.pt (the toy tokenizer, the training config). A LoRA run (train.py
+    --lora_rank) writes the weights merged, and its adapter apart in PEFT's format (save_adapter).
     A LLaDA-V run also gets out_dir/hf, a Hugging Face folder (export_hf). Under FSDP the full state dict
     is gathered once (a collective) and every file is written by rank 0 alone."""
-    sd = full_state_dict(model)
+    sd = merged_state(model, full_state_dict(model))
+    if info.main and any(isinstance(m, LoRALinear) for m in model.modules()):
+        save_adapter(model, out_dir, (extra or {}).get("train_config", {}).get("init_from", ""))
     if info.main:
         save_safetensors(os.path.join(out_dir, "model.safetensors"), sd)  # with its per-tensor sha256 manifest
         write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1))
@@ -1080,6 +1091,90 @@ def read_export(path) -> tuple[dict, Tokenizer | None]:
         except ValueError as e:
             raise ValueError(f"{f} is not what train.py's export writes ({e}); export the run again") from None
     return out.get(TRAIN_CONFIG, {}), out.get(TOY_TOKENIZER)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters (model.LoRALinear) in PEFT's format, so PEFT users and the official model can load them:
+#   adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "lora_dropout", "target_modules", ...}
+#   adapter_model.safetensors  base_model.model.<official module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
+# PEFT's own names carry the adapter's name (lora_A.default.weight); get_peft_model_state_dict (peft/utils/
+# save_and_load.py) drops it on save and set_peft_model_state_dict puts it back on load. "base_model.model." is
+# the path of the wrapped model inside PeftModel. target_modules lists the official module names in full, so
+# "q_proj" does not also catch the SigLIP tower's q_proj.
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+
+
+def save_adapter(model: nn.Module, path, base_model: str = ""):
+    """Write `model`'s LoRA factors (every LoRALinear; one r, alpha and dropout for all) as a PEFT adapter folder."""
+    loras = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not loras:
+        raise ValueError("save_adapter: the model has no LoRA layers (model.add_lora wraps them)")
+    (r, alpha, p), = {(m.r, m.alpha, m.dropout.p) for m in loras.values()}
+    names = official_names(model)
+    os.makedirs(path, exist_ok=True)
+    save_safetensors(os.path.join(path, ADAPTER_WEIGHTS), {PEFT_PREFIX + names[k]: v for k, v in
+                                                             model.state_dict().items() if ".lora_" in k})
+    targets = sorted(official_name(model, n + ".weight")[:-len(".weight")] for n in loras)
+    is_lm = isinstance(model, LLaDA) or all(n.startswith("llm.") for n in loras)
+    _write_json(os.path.join(path, ADAPTER_CONFIG), {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if is_lm else None, "base_model_name_or_path": base_model,
+        "r": r, "lora_alpha": alpha, "lora_dropout": p, "target_modules": targets, "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True})
+
+
+def _peft_targets(spec, name: str) -> bool:
+    """PEFT's rule (check_target_module_exists): a string is a regex on the whole module name; a list
+    matches a name that equals an entry or ends with "." + entry."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return name in spec or any(name.endswith("." + t) for t in spec)
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Add the PEFT LoRA adapter in folder `path` (ours or PEFT's) to `model` -> model, adapted in place."""
+    try:
+        c = json.load(open(os.path.join(path, ADAPTER_CONFIG)))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: no readable {ADAPTER_CONFIG} ({type(e).__name__}: {e}); pass a PEFT LoRA adapter folder") from None
+    unsupported = [k for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if c.get(k)]
+    if c.get("peft_type") != "LORA" or unsupported or c.get("bias", "none") != "none":
+        raise ValueError(f"{path}/{ADAPTER_CONFIG}: only plain LoRA adapters load here (peft_type LORA, bias none), "
+                         f"not peft_type {c.get('peft_type')!r}, bias {c.get('bias')!r} with {unsupported}")
+    state = load_state_file(os.path.join(path, ADAPTER_WEIGHTS))
+    module_of = {official_name(model, n + ".weight")[:-len(".weight")]: n for n, m in model.named_modules()
+                 if type(m) is nn.Linear and (n.startswith(("llm.", "vision.", "projector.")) or isinstance(model, LLaDA))}
+    picked = [n for off, n in module_of.items() if _peft_targets(c["target_modules"], off)]
+    for n in picked:
+        parent, _, leaf = n.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, LoRALinear(model.get_submodule(n), c["r"], c["lora_alpha"]))
+    names = {PEFT_PREFIX + v: k for k, v in official_names(model).items() if ".lora_" in k}
+    missing, unexpected = sorted(set(names) - set(state)), sorted(set(state) - set(names))
+    if missing or unexpected or not picked:
+        raise ValueError(f"{path}/{ADAPTER_WEIGHTS} does not fit this model: {len(picked)} target layer(s), "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]} (an adapter of another base model?)")
+    own = model.state_dict()
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(own[n].shape)}" for k, n in names.items() if state[k].shape != own[n].shape]
+    if bad:
+        raise ValueError(f"{path}/{ADAPTER_WEIGHTS}: {len(bad)} mis-shaped tensor(s), adapter vs model: {bad[0]}"
+                         f"{' ...' if len(bad) > 1 else ''} (an adapter of another base model?)")
+    with torch.no_grad():
+        for k, n in names.items():
+            own[n].copy_(state[k])
+    return model
+
+
+def merged_state(model: nn.Module, state: dict | None = None) -> dict:
+    """The state dict of `model` with every LoRA layer merged, W' = W + (alpha / r) B A, and no lora_ keys:
+    the weights of one plain model (save_pretrained writes it as a Hugging Face folder). `state`: the
+    state dict to merge into (e.g. distributed.full_state_dict's), model.state_dict() if None."""
+    state = dict(model.state_dict() if state is None else state)
+    for n, m in model.named_modules():
+        if isinstance(m, LoRALinear) and n + ".lora_A.weight" in state:  # (a full_state_dict is empty off rank 0)
+            state[n + ".weight"] = m.merged_weight().detach().to(state[n + ".weight"].device)
+            del state[n + ".lora_A.weight"], state[n + ".lora_B.weight"]
+    return state
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,15 +23,14 @@ query head j reads key/value head floor(j / (n_heads / n_kv_heads)), as LLaMA's 
 Projector ("mlp2x_gelu", ML-GSAI/LLaDA-V train/llava/model/multimodal_projector/builder.py::build_vision_projector):
     P(f) = W_2 gelu_erf(W_1 f + b_1) + b_2,   1152 -> 4096 -> 4096.
 
-LLaDA-V glue (ML-GSAI/LLaDA-V train/llava/mm_utils.py::tokenizer_image_token,
-train/llava/model/llava_arch.py::prepare_inputs_labels_for_multimodal): the token sequence carries IMAGE_TOKEN_INDEX
-(-200) placeholders; their embeddings are replaced, in order, by the projected visual features P(ViT(image)). From stage
-2 on an image is several crops whose features are re-assembled, unpadded and closed row by row with a learned
-`image_newline` vector (vision.py's image modes; LLaDAV.encode_image_crops for one image, encode_crops for a training
-micro-batch: one tower call over every crop, then packing image by image). Official weights: checkpoint.py.
+LLaDA-V glue (ML-GSAI/LLaDA-V train/llava/model/llava_arch.py::prepare_inputs_labels_for_multimodal): the tokens
+carry IMAGE_TOKEN_INDEX (-200) placeholders whose embeddings are replaced, in order, by the projected visual
+features P(ViT(image)). From stage 2 on an image is several crops whose features are re-assembled, unpadded and
+closed row by row with a learned `image_newline` vector (vision.py's image modes; LLaDAV.encode_image_crops for
+one image, encode_crops for a micro-batch: one tower call over every crop, then packing image by image).
 
-Also here, because it counts what this file computes: the FLOPs of a training step (MFU's numerator, as
-nanoGPT's estimate_mfu). The command line that fills these configs (--preset, --lm.*, --vision.*) is cli.py's.
+Also here: LoRA, y = W x + (alpha / r) B A x on frozen W (fine-tuning on one GPU), and the FLOPs of a training
+step (MFU's numerator, as nanoGPT's estimate_mfu). The command line filling these configs is cli.py's.
 """
 import math
 from dataclasses import asdict, dataclass, field
@@ -83,8 +82,7 @@ class LLaDAVConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     tokenizer: str = "llada"  # "toy" (learnt in synthetic.py) or "llada" (the official tokenizer.json)
     # How images become visual tokens (vision.py's image modes): "square" (stage 1, the toy), "pad" or "anyres_max_4"
-    # (LLaDA-V from stage 2 on). "spatial_unpad" adds the learned `image_newline` vector (ML-GSAI/LLaDA-V
-    # train/llava/model/llava_arch.py::LlavaMetaModel).
+    # (from stage 2 on); "spatial_unpad" adds the learned image_newline (ML-GSAI/LLaDA-V train/llava/model/llava_arch.py)
     image_aspect_ratio: str = "square"
     mm_patch_merge_type: str = "flat"
 
@@ -98,8 +96,7 @@ class LLaDAVConfig:
 
 
 PRESETS = {
-    # Trains on a 2-core CPU in minutes on the synthetic shapes data. A 96-wide language
-    # model learns more per second on a CPU than a 128-wide one (docs/notebook.md).
+    # Trains on a 2-core CPU in minutes on the synthetic shapes (96 wide: more per second than 128, docs/notebook.md).
     "toy": LLaDAVConfig(
         lm=LLaDAConfig(vocab_size=512, d_model=96, n_layers=4, n_heads=6, mlp_hidden=256, max_seq_len=256),
         vision=VisionConfig(image_size=64, patch_size=16, d_model=128, n_layers=3, n_heads=4, mlp_hidden=512),
@@ -108,9 +105,8 @@ PRESETS = {
     "small": LLaDAVConfig(
         lm=LLaDAConfig(d_model=768, n_layers=12, n_heads=12, mlp_hidden=2048),
         vision=VisionConfig(image_size=224, patch_size=14, d_model=384, n_layers=12, n_heads=6, mlp_hidden=1536)),
-    # The official shapes: LLaDA-8B + SigLIP2 so400m/14 at 384 pixels + the mlp2x_gelu projector. RoPE in
-    # the activation dtype, as LLaDA-V's LLaMA-style port trains and runs it (ML-GSAI/LLaDA-V
-    # train/llava/model/language_model/modeling_llada.py::LLaDARotaryEmbedding).
+    # The official shapes: LLaDA-8B + SigLIP2 so400m/14 at 384 pixels + the mlp2x_gelu projector; RoPE in the
+    # activation dtype, as LLaDA-V's LLaMA-style port runs it (see LLaDAConfig.rope_fp32).
     "llada_v_8b": LLaDAVConfig(lm=LLaDAConfig(rope_fp32=False)),
 }
 
@@ -186,8 +182,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, attn_mask, cache=None, layer=0):
         B, L, D = x.shape
         h = self.attn_norm(x)
-        # split the heads: (B, L, H hd) -> (B, H, L, hd). Written with view/transpose, not einops: this runs
-        # 4 times per layer per sampler step, and einops' per-call overhead is a visible share of a toy step
+        # split the heads, (B, L, H hd) -> (B, H, L, hd), with view/transpose: einops' per-call cost shows in toy steps
         q = self.q_proj(h).view(B, L, self.n_heads, -1).transpose(1, 2)     # (B, H, L, hd)
         k = self.k_proj(h).view(B, L, self.n_kv_heads, -1).transpose(1, 2)  # (B, H_kv, L, hd)
         v = self.v_proj(h).view(B, L, self.n_kv_heads, -1).transpose(1, 2)
@@ -379,6 +374,63 @@ class LLaDAV(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", Sec. 4.1): fine-tuning, one GPU
+
+class LoRALinear(nn.Linear):
+    """A frozen linear layer plus a trained low-rank update (the LoRA paper's Eq. 3):
+        y = W x + b + (alpha / r) B A dropout(x),    W (out, in) and b frozen, A (r, in), B (out, r) trained
+    A ~ kaiming_uniform(a = sqrt(5)) and B = 0, as PEFT's LoraLayer.reset_lora_parameters: B A = 0, so
+    training starts exactly at the base model. Merged: W' = W + (alpha / r) B A, a plain layer again.
+    The base keeps its weight / bias names, A and B sit in lora_A / lora_B: PEFT's names (checkpoint.py)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        nn.Module.__init__(self)  # not nn.Linear's: the base's parameters are taken over, not drawn anew
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)   # A (r, in)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)  # B (out, r)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        # the adapter runs in its own dtype (an fp32 adapter on a bf16 base; autocast decides on a GPU)
+        delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return F.linear(x, self.weight, self.bias) + (delta * self.scaling).to(x.dtype)
+
+    def merged_weight(self):
+        """W + (alpha / r) B A, computed in fp32 (fp64 for an fp64 model), returned in W's dtype."""
+        dt = torch.promote_types(self.weight.dtype, torch.float32)
+        return (self.weight.to(dt) + self.scaling * self.lora_B.weight.to(dt) @ self.lora_A.weight.to(dt)).to(self.weight.dtype)
+
+
+LORA_LM = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+           "down": "down_proj"}  # --lora_targets names of the language model's projections
+LORA_TARGETS = tuple(LORA_LM) + ("vision", "projector")  # + every linear layer of the ViT / of the projector
+
+
+def add_lora(model: nn.Module, r: int, alpha: float, targets: str = "q,k,v,o,gate,up,down", dropout: float = 0.0,
+             base_dtype=None):
+    """Wrap the `targets` linear layers of a LLaDAV (or bare LLaDA) in LoRALinear, freeze all but their A and B
+    -> the wrapped modules' names. base_dtype (bf16 on a GPU) stores the frozen weights in it; A, B keep theirs."""
+    want = targets.split(",")
+    lm = {LORA_LM[t] for t in want if t in LORA_LM}
+    picked = [n for n, m in model.named_modules() if type(m) is nn.Linear and (
+        (n.split(".")[-1] in lm and n.split(".")[-3] == "layers" and not n.startswith("vision."))
+        or ("vision" in want and n.startswith("vision.")) or ("projector" in want and n.startswith("projector.")))]
+    for n in picked:
+        parent, _, leaf = n.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, LoRALinear(model.get_submodule(n), r, alpha, dropout))
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n)
+        if base_dtype is not None and ".lora_" not in n:
+            p.data = p.data.to(base_dtype)
+    return picked
+
+
+# ----------------------------------------------------------------------------------------------
 # FLOPs and MFU (nanoGPT's estimate_mfu: the count lives beside what it counts)
 #
 # FLOPs of one training step (matmuls only, the usual convention; a multiply-add is 2 FLOPs). A matmul with
@@ -388,10 +440,8 @@ class LLaDAV(nn.Module):
 #                       (2 L d per layer = q k^T and attn @ v over the L positions, d = model width)
 #     per masked token: c_llm d V                       the output head runs at masked positions only
 #     per image:        c_vis N (P_vis + 2 N D)         N patches of width D (+ the projector's params, c_proj)
-#     MFU = FLOPs per step / step time / peak FLOP/s of the device.
-# The peak is the dense bf16 tensor-core figure of the GPU's data sheet (cli.GPU_PEAK_BF16, the one table); on
-# a CPU it is the fp32 matmul rate measured there (cli.device_peak), so CPU MFU says how close a step gets to
-# the best this CPU does on a plain matmul. tests/test_model.py holds this count to torch's FLOP counter.
+#     MFU = FLOPs per step / step time / peak FLOP/s of the device (cli.device_peak: a GPU's data-sheet bf16
+#     figure, a CPU's measured fp32 matmul rate). tests/test_model.py holds this count to torch's FLOP counter.
 
 
 def step_flops(mc, n_tokens: int, seq_len: int, n_masked: int, n_images: int, train_llm: bool,
@@ -415,12 +465,11 @@ def step_flops(mc, n_tokens: int, seq_len: int, n_masked: int, n_images: int, tr
 
 def count_params(model: LLaDAV) -> dict:
     n = lambda m: sum(p.numel() for p in m.parameters())
-    return {"language model": n(model.llm), "vision tower": n(model.vision),
-            "projector": n(model.projector), "total": n(model)}
+    return {"language model": n(model.llm), "vision tower": n(model.vision), "projector": n(model.projector),
+            "total": n(model)}
 
 
-if __name__ == "__main__":
-    # python model.py [preset]: parameter counts, built on the meta device (no memory, no time)
+if __name__ == "__main__":  # python model.py [preset]: parameter counts, on the meta device (no memory, no time)
     import sys
     preset = sys.argv[1] if len(sys.argv) > 1 else "llada_v_8b"
     with torch.device("meta"):

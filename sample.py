@@ -292,6 +292,7 @@ class SampleConfig:
     think: str = opt("", choices=("", "think", "no_think"))  # LLaDA-V's reasoning switch; empty: none
     stop: str = "<|eot_id|>"                     # stop sequences, comma-separated (typed \n, \t: newline, tab)
     tokenizer: str = opt("", path="any", also=("toy",))  # tokenizer.json or folder (default: the checkpoint's)
+    adapter: str = opt("", path="dir")           # a LoRA adapter folder in PEFT's format (train.py --lora_rank's out_dir)
 
     def check(self):
         """Options that must agree with each other (the sampler's block schedule), before any loading."""
@@ -307,7 +308,8 @@ def load(sc, device):
           trained on synthetic scenes, its own way. All three give the same answers (tests/test_export.py).
     defaults: the sampler lengths where an option is unset: the family's official ones (OFFICIAL), or
     for the toy its training run's (sampling as trained reproduces what its report measured)."""
-    from checkpoint import check_tokenizer_fits, from_pretrained, is_llada_v, load_checkpoint, read_config, read_export
+    from checkpoint import (check_tokenizer_fits, from_pretrained, is_llada_v, load_adapter, load_checkpoint,
+                            read_config, read_export)
     from cli import MARKER
     path = sc.checkpoint
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, MARKER)):  # a train.py run folder
@@ -332,6 +334,8 @@ def load(sc, device):
         lm = model.cfg.lm if isinstance(model, LLaDAV) else model.cfg
         tok = toy_tokenizer() if tok_path == "toy" else get_tokenizer(tok_path, config_mask_id(lm.mask_id))
         check_tokenizer_fits(tok, model, tok_path)
+    if sc.adapter:  # LoRA on top of the checkpoint: y = W x + (alpha / r) B A x at every adapted layer
+        load_adapter(model, sc.adapter)
     if official:
         G = OFFICIAL[family]["gen_length"]
         defaults = {k: OFFICIAL[family][k] for k in ("gen_length", "steps", "block_length")}

@@ -54,7 +54,7 @@ from cli import (JsonlLog, autocast, claim_out_dir, device_peak, model_config, o
 from data import default_system, key_mask_on, llava_inputs, open_llava
 from diffusion import check_schedule, diffusion_loss, forward_process
 from distributed import all_sum, barrier, gradient_sync, resolve_parallel, setup, teardown, wrap
-from model import PRESETS, LLaDAV, count_params, step_flops
+from model import LORA_TARGETS, PRESETS, LLaDAV, add_lora, count_params, step_flops
 from sample import evaluate, format_eval
 from synthetic import SyntheticVQA, curriculum_note, parse_kind_weights, toy_tokenizer
 from tokenizer import config_mask_id, get_tokenizer
@@ -166,6 +166,11 @@ class TrainConfig:
                                       # --curve=<it> draws the loss curve)
     head_chunk: int = opt(0, min=0)   # > 0: output head + loss on this many masked rows at a time, recomputed in
                                       # backward (model.chunked_head_ce): the loss's memory no longer grows with N x V
+    lora_rank: int = opt(0, min=0)    # > 0: LoRA (model.add_lora): rank-r adapters on --lora_targets, all else frozen
+                                      # (bf16 on a GPU); out_dir gets a PEFT adapter and the merged model.safetensors
+    lora_alpha: float = opt(16.0, gt=0)  # LoRA's update is scaled by lora_alpha / lora_rank
+    lora_targets: str = opt("q,k,v,o,gate,up,down", each=LORA_TARGETS)  # the LM's projections, vision, projector
+    lora_dropout: float = opt(0.0, min=0, lt=1)  # dropout on the adapters' input (PEFT's lora_dropout)
 
     def check(self):
         """The rules that tie options together, checked with the others before any work (cli.parse_config)."""
@@ -183,6 +188,8 @@ class TrainConfig:
                              f"{world} processes; change --batch_size or --micro_batch_size")
         if "all" in self.init_parts.split(",") and self.init_parts != "all":
             raise ValueError(f"--init_parts={self.init_parts}: use all, or a comma list of {', '.join(INIT_PARTS)}")
+        if self.lora_rank and self.parallel == "fsdp":
+            raise ValueError("--lora_rank: LoRA's frozen base fits one GPU, so it runs without FSDP2; use --parallel=ddp or auto")
         if self.ckpt_format == "pt" and self.parallel == "fsdp":
             raise ValueError("--ckpt_format=pt cannot save FSDP2's sharded weights; use --ckpt_format=dcp or auto")
         try:
@@ -344,10 +351,10 @@ def make_groups(model, tc: TrainConfig):
     tower at a fifth of the LLM's lr); decay only matrices (LLaDA-V uses weight_decay 0 anyway). A zero
     multiplier freezes the component: call freeze() before wrapping (DDP and FSDP2 must see which
     parameters train) and make_groups() after (FSDP2 replaces the parameters by their shards)."""
-    # Muon's "hidden matrices": the weights of every nn.Linear but the output head. The token embedding,
-    # the head, the ViT's position embedding and patch convolution, norms and biases stay with AdamW.
-    hidden = {id(m.weight) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")} if tc.optimizer == "muon" else set()
+    # Muon's "hidden matrices": the weights of every nn.Linear but the output head and LoRA's rank-r factors. The
+    # token embedding, the head, the ViT's position embedding and patch convolution, norms and biases stay with AdamW.
+    hidden = {id(m.weight) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and not name.endswith(("lm_head", "lora_A", "lora_B"))} if tc.optimizer == "muon" else set()
     groups = []
     for part, scale in component_scales(model, tc):
         params = [p for p in part if p.requires_grad]
@@ -561,10 +568,13 @@ def build(tc: TrainConfig, mc, info, log) -> Run:
     model.init_weights()
     if tc.init_from:
         init_from(model, tc.init_from, tc.init_parts, log)
+    if tc.lora_rank:  # after init_from: the adapters start at B = 0 on the weights just loaded
+        add_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets, tc.lora_dropout,
+                 torch.bfloat16 if device.type == "cuda" else None)
     model.to(device)
     model.llm.checkpointing, model.llm.head_chunk = tc.checkpointing, tc.head_chunk
     freeze(model, tc)  # before wrapping: DDP and FSDP2 must see which parameters train
-    parallel = resolve_parallel(tc.parallel, count_params(model)["total"], info)
+    parallel = resolve_parallel(tc.parallel, 0 if tc.lora_rank else count_params(model)["total"], info)  # LoRA: DDP
     fwd = wrap(model, parallel, info, bf16=device.type == "cuda")  # call fwd; `model` holds the state
     if tc.optimizer == "muon":
         if parallel == "fsdp":
@@ -658,7 +668,8 @@ def _train(tc: TrainConfig, mc, info, log):
 def describe(tc, run: Run, info, log):
     n = count_params(run.model)
     log(f"preset {tc.preset}: {n['total'] / 1e6:.2f}M parameters (language model {n['language model'] / 1e6:.2f}M, "
-        f"vision {n['vision tower'] / 1e6:.2f}M, projector {n['projector'] / 1e6:.3f}M) on {info.device}")
+        f"vision {n['vision tower'] / 1e6:.2f}M, projector {n['projector'] / 1e6:.3f}M) on {info.device}" + (f"; LoRA trains "
+        f"{sum(p.numel() for p in run.model.parameters() if p.requires_grad) / n['total']:.3%} of them" if tc.lora_rank else ""))
     if info.on or run.accum > 1 or tc.stage:
         log(f"stage {tc.stage} | {info.world} process(es), {run.parallel} | global batch {tc.batch_size} = "
             f"{run.micro} x {info.world} x {run.accum} accumulation | checkpoints: {run.fmt} | activation "

@@ -7,6 +7,8 @@ Where this sits in the flow: outside it; it reads the model config and counts by
     python -m tools.plan --preset=small --world=1 --seq=2048 --parallel=none
     python -m tools.plan --validate=1                                          # estimate vs measured, CPU
     python -m tools.plan --head=1                                              # masked-only head vs full head
+    python -m tools.plan --lora_rank=64                  # stage 3 with LoRA on one GPU of 24, 48, 80 GB
+    python -m tools.plan --validate=1 --lora_rank=1      # LoRA's estimate vs measured, CPU (the 8B at depth 2)
 
 Per process, for P parameters of which T train, W processes, FSDP2 shards s = W (DDP / none: s = 1):
     parameters   4P/s fp32 masters; + under FSDP2 bf16 the gathered bf16 copies of the units in flight
@@ -49,22 +51,25 @@ from model import PRESETS
 GB = 2 ** 30
 
 
-def counts(preset: str, overrides: dict | None = None):
-    """Parameter counts per part, from the meta device (no memory)."""
+def counts(preset: str, overrides: dict | None = None, lora_rank: int = 0, lora_targets: str = "q,k,v,o,gate,up,down"):
+    """Parameter counts per part, from the meta device (no memory); "lora": the adapters' (model.add_lora)."""
     import torch
 
     from cli import model_config
-    from model import LLaDAV
+    from model import LLaDAV, add_lora
     mc = model_config(preset, overrides)
     with torch.device("meta"):
         m = LLaDAV(mc)
+        if lora_rank:
+            add_lora(m, lora_rank, 2.0 * lora_rank, lora_targets)
     n = lambda mod: sum(p.numel() for p in mod.parameters())
     # root: what FSDP2's root unit holds, everything outside the per-block units (distributed.py): the
     # embedding and the head (one matrix when tied), the norms, the projector, the ViT's patch and position
     # embeddings
     blocks = sum(n(b) for b in list(m.llm.layers) + list(m.vision.layers))
     return mc, {"llm": n(m.llm), "vision": n(m.vision), "projector": n(m.projector), "total": n(m),
-                "block": n(m.llm.layers[0]), "root": n(m) - blocks}
+                "block": n(m.llm.layers[0]), "root": n(m) - blocks,
+                "lora": sum(p.numel() for k, p in m.named_parameters() if ".lora_" in k)}
 
 
 def image_tokens(vc, stage: int, image=(640, 480)) -> tuple[int, int]:
@@ -80,19 +85,26 @@ def image_tokens(vc, stage: int, image=(640, 480)) -> tuple[int, int]:
 
 def estimate(preset: str, world: int = 1, seq: int = 8192, batch: int = 1, stage: int = 2, parallel: str = "fsdp",
              checkpointing: bool = True, bf16: bool = True, masked_frac: float = 0.25, n_images: int = 1,
-             foreach: bool = True, head_chunk: int = 512, overrides: dict | None = None, image=None) -> dict:
+             foreach: bool = True, head_chunk: int = 512, overrides: dict | None = None, image=None,
+             lora_rank: int = 0, lora_targets: str = "q,k,v,o,gate,up,down") -> dict:
     """Bytes per process for one training step (see the module docstring). masked_frac: share of the
     sequence's positions that are masked (the head runs there): t ~ U(0,1) over the answer part.
     image: (W, H) of each image, which sets the crops per image at the stage's mode (image_tokens);
-    None: one crop per image (the CPU check's square images)."""
-    mc, c = counts(preset, overrides)
+    None: one crop per image (the CPU check's square images).
+    lora_rank > 0: LoRA (train.py --lora_rank): T = the adapters' parameters, the frozen base stored in bf16
+    (fp32 without bf16); a part trains when it holds adapters, the rest needs no gradient."""
+    mc, c = counts(preset, overrides, lora_rank, lora_targets)
     crops = 1 if image is None else image_tokens(mc.vision, stage, image)[1]
     lm, vc = mc.lm, mc.vision
     train = {"llm": stage != 1, "vision": stage != 1, "projector": True}
-    T = sum(c[k] for k in train if train[k])
+    targets = lora_targets.split(",") if lora_rank else []
+    if lora_rank:
+        train = {"llm": any(t not in ("vision", "projector") for t in targets), "vision": "vision" in targets,
+                 "projector": "projector" in targets}
+    T = c["lora"] if lora_rank else sum(c[k] for k in train if train[k])
     s = world if parallel == "fsdp" else 1
     e = 2 if bf16 else 4
-    out = {"parameters": 4 * c["total"] / s}
+    out = {"parameters": (e * (c["total"] - T) + 4 * T if lora_rank else 4 * c["total"]) / s}
     if parallel == "fsdp" and bf16:
         out["parameters"] += 2 * (c["root"] + 2 * c["block"])  # gathered bf16 working copies
     elif bf16:
@@ -103,7 +115,8 @@ def estimate(preset: str, world: int = 1, seq: int = 8192, batch: int = 1, stage
     tokens = batch * seq
     d, m = lm.d_model, lm.mlp_hidden
     norm_extra = 0 if not bf16 else 2 * 4 * d  # fp32 x and normalised x of the two RMSNorms
-    per_block = tokens * ((11 * d + 4 * m) * e + norm_extra)
+    lm_targets = sum(t not in ("vision", "projector") for t in targets)  # LoRA: each keeps A x, r wide, for B
+    per_block = tokens * ((11 * d + 4 * m + lm_targets * lora_rank) * e + norm_extra)
     if not train["llm"] and not train["projector"] and not train["vision"]:
         per_block = 0
     if checkpointing:
@@ -141,6 +154,22 @@ def print_plan(preset, world, seq, batch, stage, parallel, gpu_gb=80.0, image=(6
               f"{'fits' if gib < 0.9 * gpu_gb else 'does NOT fit'} {world} x {gpu_gb:.0f} GB (10% kept for the allocator and NCCL)")
 
 
+def print_lora_plan(preset, seq, rank, image=(640, 480), gpus=(24, 48, 80)):
+    """Stage 3 with LoRA on ONE GPU: the frozen base in bf16, adapters + AdamW in fp32, activation
+    checkpointing, the head in chunks of 512 (stage 3's options), one image of `image` pixels."""
+    _, c = counts(preset, lora_rank=rank)
+    print(f"preset {preset}, stage 3 with LoRA rank {rank} on q,k,v,o,gate,up,down: {c['lora'] / 1e6:.1f}M adapter "
+          f"parameters ({100 * c['lora'] / c['total']:.2f}% of {c['total'] / 1e9:.2f}B), one GPU, checkpointing")
+    plans = {L: estimate(preset, 1, L, 1, 3, "none", True, bf16=True, image=image, lora_rank=rank)
+             for L in (2048, 4096, 8192, 16384, 32768)}
+    for k, v in plans[seq if seq in plans else 8192].items():
+        print(f"  {k:28s} {v / GB:8.2f} GiB   ({seq if seq in plans else 8192} tokens)")
+    for gb in gpus:
+        fits = [L for L, p in plans.items() if p["peak"] / GB < 0.9 * gb]
+        print(f"  {gb:3d} GB GPU: 8192 tokens {'fit' if 8192 in fits else 'do NOT fit'}; the longest of "
+              f"{'/'.join(str(L) for L in plans)} tokens that fits: {max(fits) if fits else 'none'} (10% kept free)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Measurement on the CPU (fresh process per case)
 
@@ -149,19 +178,22 @@ def _reset_peak():
         f.write("5")  # resets VmHWM to the current resident set
 
 
-def _measure_step(preset, batch, text_len, checkpointing, overrides):
-    """(runs in a child) one steady-state training step of `preset` in fp32 on the CPU -> bytes."""
+def _measure_step(preset, batch, text_len, checkpointing, overrides, lora=0):
+    """(runs in a child) one steady-state training step of `preset` in fp32 on the CPU -> bytes. lora > 0:
+    rank-`lora` adapters on the LM's projections (model.add_lora), the base frozen, AdamW over the adapters."""
     import torch
 
     from diffusion import diffusion_loss, forward_process
     from cli import model_config
-    from model import LLaDAV
+    from model import LLaDAV, add_lora
     from tokenizer import IMAGE_TOKEN_INDEX
     torch.manual_seed(0)
     mc = model_config(preset, overrides)
     model = LLaDAV(mc)
     model.llm.checkpointing = checkpointing
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    if lora:
+        add_lora(model, lora, 2.0 * lora)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     P = mc.vision.n_patches
     ids = torch.cat([torch.full((batch, P), IMAGE_TOKEN_INDEX), torch.randint(0, 500, (batch, text_len))], 1)
     labels = torch.cat([torch.full((batch, P), -100), ids[:, P:]], 1)
@@ -195,23 +227,34 @@ def _in_fresh_process(call: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def measure(preset, batch, text_len, checkpointing=False, overrides=None) -> dict:
-    return _in_fresh_process(f"_measure_step({preset!r}, {batch}, {text_len}, {checkpointing}, {overrides or {}!r})")
+def measure(preset, batch, text_len, checkpointing=False, overrides=None, lora=0) -> dict:
+    return _in_fresh_process(f"_measure_step({preset!r}, {batch}, {text_len}, {checkpointing}, {overrides or {}!r}, {lora})")
+
+
+# LoRA's CPU check: the toy, and the 8B's widths (LLaDA-8B's d 4096, mlp 12288, the 126k vocabulary, the
+# SigLIP tower's 1152) at reduced depth, 2 LM layers and 2 ViT layers (one built), in fp32 (~6 GiB)
+LORA_CASES = [("toy", 8, 64, False, 4, None), ("toy", 8, 64, True, 4, None), ("llada_v_8b", 1, 64, True, 16, {"lm.n_layers": 2, "vision.n_layers": 2})]
 
 
 def validate(cases=None, say=print) -> list:
-    """Estimate vs measured peak for CPU fp32 steps of the toy and small presets."""
-    from model import get_config
+    """Estimate vs measured peak for CPU fp32 steps of the toy and small presets. A case is (preset, batch,
+    text tokens, checkpointing) or, with LoRA, (..., rank, model overrides) (LORA_CASES)."""
+    from cli import model_config
     cases = cases or [("toy", 8, 64, False), ("toy", 8, 64, True), ("small", 1, 64, False), ("small", 1, 64, True)]
     out = []
-    for preset, batch, text_len, ckpt in cases:
-        got = measure(preset, batch, text_len, ckpt)
-        P = get_config(preset).vision.n_patches
-        est = estimate(preset, 1, P + text_len, batch, 2, "none", ckpt, bf16=False,
-                       masked_frac=got["masked"] / got["tokens"], foreach=True, head_chunk=0)["peak"]
-        err = est / got["peak"] - 1
-        say(f"{preset:6s} batch {batch} x {P + text_len} tokens, checkpointing {str(ckpt):5s}: "
-            f"estimate {est / 2**20:8.1f} MiB, measured {got['peak'] / 2**20:8.1f} MiB ({100 * err:+.1f}%)")
+    for preset, batch, text_len, ckpt, *more in cases:
+        lora, over = (list(more) + [0, None])[:2]
+        got = measure(preset, batch, text_len, ckpt, over, lora)
+        P = model_config(preset, over).vision.n_patches
+        e = estimate(preset, 1, P + text_len, batch, 2, "none", ckpt, bf16=False, overrides=over, lora_rank=lora,
+                     masked_frac=got["masked"] / got["tokens"], foreach=True, head_chunk=0)
+        est, err = e["peak"], e["peak"] / got["peak"] - 1
+        # the step's own part, above the parameters and AdamW's state (which a frozen 8B base dominates)
+        rise, rise_est = got["peak"] - got["resident"], est - e["parameters"] - e["optimizer"]
+        say(f"{preset:6s} batch {batch} x {P + text_len} tokens, checkpointing {str(ckpt):5s}"
+            f"{f', LoRA rank {lora}, {over or {}}' if lora else ''}: "
+            f"estimate {est / 2**20:8.1f} MiB, measured {got['peak'] / 2**20:8.1f} MiB ({100 * err:+.1f}%); the step "
+            f"above the weights and AdamW: {rise_est / 2**20:.1f} vs {rise / 2**20:.1f} MiB")
         out.append((preset, ckpt, est, got["peak"], err))
     return out
 
@@ -284,6 +327,8 @@ class PlanConfig:
     image: str = "640x480"                         # WxH of a typical training image (sets the crops and visual tokens)
     validate: bool = False                         # compare with measured CPU peaks (toy, small) instead
     head: bool = False                             # measure the masked-only vs full output head instead
+    lora_rank: int = opt(0, min=0)                 # > 0: stage 3 with LoRA of this rank on one GPU (24, 48, 80 GB);
+                                                   # with --validate=1: LoRA's CPU check (LORA_CASES) instead
 
     def check(self):
         try:
@@ -298,7 +343,9 @@ class PlanConfig:
 def main(argv):
     pc = parse_config(PlanConfig, argv, __doc__)
     if pc.validate:
-        validate()
+        validate(LORA_CASES if pc.lora_rank else None)
+    elif pc.lora_rank:
+        print_lora_plan(pc.preset, pc.seq, pc.lora_rank, pc.image_size)
     elif pc.head:
         head_bench()
     else:

@@ -112,7 +112,8 @@ def bench_train(model, bc, device, peak):
         opt.step()
 
     model.train()
-    step()  # warm-up
+    step()  # two warm-up steps (the optimizer's state is created in the first)
+    step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)

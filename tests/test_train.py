@@ -238,3 +238,42 @@ def test_muon_orthogonalises_each_matrix():
         D = U.T @ O[i] @ Vh.T  # O in G's singular basis: nearly diagonal
         assert (D - torch.diag(torch.diagonal(D))).norm() < 0.05 * D.norm()
         assert torch.allclose(O[i], train.MuonAdamW.orthogonalise(G[i:i + 1], 5)[0], atol=1e-5)
+
+
+def test_ema_update_is_an_exponential_moving_average():
+    """train.ema_update starts the average at the weights, then follows ema <- d ema + (1 - d) w: held
+    weights leave it equal to them after any number of steps; moving ones give the recurrence computed by
+    hand; use=True puts the average into the weights."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    w.grad = torch.zeros(2)  # ema_update averages the weights that train (those with a gradient)
+    opt = torch.optim.SGD([w], lr=0.1)
+    for _ in range(7):
+        train.ema_update(opt, 0.9)
+    assert torch.equal(opt.state[w]["ema"], torch.tensor([1.0, -2.0]))
+    ema = w.detach().clone()
+    for x in (3.0, -1.0, 0.5):
+        with torch.no_grad():
+            w.fill_(x)
+        train.ema_update(opt, 0.9)
+        ema = 0.9 * ema + 0.1 * x
+        assert torch.allclose(opt.state[w]["ema"], ema, atol=1e-6)
+    train.ema_update(opt, 0.9, use=True)
+    assert torch.equal(w.detach(), opt.state[w]["ema"]) and not torch.allclose(w.detach(), torch.tensor(0.5))
+
+
+def test_ema_resumes_bit_exactly_and_is_the_exported_model(tmp_path):
+    """--ema_decay: the average lives in the checkpoint, so 3 steps + a resume to 6 end on the same averaged
+    weights as 6 straight; those (not the raw weights) are the model, ckpt.pt and model.safetensors."""
+    from safetensors.torch import load_file
+    ema = ("--ema_decay=0.5", "--ema_start=2", "--ckpt_every=1")
+    raw, _ = run_train(tmp_path / "raw", "--max_steps=6")
+    straight, report = run_train(tmp_path / "a", "--max_steps=6", *ema)
+    run_train(tmp_path / "b", "--max_steps=3", *ema)
+    resumed, _ = run_train(tmp_path / "b", "--max_steps=6", "--resume=1", "--resume_changed=1", *ema)
+    saved = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    exported = load_file(tmp_path / "a" / "model.safetensors")
+    for (k, a), (_, b), (_, r) in zip(straight.state_dict().items(), resumed.state_dict().items(),
+                                      raw.state_dict().items()):
+        assert torch.equal(a, b) and torch.equal(a, saved[k]) and torch.equal(a, exported[k]), k
+    assert any(not torch.equal(a, r) for a, r in zip(straight.parameters(), raw.parameters()))
+    assert "heldout_raw" in report and report["heldout"]["n"] == report["heldout_raw"]["n"]

@@ -116,8 +116,8 @@ class TrainConfig:
     eval_quick: int = opt(100, min=0)   # questions per quick check; 0 = no quick checks
     eval_final: int = opt(500, min=0)   # held-out questions in the final report; 0 = no report
     ckpt_every: int = opt(250, min=1)   # atomic checkpoint every N steps (and at the end)
-    ema_decay: float = opt(0.0, min=0, lt=1)  # > 0: keep an exponential moving average of the weights from step
-    ema_start: int = opt(0, min=0)            # ema_start on; it is exported and reported (0 = the raw weights)
+    ema_decay: float = opt(0.0, min=0, lt=1)  # > 0: an exponential moving average of the weights from step
+    ema_start: int = opt(0, min=0)            # ema_start on replaces them at the end (0 = the raw weights)
     compile: bool = False               # torch.compile the model (CUDA)
     # --- training at scale: LLaVA-format data, stages, torchrun (see docs/scale.md) ---
     stage: int = opt(0, choices=(0, 1, 2, 3))  # 0 = the toy recipe above; 1 | 2 | 3 = LLaDA-V's stage presets
@@ -638,8 +638,8 @@ def _train(tc: TrainConfig, mc, info, log):
             nonfinite_stop(step + 1, float(norm), last_ckpt)
         opt.step()  # MuonAdamW or AdamW: bias-corrected moments, decoupled weight decay (0 in LLaDA-V)
         step += 1
-        if tc.ema_decay and step > tc.ema_start:  # in the optimizer's state, so checkpoints and resume carry it
-            ema_update(opt, tc.ema_decay)
+        if tc.ema_decay and step > tc.ema_start:  # in the optimizer's state: checkpoints and resume carry it
+            ema_update(opt, tc.ema_decay, use=step == tc.max_steps)  # the last checkpoint, export and report: it
         meter.step_done()
         # --- bookkeeping, after the step: log line (and JSON line), quick held-out check, checkpoint ---
         if logging:
@@ -653,12 +653,11 @@ def _train(tc: TrainConfig, mc, info, log):
     return finish(tc, mc, run, info, log, step, time.time() - meter.t_start, step - meter.first, heldout)
 
 
-@torch.no_grad()
 def ema_update(opt, decay: float, use: bool = False):
-    """ema <- decay ema + (1 - decay) w per trained weight w, started at w; use=True: w <- ema."""
-    for p in (p for g in opt.param_groups for p in g["params"] if p.grad is not None or use):
-        ema = opt.state[p].setdefault("ema", p.detach().clone())  # after opt.step(): its own state exists
-        p.copy_(ema) if use else ema.lerp_(p.detach(), 1 - decay)
+    """ema <- decay ema + (1 - decay) w per trained weight w, started at w; then use=True: w <- ema."""
+    for p in (p for g in opt.param_groups for p in g["params"] if p.grad is not None):
+        ema = opt.state[p].setdefault("ema", p.detach().clone()).lerp_(p.detach(), 1 - decay)
+        p.detach().copy_(ema) if use else None
 
 
 def describe(tc, run: Run, info, log):
@@ -699,15 +698,9 @@ def finish(tc, mc, run: Run, info, log, step, train_time, steps_run, heldout):
     written last, so its presence means "finished"."""
     log(f"trained {steps_run} steps in {train_time:.0f}s; checkpoint "
         f"{os.path.join(tc.out_dir, 'ckpt.pt') if run.fmt == 'pt' else os.path.join(tc.out_dir, 'dcp')}")
-    report = {"train_seconds": train_time, "steps": step}
-    if tc.ema_decay:  # the average is the result (exported, reported); the raw weights' score first, to compare
-        if tc.eval_final and can_evaluate(tc, run, info):
-            report["heldout_raw"] = evaluate(run.model, run.tok, heldout[:tc.eval_final], **gen_options(tc))
-            log(f"held-out, raw weights (before the average): {format_eval(report['heldout_raw'])}")
-        ema_update(run.opt, tc.ema_decay, use=True)
-        save(tc, mc, run.fmt, step, run.model, run.opt, run.tok, run.bad, info)  # ckpt.pt: sample.py's weights
     export(run.model, tc.out_dir, mc.to_dict(), info, write_pt=run.fmt == "dcp",
            extra={"tokenizer": run.tok.to_dict(), "train_config": asdict(tc)})
+    report = {"train_seconds": train_time, "steps": step}
     if tc.data:
         report["bad_samples"] = dict(run.bad.errors)
         log(f"bad samples skipped: {run.bad.summary()}")

@@ -575,6 +575,8 @@ def build(tc: TrainConfig, mc, info, log) -> Run:
     fmt = tc.ckpt_format if tc.ckpt_format != "auto" else "dcp" if (info.on or tc.data) else "pt"
     if fmt == "pt" and parallel == "fsdp":
         sys.exit(f"--ckpt_format={tc.ckpt_format}: FSDP2 needs dcp; use --ckpt_format=dcp or auto")
+    if tc.ema_decay and fmt == "dcp":  # a DCP resume rebuilds the optimizer state without the average
+        sys.exit("--ema_decay needs pt checkpoints (a DCP resume would lose the average): use --ckpt_format=pt")
     # --data: LLaVA records read by DataLoader workers, and the counter of records skipped as bad
     llava, bad = open_llava(tc, mc, tok, info.world, info.rank, micro) if tc.data else (None, None)
     tc.warmup_steps = warmup_of(tc)

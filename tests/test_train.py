@@ -277,3 +277,5 @@ def test_ema_resumes_bit_exactly_and_is_the_exported_model(tmp_path):
                                       raw.state_dict().items()):
         assert torch.equal(a, b) and torch.equal(a, saved[k]) and torch.equal(a, exported[k]), k
     assert any(not torch.equal(a, r) for a, r in zip(straight.parameters(), raw.parameters()))
+    with pytest.raises(SystemExit, match="ema_decay needs pt checkpoints"):  # DCP would drop it on resume
+        run_train(tmp_path / "c", "--max_steps=1", "--ema_decay=0.5", "--ckpt_format=dcp")

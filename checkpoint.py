@@ -1,13 +1,13 @@
 """
-Every weight on disk: one atomic write, this project's training checkpoints, and the official Hugging
-Face directories in and out.
+Every weight on disk: this project's training checkpoints (save, resume, the final export), the official
+Hugging Face directories in and out, and LoRA adapters in PEFT's format.
 
 Where this sits in the flow: it fills the weights of every box in
     image -> ViT (SigLIP2) -> projector -> token sequence -> LLaDA -> masked diffusion
 from the released files, and writes our models back in the same layout.
 
-Atomic write: write to `path.tmp.<pid>`, fsync, rename over `path`. A crash at any moment leaves the old
-file or the new one, never a torn one; every file this project writes goes through atomic_write().
+Every file here is written through cli.atomic_write: to `path.tmp.<pid>`, fsync, rename over `path`, so a
+crash at any moment leaves the old file or the new one, never a torn one.
 
 Our checkpoints (train.py's out/ckpt.pt): torch.save of plain containers of tensors, numbers and strings
 (config, train_config, model, optimizer, step, the toy tokenizer's ranks), read back with
@@ -886,15 +886,19 @@ def save_pretrained(model: nn.Module, path, layout: str = "llama", max_shard_siz
             os.remove(os.path.join(path, f))
 
 
+# ----------------------------------------------------------------------------------------------
+# A training run's weights: --init_from in, a checkpoint out every ckpt_every steps, the newest intact one in
+# on --resume=1, the final export
+
 # The parts of a LLaDA-V model that --init_parts names (train.py's option takes exactly these, or all).
 INIT_PARTS = ("llm", "vision", "projector", "image_newline")
 
 
 def init_from(model, path: str, init_parts: str, log):
-    """Copy weights from `path` (train.py --init_from) into the components `init_parts` names: a ckpt.pt or .safetensors of ours, or a
-    Hugging Face directory (an official LLaDA-V, read by checkpoint.from_pretrained). `image_newline` comes
-    along with "all" (or by name) when both sides have it; a model that has one keeps its fresh init when
-    the source has none (stage 1 -> 2, as the official stage 2 starts it from randn / sqrt(d))."""
+    """Copy weights from `path` (train.py --init_from) into the components `init_parts` names: a ckpt.pt or
+    .safetensors of ours, or a Hugging Face directory (an official LLaDA-V, read by from_pretrained).
+    `image_newline` comes along with "all" (or by name) when both sides have it; a model that has one keeps
+    its fresh init when the source has none (stage 1 -> 2, as the official stage 2 starts it from randn / sqrt(d))."""
     if not os.path.exists(path):
         sys.exit(f"--init_from={path} does not exist; point it at a ckpt.pt, a model.safetensors (e.g. stage 1's) "
                  f"or a Hugging Face model directory (e.g. a download of GSAI-ML/LLaDA-V)")
@@ -924,9 +928,6 @@ def init_from(model, path: str, init_parts: str, log):
         done.append(part)
     log(f"initialised {', '.join(done)} from {path}")
 
-
-# ----------------------------------------------------------------------------------------------
-# A training run's checkpoints: one out every ckpt_every steps, the newest intact one in on --resume=1
 
 # The options that shape the trajectory: a resumed run with any of them changed is another experiment
 # (another seed, batch or lr schedule, other data), so --resume=1 refuses it unless --resume_changed=1.

@@ -337,7 +337,6 @@ def load(sc, device):
     if sc.adapter:  # LoRA on top of the checkpoint: y = W x + (alpha / r) B A x at every adapted layer
         load_adapter(model, sc.adapter)
     if official:
-        G = OFFICIAL[family]["gen_length"]
         defaults = {k: OFFICIAL[family][k] for k in ("gen_length", "steps", "block_length")}
     else:
         G = trained.get("gen_length", 16)

@@ -168,3 +168,14 @@ def run_train(out, *extra):
     import train
     tc, mc = train.parse_args([f"--out_dir={out}"] + TINY_TRAIN + list(extra), train.TrainConfig())
     return train.train(tc, mc, quiet=True)
+
+
+class Payload:
+    """A pickle payload for the no-pickle tests: unpickling it calls open(marker, "w"), so the file appearing
+    means code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -17,19 +17,9 @@ import torch
 import checkpoint
 import train
 from checkpoint import save_checkpoint
-from conftest import TINY_TRAIN, run_train
+from conftest import TINY_TRAIN, Payload, run_train
 
 torch.set_num_threads(1)
-
-
-class Payload:
-    """Unpickling this object calls open(marker, "w"): the file appearing means code ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from tools import draw
 from checkpoint import load_checkpoint, load_state_file, save_checkpoint
 from data import LlavaDataset, collate_llava
 from synthetic import toy_tokenizer
-from conftest import TINY_TRAIN, run_train
+from conftest import TINY_TRAIN, Payload, run_train
 
 torch.set_num_threads(1)
 
@@ -64,16 +64,6 @@ def dcp_run(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------
 # No pickle: a checkpoint carrying a payload is refused everywhere, and the payload never runs
-
-class Payload:
-    """Unpickling this object would call open(marker, "w"): the file appearing means code ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
 
 @pytest.mark.parametrize("entry", ["whole", "extra"])
 def test_pickle_payload_never_runs(pt_run, tmp_path, entry):

@@ -934,8 +934,9 @@ def init_from(model, path: str, init_parts: str, log):
 RESUME_KEYS = ("seed", "optimizer", "batch_size", "lr", "min_lr", "decay_frac", "warmup_steps", "warmup_from_zero",
                "max_steps", "weight_decay", "beta2", "grad_clip", "llm_lr_scale", "vision_lr_scale",
                "projector_lr_scale", "stratified_t", "exact_count", "weighting", "loss_mode", "single_object_steps",
-               "kind_weights_from", "kind_weights", "gen_length", "stage", "data", "image_root", "data_format",
-               "max_len", "unignore_special", "pad_labels", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
+               "kind_weights_from", "kind_weights", "one_object_share", "gen_length", "stage", "data", "image_root",
+               "data_format", "max_len", "unignore_special", "pad_labels", "lora_rank", "lora_alpha", "lora_targets",
+               "lora_dropout")
 
 
 def resume(tc, mc, model, opt, info, log):

@@ -83,9 +83,9 @@ class TrainConfig:
                                                  # scratch, at the full lr the features can blow up (docs/notebook.md)
     projector_lr_scale: float = opt(0.5, min=0)  # projector lr = lr * this
     min_lr: float = opt(1e-4, min=0)             # cosine decays to this (at most lr)
-    decay_frac: float = opt(1.0, gt=0, max=1)    # the cosine takes the last decay_frac of the steps; before it
-                                                 # the lr holds at its peak ("warmup-stable-decay"); 1 = the cosine
-                                                 # right after warmup, as LLaDA-V
+    decay_frac: float = opt(0.4, gt=0, max=1)    # the cosine takes the last decay_frac of the steps; before it
+                                                 # the lr holds at its peak ("warmup-stable-decay", the toy); 1 = the
+                                                 # cosine right after warmup, as LLaDA-V (the stage presets)
     warmup_steps: int = opt(100, min=0)          # linear warmup to lr over this many steps
     warmup_from_zero: bool = False               # the warmup's first step at lr 0: lr s / warmup (HF's scheduler, as
                                                  # LLaDA-V; the stage presets) | 0: lr (s + 1) / warmup (the toy)
@@ -104,9 +104,12 @@ class TrainConfig:
                                                               # pretrain (1 / (B L))
     single_object_steps: int = opt(500, min=0)  # curriculum: the first N steps show one object and ask
                                                 # colour/shape/describe
-    kind_weights_from: int = opt(2500, min=0)   # curriculum: from this step on (once past single_object_steps),
+    kind_weights_from: int = opt(1500, min=0)   # curriculum: from this step on (once past single_object_steps),
                                                 # draw the kinds with kind_weights (before it: equal shares)
     kind_weights: str = "color:0.5,shape:1,count:0.5,relation:2,describe:1"  # kind:weight pairs
+    one_object_share: float = opt(0.1, min=0, max=1)  # after the one-object phase, the share of colour / shape
+                                                # questions asked about one object (else 2-4; the held-out split
+                                                # draws 1-4 uniformly): one object needs no binding (synthetic.py)
     gen_length: int = opt(12, min=1)    # answer canvas G, in tokens (training and sampling): the toy's longest
                                         # answer, 4 objects described, is 11 tokens + <|eot_id|>
     block_length: int = opt(12, min=1)  # sampler block length (semi-autoregressive if < gen_length)
@@ -559,7 +562,8 @@ def build(tc: TrainConfig, mc, info, log) -> Run:
     try:
         synthetic = SyntheticVQA(tok, mc.vision.image_size, mc.vision.n_patches, tc.gen_length, seed=tc.seed,
                                  system=default_system(mc.tokenizer), single_object_steps=tc.single_object_steps,
-                                 kind_weights=tc.kind_weights, kind_weights_from=tc.kind_weights_from)
+                                 kind_weights=tc.kind_weights, kind_weights_from=tc.kind_weights_from,
+                                 one_object_share=tc.one_object_share)
     except ValueError as e:
         sys.exit(f"--kind_weights: {e}")
     # built in fp32 on the CPU, moved once: init_weights draws from the global RNG seeded above, so the same

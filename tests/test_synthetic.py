@@ -203,6 +203,30 @@ def test_kind_weights_from_a_step_on():
     assert [q for _, q, _, _ in ds.heldout(10)] == [q for _, q, _, _ in plain.heldout(10)]
 
 
+def test_one_object_share_of_binding_questions():
+    """With one_object_share set, the training stream asks its colour and shape questions about one object
+    at about that rate and otherwise about 2-4 (read back from the pixels); the other kinds keep 1-4
+    uniformly, the one-object phase keeps one object, and the held-out split draws 1-4 as before."""
+    share = 0.05
+    ds = synthetic.SyntheticVQA(TOK, SIZE, n_image_tokens=4, gen_length=12, one_object_share=share)
+    plain = synthetic.SyntheticVQA(TOK, SIZE, n_image_tokens=4, gen_length=12)
+    n_objects = lambda samples, kinds: Counter(len(parse_scene(img)) for img, _, _, k in samples if k in kinds)
+    binding = n_objects([ds.sample(i) for i in range(1500)], synthetic.BINDING_KINDS)
+    total = sum(binding.values())
+    assert set(binding) == {1, 2, 3, 4} and abs(binding[1] / total - share) < 0.03, binding
+    assert min(binding[n] for n in (2, 3, 4)) > 0.2 * total  # 2-4 objects, roughly evenly
+    before = n_objects([plain.sample(i) for i in range(1500)], synthetic.BINDING_KINDS)
+    assert before[1] / sum(before.values()) > share + 0.15  # the uniform draw: many more lone objects
+    others = n_objects([ds.sample(i) for i in range(600)], ("count", "describe"))
+    assert all(others[n] > 0.15 * sum(others.values()) for n in (1, 2, 3, 4)), others
+    assert all(len(parse_scene(img)) == 1 for img, *_ in (ds.sample(i, single=True) for i in range(40)))
+    for img, q, a, k in (ds.sample(i) for i in range(40)):
+        check_answer(img, q, a, k)
+    held, held_plain = ds.heldout(200), plain.heldout(200)
+    assert [(im.tobytes(), q, a) for im, q, a, _ in held] == [(im.tobytes(), q, a) for im, q, a, _ in held_plain]
+    assert n_objects(held, synthetic.BINDING_KINDS)[1] > 0.2 * 80  # one-object colour / shape questions stay
+
+
 @pytest.mark.parametrize("spec, message", [
     ("colour:1", "bad kind weight 'colour:1'.*kinds from color, shape"),
     ("relation=2", "bad kind weight 'relation=2'"),

@@ -96,10 +96,11 @@ class LLaDAVConfig:
 
 
 PRESETS = {
-    # Trains on a 2-core CPU in minutes on the synthetic shapes (96 wide: more per second than 128, docs/notebook.md).
+    # Trains on a 2-core CPU in minutes on the synthetic shapes. The ViT runs n_layers - 1 = one layer: what that
+    # saves buys the language model more steps for the same compute (docs/notebook.md, 2026-12-07).
     "toy": LLaDAVConfig(
         lm=LLaDAConfig(vocab_size=512, d_model=96, n_layers=4, n_heads=6, mlp_hidden=256, max_seq_len=256),
-        vision=VisionConfig(image_size=64, patch_size=16, d_model=128, n_layers=3, n_heads=4, mlp_hidden=512),
+        vision=VisionConfig(image_size=64, patch_size=16, d_model=96, n_layers=2, n_heads=4, mlp_hidden=384),
         tokenizer="toy"),
     # One GPU: the real vocabulary, GPT-2-small-sized language model, a small 224-pixel ViT (~300M).
     "small": LLaDAVConfig(

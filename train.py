@@ -76,7 +76,7 @@ class TrainConfig:
     device: str = opt("auto", device=True)            # auto = cuda > mps > cpu
     seed: int = opt(0, min=0)                         # the data, the masks and the initial weights
     batch_size: int = opt(32, min=1)                  # sequences per step
-    max_steps: int = opt(3500, min=1)                 # optimizer steps
+    max_steps: int = opt(4950, min=1)                 # optimizer steps
     lr: float = opt(1.5e-3, gt=0)                     # peak learning rate of the language model; lower it (e.g.
                                                       # 1e-4) for big models
     vision_lr_scale: float = opt(0.5, min=0)     # vision tower lr = lr * this (0 freezes it; the stages: 0.2). From

@@ -187,7 +187,7 @@ def test_good_values_parse_and_stage_presets_come_first():
 
 
 def test_help_lists_every_option_with_its_field_comment(capsys):
-    for main, lines in [(train.main, ["--max_steps=3500", "optimizer steps [>= 1]", "--resume=0",
+    for main, lines in [(train.main, ["--max_steps=4950", "optimizer steps [>= 1]", "--resume=0",
                                       "steps of gradient accumulation",      # a comment's continuation line
                                       "--- training at scale",               # a section heading
                                       "--lm.n_layers=4", "--vision.image_size=64"]),

@@ -251,7 +251,7 @@ def test_get_config_returns_independent_copies():
     c = model.get_config("toy")
     c.lm.d_model = 12345
     c.vision.n_layers = 99
-    assert model.PRESETS["toy"].lm.d_model == 96 and model.PRESETS["toy"].vision.n_layers == 3
+    assert model.PRESETS["toy"].lm.d_model == 96 and model.PRESETS["toy"].vision.n_layers == 2
     assert model.get_config("toy").lm.d_model == 96
 
 

@@ -271,3 +271,11 @@ def test_muon_orthogonalises_each_matrix():
         D = U.T @ O[i] @ Vh.T  # O in G's singular basis: nearly diagonal
         assert (D - torch.diag(torch.diagonal(D))).norm() < 0.05 * D.norm()
         assert torch.allclose(O[i], train.MuonAdamW.orthogonalise(G[i:i + 1], 5)[0], atol=1e-5)
+
+
+def test_the_toy_default_stays_within_its_compute_budget():
+    """The no-flag run's compute, parameters x steps x batch, is at most the budget the toy recipe is held to
+    (1,060,512 parameters x 3,500 steps x 32, docs/notebook.md): a preset that grows must train for fewer steps."""
+    tc = train.TrainConfig()
+    n = sum(p.numel() for p in LLaDAV(get_config(tc.preset)).parameters())
+    assert n * tc.max_steps * tc.batch_size <= 1_060_512 * 3_500 * 32

@@ -196,10 +196,9 @@ def make_sample(seed: int, size: int, kind: str | None = None, single: bool = Fa
     lo, hi = 1, 1 if single else 4
     if one_object_share is not None and kind in BINDING_KINDS and not single:
         # "What color is the square?" about a lone square is answered by reading the only object there is;
-        # the uniform draw makes that a quarter of these questions (a third of the scenes that can carry
-        # them), and on some seeds the model then never learnt to find the square among others (answering
-        # another object's colour: docs/notebook.md, 2026-12-07). A small share stays, or one-object
-        # scenes themselves are forgotten after the first phase.
+        # under the uniform draw many of these questions are such, and on some seeds the model then never
+        # learnt to find the square among others (answering another object's colour: docs/notebook.md,
+        # 2026-12-07). A small share stays, or one-object scenes themselves are forgotten after the first phase.
         lo, hi = (1, 1) if rng.random() < one_object_share else (2, 4)
     while True:
         objs = _scene(rng, size, hi, lo)
